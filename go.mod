@@ -1,0 +1,12 @@
+module github.com/ci-exec/ci-exec
+
+go 1.26.8
+
+require (
+	github.com/BurntSushi/toml v1.6.0
+	github.com/hashicorp/go-multierror v1.1.1
+	gitlab.com/gitlab-org/gitlab-runner v1.11.1-0.20260903214710-fc1f1862bd91
+	golang.org/x/sys v0.49.0
+)
+
+require github.com/hashicorp/errwrap v1.1.0 // indirect

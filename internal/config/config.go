@@ -1,0 +1,538 @@
+// Package config is the admin's TOML configuration: its schema, defaults and
+// validation. Key names follow Jacamar CI's `[general]` table and its
+// `[general.charliecloud]` run-mechanism table (seed 004) wherever they
+// overlap, so an admin can move a Jacamar configuration over unchanged.
+//
+// Loading is strict: an unknown key is an error that names the key, because a
+// typo in a security setting (say `image_alowlist`) must never pass silently.
+package config
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+	"github.com/hashicorp/go-multierror"
+)
+
+// DefaultPath is where the runner's config_args point by default.
+const DefaultPath = "/etc/ci-exec/config.toml"
+
+// Executor names.
+const (
+	ExecutorShell = "shell"
+	ExecutorSlurm = "slurm"
+)
+
+// Run mechanism names.
+const (
+	MechanismNone         = ""
+	MechanismCharliecloud = "charliecloud"
+	MechanismApptainer    = "apptainer"
+)
+
+// Pull policies, as in the runner's docker executor.
+const (
+	PullAlways       = "always"
+	PullIfNotPresent = "if-not-present"
+	PullNever        = "never"
+)
+
+// Config is the whole admin configuration.
+type Config struct {
+	General General `toml:"general"`
+	// Batch configures the scheduler when General.Executor is a batch one.
+	Batch Batch `toml:"batch"`
+
+	// Path is the file the configuration was read from (not a TOML key).
+	Path string `toml:"-"`
+}
+
+// General is the `[general]` table.
+type General struct {
+	// DataDir holds every job's builds, cache and scripts dirs. Required.
+	// `$HOME` and `$USER` expand to the job user's.
+	DataDir string `toml:"data_dir"`
+	// Executor is "shell" (default) or "slurm".
+	Executor string `toml:"executor"`
+	// RunMechanism is "" (host), "charliecloud" or "apptainer".
+	RunMechanism string `toml:"run_mechanism"`
+	// ForceMechanism runs every job in a container, with DefaultImage when
+	// the job names none.
+	ForceMechanism bool `toml:"force_mechanism"`
+	// JobMessage is printed at the start of every prepare stage.
+	JobMessage string `toml:"job_message"`
+	// ShellPath is the bash used for job scripts on the host (default: bash
+	// from a fixed system PATH).
+	ShellPath string `toml:"shell_path"`
+	// LoginShell runs host scripts as `bash --login` (sources /etc/profile,
+	// e.g. for environment modules) instead of a clean non-login bash.
+	LoginShell bool `toml:"login_shell"`
+	// RetainLogs keeps the per-job scripts dir (copied scripts, batch output)
+	// after the job for debugging, instead of removing it in cleanup.
+	RetainLogs bool `toml:"retain_logs"`
+	// KillTimeout is how long a stage's processes get between SIGTERM and
+	// SIGKILL once the runner stops the stage. Keep it below the runner's
+	// graceful_kill_timeout.
+	KillTimeout Duration `toml:"kill_timeout"`
+	// PassEnv lists the host (runner) environment variables that reach job
+	// scripts, as names or shell globs. Default: DefaultPassEnv.
+	PassEnv []string `toml:"pass_env"`
+	// EnvVars are KEY=VALUE pairs set for every job script; `$VAR` in VALUE
+	// expands from the runner's environment (Jacamar's env_vars).
+	EnvVars []string `toml:"env_vars"`
+
+	// Charliecloud is the `[general.charliecloud]` table (seed 004).
+	Charliecloud Mechanism `toml:"charliecloud"`
+	// Apptainer is the `[general.apptainer]` table: the same keys.
+	Apptainer Mechanism `toml:"apptainer"`
+}
+
+// DefaultPassEnv is what reaches job scripts from the runner's environment
+// when the admin lists nothing: enough to find programs (the runner's own
+// binary for cache and artifact stages) and keep the locale, and nothing that
+// identifies the runner's service account or carries its secrets.
+var DefaultPassEnv = []string{"PATH", "LANG", "LANGUAGE", "LC_*", "TZ", "TERM"}
+
+// Mechanism is a `[general.<runtime>]` table. Charliecloud and Apptainer
+// accept the same keys with the same meaning (seed 004's table plus the
+// additions marked below).
+type Mechanism struct {
+	// ApplicationPath is the directory holding the runtime's programs
+	// (ch-run, ch-image, ch-convert / apptainer). Empty: a fixed system PATH.
+	ApplicationPath string `toml:"application_path"`
+	// RunnerImage runs the runner's own stages (git, cache, artifacts);
+	// empty: those run on the host.
+	RunnerImage string `toml:"runner_image"`
+	// RunnerOptions are extra runtime options for RunnerImage (trusted).
+	RunnerOptions []string `toml:"runner_options"`
+	// RunnerPullPolicy overrides PullPolicy for RunnerImage.
+	RunnerPullPolicy string `toml:"runner_pull_policy"`
+	// DefaultImage is used when force_mechanism is on and the job has none.
+	DefaultImage string `toml:"default_image"`
+	// CustomOptions are extra runtime options for the user's stages (trusted).
+	CustomOptions []string `toml:"custom_options"`
+	// StepScriptOnly limits containers to build_script and step_* stages;
+	// after_script then runs on the host too.
+	StepScriptOnly bool `toml:"step_script_only"`
+	// ImageAllowlist: when set, an image must fully match one of these
+	// regular expressions.
+	ImageAllowlist []string `toml:"image_allowlist"`
+	// UserVolumeVariable is the prefix of the user's volume variables
+	// (<prefix>_0, <prefix>_1, ...), each SRC[:DST][:ro].
+	UserVolumeVariable string `toml:"user_volume_variable"`
+	// PrepScript is an admin script run on the host, as the job user, during
+	// prepare, before any runtime command.
+	PrepScript string `toml:"prep_script"`
+	// DisableUserArgs ignores JACAMAR_CI_<RUNTIME>_ARGS.
+	DisableUserArgs bool `toml:"disable_user_args"`
+	// ImageStorageDir is the root of per-user image storage; "/<user>.ch"
+	// (Charliecloud) or "/<user>.apptainer" is appended, as Charliecloud's
+	// own default /var/tmp/$USER.ch does.
+	ImageStorageDir string `toml:"image_storage_dir"`
+	// DisableConvert never converts images to a single file (SquashFS/SIF).
+	DisableConvert bool `toml:"disable_convert"`
+
+	// Additions to seed 004's table.
+
+	// PullPolicy is "always" (default; resolve the digest and reuse if
+	// unchanged), "if-not-present" or "never".
+	PullPolicy string `toml:"pull_policy"`
+	// Convert converts images to a single file even with the shell executor
+	// (batch executors always convert unless DisableConvert).
+	Convert bool `toml:"convert"`
+	// VolumePrefixes are the host directories under which user volumes may
+	// lie (after resolving symlinks and ..). Empty: no user volumes at all.
+	VolumePrefixes []string `toml:"volume_prefixes"`
+	// AllowedUserArgs lists the runtime flags users may pass in their args
+	// variable (e.g. "--set-env", "-t"). Empty: the safe default list.
+	AllowedUserArgs []string `toml:"allowed_user_args"`
+	// PassEnv lists host variables that reach the container, beyond the job's
+	// own (which travel inside the runner's script). Names or globs.
+	PassEnv []string `toml:"pass_env"`
+	// InsecureRegistries are host[:port] registries reached over plain HTTP
+	// (Apptainer's --no-https). Charliecloud 0.31 speaks only HTTPS.
+	InsecureRegistries []string `toml:"insecure_registries"`
+	// CacheDir is the runtime's own layer cache (APPTAINER_CACHEDIR); "/<user>"
+	// is appended. Default: inside the per-user storage dir.
+	CacheDir string `toml:"cache_dir"`
+	// TmpDir is the runtime's scratch dir (APPTAINER_TMPDIR, ch-convert
+	// --tmp); "/<user>" is appended. Default: inside the per-user storage dir.
+	TmpDir string `toml:"tmp_dir"`
+}
+
+// Batch is the `[batch]` table (scheduler settings; see docs/config.md).
+type Batch struct {
+	// SchedulerBin is the directory of sbatch, squeue, scancel, scontrol.
+	SchedulerBin string `toml:"scheduler_bin"`
+	// ArgumentsVariable names the user variables whose values are appended
+	// to sbatch's arguments (Jacamar's arguments_variable). Default:
+	// ["SCHEDULER_PARAMETERS"].
+	ArgumentsVariable []string `toml:"arguments_variable"`
+	// AllowedFlags, when set, are the only sbatch flags users may pass.
+	AllowedFlags []string `toml:"allowed_flags"`
+	// DeniedFlags are sbatch flags users may never pass (checked after
+	// AllowedFlags). Default: DefaultDeniedBatchFlags.
+	DeniedFlags []string `toml:"denied_flags"`
+	// PendingLimit cancels a job pending longer than this (0: no limit).
+	PendingLimit Duration `toml:"pending_limit"`
+	// PollInterval is how often the job's state is polled.
+	PollInterval Duration `toml:"poll_interval"`
+	// UnknownStateLimit is how long a job may be unknown to the scheduler
+	// before ci-exec gives up with a system failure.
+	UnknownStateLimit Duration `toml:"unknown_state_limit"`
+	// Options are admin sbatch options added to every submission (trusted).
+	Options []string `toml:"options"`
+}
+
+// DefaultDeniedBatchFlags are sbatch flags a user may not set, because
+// ci-exec owns them (output, job name, waiting) or they would run the job as
+// someone or somewhere else.
+var DefaultDeniedBatchFlags = []string{
+	"-o", "--output", "-e", "--error", "-i", "--input", "-J", "--job-name",
+	"-W", "--wait", "--uid", "--gid", "-D", "--chdir", "--export-file",
+	"--wrap", "--parsable", "-H", "--hold", "--get-user-env", "--propagate",
+}
+
+// Defaults.
+const (
+	DefaultKillTimeout       = 30 * time.Second
+	DefaultPollInterval      = 250 * time.Millisecond
+	DefaultUnknownStateLimit = 60 * time.Second
+)
+
+// Duration is a TOML duration string such as "30s" or "2m".
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("not a duration (use e.g. \"30s\" or \"2m\"): %q", string(b))
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText formats the duration.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.Duration.String()), nil }
+
+// Load reads, decodes and validates the configuration at path. The user is
+// the job user whose $HOME and $USER expand in path-like keys.
+func Load(path string, u UserInfo) (*Config, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("read config: %w", err)
+	}
+	cfg, err := Parse(string(b), u)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	cfg.Path = path
+	return cfg, nil
+}
+
+// UserInfo is what key expansion needs to know about the job user.
+type UserInfo struct {
+	Name string
+	Home string
+}
+
+// Parse decodes and validates a configuration document.
+func Parse(doc string, u UserInfo) (*Config, error) {
+	var cfg Config
+	md, err := toml.Decode(doc, &cfg)
+	if err != nil {
+		return nil, decodeError(err)
+	}
+	if undecoded := md.Undecoded(); len(undecoded) > 0 {
+		keys := make([]string, 0, len(undecoded))
+		for _, k := range undecoded {
+			keys = append(keys, k.String())
+		}
+		sort.Strings(keys)
+		return nil, fmt.Errorf("unknown key %s (check the spelling; see docs/config.md)", strings.Join(quoteAll(keys), ", "))
+	}
+	cfg.applyDefaults()
+	if err := cfg.expand(u); err != nil {
+		return nil, err
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+func quoteAll(ss []string) []string {
+	out := make([]string, len(ss))
+	for i, s := range ss {
+		out[i] = fmt.Sprintf("%q", s)
+	}
+	return out
+}
+
+// decodeError turns the TOML library's errors into one line that names the
+// position and, for type mismatches, the key.
+func decodeError(err error) error {
+	var perr toml.ParseError
+	if errors.As(err, &perr) {
+		msg := perr.Message
+		if perr.Position.Line > 0 {
+			return fmt.Errorf("line %d: %s", perr.Position.Line, msg)
+		}
+		return errors.New(msg)
+	}
+	return errors.New(strings.ReplaceAll(err.Error(), "\n", " "))
+}
+
+func (c *Config) applyDefaults() {
+	g := &c.General
+	if g.Executor == "" {
+		g.Executor = ExecutorShell
+	}
+	if g.KillTimeout.Duration == 0 {
+		g.KillTimeout.Duration = DefaultKillTimeout
+	}
+	if g.PassEnv == nil {
+		g.PassEnv = append([]string(nil), DefaultPassEnv...)
+	}
+	for _, m := range []*Mechanism{&g.Charliecloud, &g.Apptainer} {
+		if m.PullPolicy == "" {
+			m.PullPolicy = PullAlways
+		}
+		if m.RunnerPullPolicy == "" {
+			m.RunnerPullPolicy = m.PullPolicy
+		}
+	}
+	b := &c.Batch
+	if len(b.ArgumentsVariable) == 0 {
+		b.ArgumentsVariable = []string{"SCHEDULER_PARAMETERS"}
+	}
+	if b.DeniedFlags == nil {
+		b.DeniedFlags = append([]string(nil), DefaultDeniedBatchFlags...)
+	}
+	if b.PollInterval.Duration == 0 {
+		b.PollInterval.Duration = DefaultPollInterval
+	}
+	if b.UnknownStateLimit.Duration == 0 {
+		b.UnknownStateLimit.Duration = DefaultUnknownStateLimit
+	}
+}
+
+// expandable matches the only variables path keys may use.
+var varRef = regexp.MustCompile(`\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?`)
+
+// ExpandUserPath expands $HOME/${HOME} and $USER/${USER} to the job user's;
+// any other variable is an error, because a value taken from the runner's
+// environment would silently differ between hosts.
+func ExpandUserPath(key, p string, u UserInfo) (string, error) {
+	var bad []string
+	out := varRef.ReplaceAllStringFunc(p, func(m string) string {
+		name := varRef.FindStringSubmatch(m)[1]
+		switch name {
+		case "HOME":
+			return u.Home
+		case "USER":
+			return u.Name
+		}
+		bad = append(bad, "$"+name)
+		return m
+	})
+	if len(bad) > 0 {
+		return "", fmt.Errorf("%s: only $HOME and $USER may be used, not %s", key, strings.Join(bad, ", "))
+	}
+	if strings.Contains(out, "$") {
+		return "", fmt.Errorf("%s: stray '$' in %q", key, p)
+	}
+	return out, nil
+}
+
+func (c *Config) expand(u UserInfo) error {
+	var errs *multierror.Error
+	exp := func(key string, p *string) {
+		if *p == "" {
+			return
+		}
+		v, err := ExpandUserPath(key, *p, u)
+		if err != nil {
+			errs = multierror.Append(errs, err)
+			return
+		}
+		*p = v
+	}
+	g := &c.General
+	exp("general.data_dir", &g.DataDir)
+	for name, m := range map[string]*Mechanism{"charliecloud": &g.Charliecloud, "apptainer": &g.Apptainer} {
+		exp("general."+name+".image_storage_dir", &m.ImageStorageDir)
+		exp("general."+name+".cache_dir", &m.CacheDir)
+		exp("general."+name+".tmp_dir", &m.TmpDir)
+		for i := range m.VolumePrefixes {
+			exp(fmt.Sprintf("general.%s.volume_prefixes[%d]", name, i), &m.VolumePrefixes[i])
+		}
+	}
+	return oneLine(errs)
+}
+
+// oneLine joins validation errors into a single line, so the job log gets one
+// line that names every problem.
+func oneLine(errs *multierror.Error) error {
+	if errs == nil || len(errs.Errors) == 0 {
+		return nil
+	}
+	errs.ErrorFormat = func(es []error) string {
+		parts := make([]string, len(es))
+		for i, e := range es {
+			parts[i] = e.Error()
+		}
+		return strings.Join(parts, "; ")
+	}
+	return errs
+}
+
+var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
+var envGlob = regexp.MustCompile(`^[A-Za-z_*?][A-Za-z0-9_*?]*$`)
+
+// Validate checks every value and reports all problems at once.
+func (c *Config) Validate() error {
+	var errs *multierror.Error
+	add := func(format string, args ...any) { errs = multierror.Append(errs, fmt.Errorf(format, args...)) }
+	g := &c.General
+
+	switch {
+	case g.DataDir == "":
+		add("general.data_dir is required (e.g. data_dir = \"$HOME/.ci-exec\")")
+	case !filepath.IsAbs(g.DataDir):
+		add("general.data_dir must be an absolute path, got %q", g.DataDir)
+	case filepath.Clean(g.DataDir) == "/":
+		add("general.data_dir must not be /")
+	}
+	switch g.Executor {
+	case ExecutorShell, ExecutorSlurm:
+	default:
+		add("general.executor must be %q or %q, got %q", ExecutorShell, ExecutorSlurm, g.Executor)
+	}
+	switch g.RunMechanism {
+	case MechanismNone, MechanismCharliecloud, MechanismApptainer:
+	default:
+		add("general.run_mechanism must be \"\", %q or %q, got %q", MechanismCharliecloud, MechanismApptainer, g.RunMechanism)
+	}
+	if g.ForceMechanism && g.RunMechanism == MechanismNone {
+		add("general.force_mechanism needs general.run_mechanism")
+	}
+	if g.ShellPath != "" && !filepath.IsAbs(g.ShellPath) {
+		add("general.shell_path must be an absolute path, got %q", g.ShellPath)
+	}
+	if g.KillTimeout.Duration < 0 {
+		add("general.kill_timeout must be positive, got %s", g.KillTimeout.Duration)
+	}
+	for _, p := range g.PassEnv {
+		if !envGlob.MatchString(p) {
+			add("general.pass_env: %q is not a variable name or glob", p)
+		}
+	}
+	for _, kv := range g.EnvVars {
+		k, _, ok := strings.Cut(kv, "=")
+		if !ok || !envName.MatchString(k) {
+			add("general.env_vars: %q is not KEY=VALUE", kv)
+		}
+	}
+	for _, mc := range []struct {
+		name string
+		m    *Mechanism
+	}{{"charliecloud", &g.Charliecloud}, {"apptainer", &g.Apptainer}} {
+		mc.m.validate("general."+mc.name, add)
+	}
+	if g.ForceMechanism {
+		if m := c.Mechanism(); m != nil && m.DefaultImage == "" {
+			add("general.force_mechanism needs general.%s.default_image for jobs without an image", g.RunMechanism)
+		}
+	}
+
+	b := &c.Batch
+	if b.SchedulerBin != "" && !filepath.IsAbs(b.SchedulerBin) {
+		add("batch.scheduler_bin must be an absolute path, got %q", b.SchedulerBin)
+	}
+	for _, v := range b.ArgumentsVariable {
+		if !envName.MatchString(v) {
+			add("batch.arguments_variable: %q is not a variable name", v)
+		}
+	}
+	for _, f := range append(append([]string(nil), b.AllowedFlags...), b.DeniedFlags...) {
+		if !strings.HasPrefix(f, "-") {
+			add("batch flag lists: %q is not a flag (flags start with -)", f)
+		}
+	}
+	if b.PendingLimit.Duration < 0 || b.PollInterval.Duration < 0 || b.UnknownStateLimit.Duration < 0 {
+		add("batch durations must be positive")
+	}
+	return oneLine(errs)
+}
+
+func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
+	absOrEmpty := func(key, v string) {
+		if v != "" && !filepath.IsAbs(v) {
+			add("%s.%s must be an absolute path, got %q", prefix, key, v)
+		}
+	}
+	absOrEmpty("application_path", m.ApplicationPath)
+	absOrEmpty("prep_script", m.PrepScript)
+	absOrEmpty("image_storage_dir", m.ImageStorageDir)
+	absOrEmpty("cache_dir", m.CacheDir)
+	absOrEmpty("tmp_dir", m.TmpDir)
+	for _, p := range []struct{ key, v string }{{"pull_policy", m.PullPolicy}, {"runner_pull_policy", m.RunnerPullPolicy}} {
+		switch p.v {
+		case PullAlways, PullIfNotPresent, PullNever:
+		default:
+			add("%s.%s must be %q, %q or %q, got %q", prefix, p.key, PullAlways, PullIfNotPresent, PullNever, p.v)
+		}
+	}
+	for i, re := range m.ImageAllowlist {
+		if _, err := regexp.Compile(re); err != nil {
+			add("%s.image_allowlist[%d]: invalid regular expression %q: %v", prefix, i, re, err)
+		}
+	}
+	if m.UserVolumeVariable != "" && !envName.MatchString(m.UserVolumeVariable) {
+		add("%s.user_volume_variable: %q is not a variable name", prefix, m.UserVolumeVariable)
+	}
+	for i, p := range m.VolumePrefixes {
+		if !filepath.IsAbs(p) || filepath.Clean(p) == "/" {
+			add("%s.volume_prefixes[%d] must be an absolute directory other than /, got %q", prefix, i, p)
+		}
+	}
+	for _, f := range m.AllowedUserArgs {
+		if !strings.HasPrefix(f, "-") {
+			add("%s.allowed_user_args: %q is not a flag (flags start with -)", prefix, f)
+		}
+	}
+	for _, p := range m.PassEnv {
+		if !envGlob.MatchString(p) {
+			add("%s.pass_env: %q is not a variable name or glob", prefix, p)
+		}
+	}
+	for _, r := range m.InsecureRegistries {
+		if r == "" || strings.ContainsAny(r, "/ \t") {
+			add("%s.insecure_registries: %q is not host[:port]", prefix, r)
+		}
+	}
+}
+
+// Mechanism returns the table of the configured run mechanism, or nil when
+// jobs run on the host.
+func (c *Config) Mechanism() *Mechanism {
+	switch c.General.RunMechanism {
+	case MechanismCharliecloud:
+		return &c.General.Charliecloud
+	case MechanismApptainer:
+		return &c.General.Apptainer
+	}
+	return nil
+}
+
+// IsBatch reports whether user scripts go to a scheduler.
+func (c *Config) IsBatch() bool { return c.General.Executor == ExecutorSlurm }

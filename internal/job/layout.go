@@ -1,0 +1,115 @@
+package job
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/user"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"syscall"
+)
+
+// Layout is where one job's files live under the admin's data_dir:
+//
+//	<data_dir>/builds/<runner>/<NNN>            builds_dir given to the runner
+//	<data_dir>/cache/<runner>                   cache_dir given to the runner
+//	<data_dir>/scripts/<runner>/<NNN>/<job-id>  per-job: copied stage scripts,
+//	                                            batch output, credentials;
+//	                                            removed in cleanup
+//
+// <runner> is the runner's short token (so two runners sharing a data_dir never
+// share a builds dir) and <NNN> the zero-padded CI_CONCURRENT_ID (so two jobs
+// of one runner running at once never share one). The runner appends the
+// project's full path to builds_dir itself.
+type Layout struct {
+	DataDir    string
+	BuildsDir  string
+	CacheDir   string
+	ScriptsDir string
+}
+
+var safeComponent = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+
+// NewLayout derives the layout for job j under dataDir. It is pure: every
+// stage computes the same paths from the same job.
+func NewLayout(dataDir string, j *Job) Layout {
+	runner := "runner"
+	for _, k := range []string{"CI_RUNNER_SHORT_TOKEN", "CI_RUNNER_ID"} {
+		// These come from the runner but users can override them; anything
+		// that is not a plain path component is ignored, never joined.
+		if v := j.Vars[k]; safeComponent.MatchString(v) && v != "." && v != ".." {
+			runner = v
+			break
+		}
+	}
+	concurrent := 0
+	if n, err := strconv.Atoi(j.Vars["CI_CONCURRENT_ID"]); err == nil && n >= 0 && n < 100000 {
+		concurrent = n
+	}
+	slot := fmt.Sprintf("%03d", concurrent)
+	dataDir = filepath.Clean(dataDir)
+	return Layout{
+		DataDir:    dataDir,
+		BuildsDir:  filepath.Join(dataDir, "builds", runner, slot),
+		CacheDir:   filepath.Join(dataDir, "cache", runner),
+		ScriptsDir: filepath.Join(dataDir, "scripts", runner, slot, strconv.FormatInt(j.ID(), 10)),
+	}
+}
+
+// Create makes the layout's directories, 0700 and owned by the calling user.
+// The top-level builds, cache and scripts dirs must belong to the job user:
+// a data_dir shared between users (no $USER or $HOME in it) would otherwise
+// let one user's job write into another's tree.
+func (l Layout) Create() error {
+	if err := os.MkdirAll(l.DataDir, 0o700); err != nil {
+		return fmt.Errorf("create data_dir: %w", err)
+	}
+	for _, top := range []string{"builds", "cache", "scripts"} {
+		if err := ensurePrivateDir(filepath.Join(l.DataDir, top)); err != nil {
+			return err
+		}
+	}
+	for _, d := range []string{l.BuildsDir, l.CacheDir, l.ScriptsDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return fmt.Errorf("create %s: %w", d, err)
+		}
+	}
+	return nil
+}
+
+// ensurePrivateDir creates dir 0700 or checks that an existing one is a real
+// directory owned by the caller, and tightens its mode.
+func ensurePrivateDir(dir string) error {
+	err := os.Mkdir(dir, 0o700)
+	if err != nil && !errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	fi, err := os.Lstat(dir)
+	if err != nil {
+		return fmt.Errorf("check %s: %w", dir, err)
+	}
+	if !fi.IsDir() {
+		return fmt.Errorf("%s exists but is not a directory (a symlink or file there is refused)", dir)
+	}
+	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Getuid() {
+		return fmt.Errorf("%s belongs to uid %d, not to the job user (uid %d): give every user their own data_dir, e.g. data_dir = \"/srv/ci/$USER\"", dir, st.Uid, os.Getuid())
+	}
+	if fi.Mode().Perm() != 0o700 {
+		if err := os.Chmod(dir, 0o700); err != nil {
+			return fmt.Errorf("chmod %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// CurrentUser returns the job user (the user ci-exec runs as) from the
+// password database: the runner's environment may carry another HOME/USER.
+func CurrentUser() (name, home string, err error) {
+	u, err := user.Current()
+	if err != nil {
+		return "", "", fmt.Errorf("look up the job user (uid %d): %w", os.Getuid(), err)
+	}
+	return u.Username, u.HomeDir, nil
+}

@@ -1,0 +1,33 @@
+package stages
+
+import (
+	"context"
+	"os"
+
+	"github.com/ci-exec/ci-exec/internal/failure"
+)
+
+// runPrepare prints the job header and makes sure the job's directories
+// exist; with a run mechanism it also resolves, checks and pulls the image.
+func runPrepare(ctx context.Context, st *Stage) error {
+	g := st.Cfg.General
+	if g.JobMessage != "" {
+		st.Log.Printf("%s", g.JobMessage)
+	}
+	host, _ := os.Hostname()
+	st.Log.Noticef("ci-exec %s: running as %s (uid %d, gid %d) on %s, executor %s", DriverVersion(), st.User.Name,
+		os.Getuid(), os.Getgid(), host, g.Executor)
+	if err := st.Layout.Create(); err != nil {
+		return failure.AsSystem(err)
+	}
+	return prepareMechanism(ctx, st)
+}
+
+// prepareMechanism is where a container runtime prepares the job's image.
+// Without a run mechanism jobs run on the host and there is nothing to do.
+func prepareMechanism(_ context.Context, st *Stage) error {
+	if st.Cfg.Mechanism() == nil {
+		st.Log.Printf("Jobs run on the host (no run_mechanism configured).")
+	}
+	return nil
+}

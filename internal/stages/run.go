@@ -1,0 +1,131 @@
+package stages
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"regexp"
+
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/proc"
+)
+
+// Plan is how one stage runs: a complete argv and environment, executed
+// without a shell.
+type Plan struct {
+	// Where is "host" or the image the stage runs in (for the log).
+	Where string
+	Argv  []string
+	Env   []string
+	Dir   string
+}
+
+// User-script stages run the job's own code; every other stage is the
+// runner's (git, cache, artifacts, file variables). Unknown stage names count
+// as user scripts: a future runner's new step must not escape the container.
+func isRunnerStage(stage string) bool {
+	switch stage {
+	case "prepare_script", "get_sources", "clear_worktree", "restore_cache", "download_artifacts",
+		"archive_cache", "archive_cache_on_failure", "upload_artifacts_on_success",
+		"upload_artifacts_on_failure", "cleanup_file_variables":
+		return true
+	}
+	return false
+}
+
+var unsafeFileChars = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
+
+// runStage copies the runner's script into the job's scripts dir (bound into
+// containers at the same path, and on storage a compute node can read) and
+// runs it.
+func runStage(ctx context.Context, st *Stage, scriptPath, stage string) error {
+	if err := st.Layout.Create(); err != nil {
+		return failure.AsSystem(err)
+	}
+	script, err := copyScript(scriptPath, st.Layout.ScriptsDir, stage)
+	if err != nil {
+		return failure.AsSystem(err)
+	}
+	plan, err := planStage(ctx, st, stage, script)
+	if err != nil {
+		return err
+	}
+	return execute(ctx, st, stage, plan)
+}
+
+// copyScript copies src to <dir>/<stage>.bash, mode 0700.
+func copyScript(src, dir, stage string) (string, error) {
+	name := unsafeFileChars.ReplaceAllString(stage, "_")
+	if name == "" || name == "." || name == ".." {
+		name = "stage"
+	}
+	dst := filepath.Join(dir, name+".bash")
+	in, err := os.Open(src)
+	if err != nil {
+		return "", fmt.Errorf("open the runner's script: %w", err)
+	}
+	defer in.Close()
+	tmp, err := os.CreateTemp(dir, "."+name+"-*")
+	if err != nil {
+		return "", fmt.Errorf("copy the runner's script: %w", err)
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := io.Copy(tmp, in); err != nil {
+		tmp.Close()
+		return "", fmt.Errorf("copy the runner's script: %w", err)
+	}
+	if err := tmp.Chmod(0o700); err != nil {
+		tmp.Close()
+		return "", err
+	}
+	if err := tmp.Close(); err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp.Name(), dst); err != nil {
+		return "", fmt.Errorf("copy the runner's script: %w", err)
+	}
+	return dst, nil
+}
+
+// planStage decides where a stage runs and builds its command.
+func planStage(_ context.Context, st *Stage, _ string, script string) (Plan, error) {
+	return hostPlan(st, script), nil
+}
+
+// hostPlan runs script with bash on the host.
+func hostPlan(st *Stage, script string) Plan {
+	shell := st.Cfg.General.ShellPath
+	if shell == "" {
+		shell = "/bin/bash"
+	}
+	argv := []string{shell, "--noprofile", "--norc", script}
+	if st.Cfg.General.LoginShell {
+		argv = []string{shell, "--login", script}
+	}
+	return Plan{Where: "host", Argv: argv, Env: scriptEnv(st), Dir: st.Layout.BuildsDir}
+}
+
+// execute runs a plan locally and classifies its end.
+func execute(ctx context.Context, st *Stage, _ string, plan Plan) error {
+	res, err := proc.Run(ctx, proc.Cmd{
+		Argv:   plan.Argv,
+		Env:    plan.Env,
+		Dir:    plan.Dir,
+		Stdout: st.Inv.Stdout,
+		Stderr: st.Inv.Stderr,
+		Grace:  st.Cfg.General.KillTimeout.Duration,
+	})
+	proc.KillOrphans()
+	if err != nil {
+		return failure.AsSystem(fmt.Errorf("%w (is %s installed and executable?)", err, plan.Argv[0]))
+	}
+	if res.Killed {
+		st.Log.Warnf("the stage did not stop within kill_timeout (%s) after SIGTERM and was killed", st.Cfg.General.KillTimeout.Duration)
+	}
+	if res.ExitCode != 0 {
+		return failure.ScriptExit(res.ExitCode)
+	}
+	return nil
+}
