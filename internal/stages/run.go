@@ -9,7 +9,6 @@ import (
 	"regexp"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
-	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
 // Plan is how one stage runs: a complete argv and environment, executed
@@ -87,45 +86,4 @@ func copyScript(src, dir, stage string) (string, error) {
 		return "", fmt.Errorf("copy the runner's script: %w", err)
 	}
 	return dst, nil
-}
-
-// planStage decides where a stage runs and builds its command.
-func planStage(_ context.Context, st *Stage, _ string, script string) (Plan, error) {
-	return hostPlan(st, script), nil
-}
-
-// hostPlan runs script with bash on the host.
-func hostPlan(st *Stage, script string) Plan {
-	shell := st.Cfg.General.ShellPath
-	if shell == "" {
-		shell = "/bin/bash"
-	}
-	argv := []string{shell, "--noprofile", "--norc", script}
-	if st.Cfg.General.LoginShell {
-		argv = []string{shell, "--login", script}
-	}
-	return Plan{Where: "host", Argv: argv, Env: scriptEnv(st), Dir: st.Layout.BuildsDir}
-}
-
-// execute runs a plan locally and classifies its end.
-func execute(ctx context.Context, st *Stage, _ string, plan Plan) error {
-	res, err := proc.Run(ctx, proc.Cmd{
-		Argv:   plan.Argv,
-		Env:    plan.Env,
-		Dir:    plan.Dir,
-		Stdout: st.Inv.Stdout,
-		Stderr: st.Inv.Stderr,
-		Grace:  st.Cfg.General.KillTimeout.Duration,
-	})
-	proc.KillOrphans()
-	if err != nil {
-		return failure.AsSystem(fmt.Errorf("%w (is %s installed and executable?)", err, plan.Argv[0]))
-	}
-	if res.Killed {
-		st.Log.Warnf("the stage did not stop within kill_timeout (%s) after SIGTERM and was killed", st.Cfg.General.KillTimeout.Duration)
-	}
-	if res.ExitCode != 0 {
-		return failure.ScriptExit(res.ExitCode)
-	}
-	return nil
 }
