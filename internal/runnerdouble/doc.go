@@ -1,0 +1,33 @@
+// Package runnerdouble is a test double of gitlab-runner's custom executor.
+//
+// It drives a custom-executor driver binary (config_exec, prepare_exec,
+// run_exec, cleanup_exec) exactly the way gitlab-runner 19.4.0 does, so that
+// integration tests, benchmarks and demos can exercise the built ci-exec
+// binary without a GitLab instance or a real runner. The behaviour follows
+// /work/shared/reference/runner-contract.md (§3-§9 and §13):
+//
+//   - one per-job temp dir ("custom-executor*") that is the cwd and TMPDIR of
+//     every call, holding response.json (mode 0600, the §5.2 job payload);
+//   - the environment of every call in the runner's order: base env, TMPDIR,
+//     BUILD_FAILURE_EXIT_CODE=1, SYSTEM_FAILURE_EXIT_CODE=2,
+//     BUILD_EXIT_CODE_FILE, JOB_RESPONSE_FILE, config_exec's job_env (not for
+//     config_exec itself), then every job variable as CUSTOM_ENV_<KEY> and
+//     CUSTOM_ENV_CI_JOB_SERVICES;
+//   - config_exec's stdout decoded as api.ConfigExecOutput, its stderr to
+//     the job log;
+//   - prepare retried up to three times for non-build errors, with
+//     cleanup_exec after each failed attempt;
+//   - one new <tmp>/scriptNNNN/script (mode 0700) per run stage, written like
+//     the runner's bash shell writer, and run_exec called as
+//     run_args... <script> <stage> in the §6 stage order;
+//   - every call a new process in its own process group, stdin not
+//     connected; on job timeout or cancel SIGTERM to the group, SIGKILL after
+//     the graceful kill timeout, give up after the force kill timeout;
+//   - exit codes mapped as the runner does (BUILD_EXIT_CODE_FILE, system and
+//     unknown failures), cleanup_exec always run, its status ignored.
+//
+// Config.Run returns a Result with the job log the runner would show, the
+// separate runner log (cleanup_exec output), the final state and failure
+// reason, and a record of every driver call. ProcessesInGroup and
+// ProcessesWithMarker let tests assert that nothing was left running.
+package runnerdouble

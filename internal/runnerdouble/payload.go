@@ -1,0 +1,236 @@
+package runnerdouble
+
+import (
+	"encoding/json"
+	"path"
+	"sort"
+	"strconv"
+	"strings"
+)
+
+// Variable is one job variable as in the payload's "variables" array.
+type Variable struct {
+	// Key is the variable name.
+	Key string `json:"key"`
+	// Value is the variable value.
+	Value string `json:"value"`
+	// Public is true for non-secret variables.
+	Public bool `json:"public"`
+	// Masked is true for variables masked in the job log.
+	Masked bool `json:"masked"`
+	// File is true for file-type variables (never set by the double).
+	File bool `json:"file"`
+	// Raw is true for variables that are not expanded.
+	Raw bool `json:"raw"`
+}
+
+type payloadJobInfo struct {
+	Name            string `json:"name"`
+	Stage           string `json:"stage"`
+	ProjectID       int64  `json:"project_id"`
+	ProjectName     string `json:"project_name"`
+	ProjectFullPath string `json:"project_full_path"`
+	PipelineID      int64  `json:"pipeline_id"`
+}
+
+type payloadGitInfo struct {
+	RepoURL   string   `json:"repo_url"`
+	Ref       string   `json:"ref"`
+	Sha       string   `json:"sha"`
+	BeforeSha string   `json:"before_sha"`
+	RefType   string   `json:"ref_type"`
+	Refspecs  []string `json:"refspecs"`
+	Depth     int      `json:"depth"`
+}
+
+type payloadRunnerInfo struct {
+	Timeout int `json:"timeout"`
+}
+
+type payloadStep struct {
+	Name         string   `json:"name"`
+	Script       []string `json:"script"`
+	Timeout      int      `json:"timeout"`
+	When         string   `json:"when"`
+	AllowFailure bool     `json:"allow_failure"`
+}
+
+type payloadImage struct {
+	Name string `json:"name"`
+}
+
+type payloadFeatures struct {
+	TraceSections  bool     `json:"trace_sections"`
+	FailureReasons []string `json:"failure_reasons"`
+}
+
+type payload struct {
+	ID            int64             `json:"id"`
+	Token         string            `json:"token"`
+	AllowGitFetch bool              `json:"allow_git_fetch"`
+	JobInfo       payloadJobInfo    `json:"job_info"`
+	GitInfo       payloadGitInfo    `json:"git_info"`
+	RunnerInfo    payloadRunnerInfo `json:"runner_info"`
+	Variables     []Variable        `json:"variables"`
+	Steps         []payloadStep     `json:"steps"`
+	Image         payloadImage      `json:"image"`
+	Services      []any             `json:"services"`
+	Artifacts     []any             `json:"artifacts"`
+	Cache         []any             `json:"cache"`
+	Credentials   []any             `json:"credentials"`
+	Dependencies  []any             `json:"dependencies"`
+	Features      payloadFeatures   `json:"features"`
+}
+
+const fakeSHA = "1111111111111111111111111111111111111111"
+
+// featureFlags is a small, fixed subset of the runner's FF_* variables (all
+// default false); job variables with these names override the value.
+var featureFlags = []string{
+	"FF_NETWORK_PER_BUILD",
+	"FF_USE_LEGACY_BASH_EVAL",
+	"FF_ENABLE_BASH_EXIT_CODE_CHECK",
+	"FF_SCRIPT_SECTIONS",
+	"FF_ENABLE_JOB_CLEANUP",
+	"FF_POSIXLY_CORRECT_ESCAPES",
+	"FF_USE_JOB_ROUTER",
+}
+
+func isFeatureFlag(key string) bool {
+	for _, f := range featureFlags {
+		if f == key {
+			return true
+		}
+	}
+	return false
+}
+
+func timeoutSeconds(j Job) int {
+	s := int(j.Timeout.Seconds())
+	if s < 1 {
+		s = 1
+	}
+	return s
+}
+
+func projectName(full string) string {
+	return path.Base(full)
+}
+
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// PayloadVariables returns the job's payload "variables" (defaults applied):
+// GitLab's predefined variables (CI_JOB_ID, CI_JOB_TOKEN masked, CI_SERVER_URL,
+// CI_PROJECT_PATH, CI_REGISTRY*, ...), GIT_STRATEGY, then Variables and
+// MaskedVariables in key order.
+func (j Job) PayloadVariables() []Variable {
+	j = j.withDefaults()
+	pub := func(k, v string) Variable { return Variable{Key: k, Value: v, Public: true} }
+	id := strconv.FormatInt(j.ID, 10)
+	ns := path.Dir(j.ProjectFullPath)
+	vars := []Variable{
+		pub("CI_PIPELINE_ID", "1"),
+		pub("CI_PIPELINE_SOURCE", "push"),
+		pub("CI_JOB_ID", id),
+		pub("CI_JOB_NAME", j.Name),
+		pub("CI_JOB_STAGE", "test"),
+		pub("CI_JOB_URL", ServerURL+"/"+j.ProjectFullPath+"/-/jobs/"+id),
+		{Key: "CI_JOB_TOKEN", Value: j.Token, Masked: true},
+		pub("CI_SERVER_URL", ServerURL),
+		pub("CI_SERVER_HOST", "127.0.0.1"),
+		pub("CI_API_V4_URL", ServerURL+"/api/v4"),
+		pub("CI_PROJECT_ID", "1"),
+		pub("CI_PROJECT_NAME", projectName(j.ProjectFullPath)),
+		pub("CI_PROJECT_PATH", j.ProjectFullPath),
+		pub("CI_PROJECT_NAMESPACE", ns),
+		pub("CI_PROJECT_URL", ServerURL+"/"+j.ProjectFullPath),
+		pub("CI_COMMIT_SHA", fakeSHA),
+		pub("CI_COMMIT_REF_NAME", "main"),
+		pub("CI_COMMIT_BRANCH", "main"),
+		pub("GITLAB_USER_LOGIN", "root"),
+		pub("CI_REPOSITORY_URL", j.repoURL()),
+	}
+	if j.Registry != "" {
+		vars = append(vars,
+			pub("CI_REGISTRY", j.Registry),
+			pub("CI_REGISTRY_IMAGE", j.Registry+"/"+strings.ToLower(j.ProjectFullPath)),
+			pub("CI_REGISTRY_USER", "gitlab-ci-token"),
+			Variable{Key: "CI_REGISTRY_PASSWORD", Value: j.Token, Masked: true},
+		)
+	}
+	vars = append(vars, pub("GIT_STRATEGY", j.GitStrategy))
+	for _, k := range sortedKeys(j.Variables) {
+		vars = append(vars, Variable{Key: k, Value: j.Variables[k]})
+	}
+	for _, k := range sortedKeys(j.MaskedVariables) {
+		vars = append(vars, Variable{Key: k, Value: j.MaskedVariables[k], Masked: true})
+	}
+	return vars
+}
+
+func (j Job) repoURL() string {
+	if j.RepoURL != "" {
+		return j.RepoURL
+	}
+	return ServerURL + "/" + j.ProjectFullPath + ".git"
+}
+
+// ResponseJSON returns the JOB_RESPONSE_FILE content the double writes for
+// this job (the §5.2 payload shape, defaults applied).
+func (j Job) ResponseJSON() ([]byte, error) {
+	j = j.withDefaults()
+	tmo := timeoutSeconds(j)
+	p := payload{
+		ID:    j.ID,
+		Token: j.Token,
+		JobInfo: payloadJobInfo{
+			Name:            j.Name,
+			Stage:           "test",
+			ProjectID:       1,
+			ProjectName:     projectName(j.ProjectFullPath),
+			ProjectFullPath: j.ProjectFullPath,
+			PipelineID:      1,
+		},
+		GitInfo: payloadGitInfo{
+			RepoURL:   j.repoURL(),
+			Ref:       "main",
+			Sha:       fakeSHA,
+			BeforeSha: "0000000000000000000000000000000000000000",
+			RefType:   "branch",
+			Refspecs:  []string{},
+			Depth:     0,
+		},
+		RunnerInfo:   payloadRunnerInfo{Timeout: tmo},
+		Variables:    j.PayloadVariables(),
+		Image:        payloadImage{Name: j.Image},
+		Services:     []any{},
+		Artifacts:    []any{},
+		Cache:        []any{},
+		Credentials:  []any{},
+		Dependencies: []any{},
+		Features:     payloadFeatures{FailureReasons: []string{}},
+	}
+	for _, s := range j.steps() {
+		st := payloadStep{Name: s.Name, Script: s.Script, Timeout: tmo, When: "on_success"}
+		if st.Script == nil {
+			st.Script = []string{}
+		}
+		if s.Name == "after_script" {
+			st.When = "always"
+			st.Timeout = int(DefaultAfterScriptTimeout.Seconds())
+		}
+		p.Steps = append(p.Steps, st)
+	}
+	b, err := json.Marshal(p)
+	if err != nil {
+		return nil, err
+	}
+	return append(b, '\n'), nil
+}

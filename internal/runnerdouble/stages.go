@@ -1,0 +1,169 @@
+package runnerdouble
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+)
+
+const timeoutDocsHint = "For more control over job and script timeouts see: " +
+	"https://docs.gitlab.com/ci/runners/configure_runners/#set-script-and-after_script-timeouts"
+
+// executeScript is common.Build.executeScript for a job without cache and
+// artifacts: prepare_script, get_sources, the user scripts, after_script,
+// cleanup_file_variables.
+func (r *run) executeScript(ctx context.Context) (error, error) {
+	err, fault := r.executeStage(ctx, "prepare_script")
+	if fault != nil {
+		return nil, fault
+	}
+	if err != nil {
+		return fmt.Errorf("prepare environment: %w. "+
+			"Check https://docs.gitlab.com/runner/shells/#shell-profile-loading for more information", err), nil
+	}
+
+	err, fault = r.executeStage(ctx, "get_sources")
+	if fault != nil {
+		return nil, fault
+	}
+	// restore_cache and download_artifacts have nothing to do: not called.
+
+	if err == nil {
+		err, fault = r.executeUserScripts(ctx)
+		if fault != nil {
+			return nil, fault
+		}
+	}
+	// archive_cache*/upload_artifacts_*: nothing to do, not called.
+
+	cerr, fault := r.executeStage(ctx, "cleanup_file_variables")
+	if fault != nil {
+		return nil, fault
+	}
+	if cerr != nil {
+		r.runnerLogf("WARNING: Error while executing file based variables removal script: %v", cerr)
+	}
+	return err, nil
+}
+
+// executeUserScripts is common.Build.executeUserScripts: the user steps
+// under a cancelable script context, then after_script with CI_JOB_STATUS.
+func (r *run) executeUserScripts(ctx context.Context) (error, error) {
+	scriptCtx, scriptCancel := context.WithCancel(ctx)
+	defer scriptCancel()
+	// From here a cancel only ends the script context (cancel_gracefully).
+	r.setCancel(scriptCancel)
+
+	var err, fault error
+	for _, s := range r.job.steps() {
+		if s.Name == "after_script" {
+			continue
+		}
+		err, fault = r.executeStage(scriptCtx, stepStage(s))
+		if fault != nil {
+			return nil, fault
+		}
+		if err != nil {
+			break
+		}
+	}
+	if ctx.Err() == nil && errors.Is(scriptCtx.Err(), context.Canceled) {
+		err = &buildError{inner: errJobCanceled, reason: InternalReasonJobCanceled}
+		r.warnln("script canceled externally (UI, API)")
+	}
+
+	afterCtx, afterCancel := context.WithTimeout(ctx, r.cfg.AfterScriptTimeout)
+	defer afterCancel()
+	r.jobStatus, _ = r.runtimeStateAndError(err)
+	aerr, fault := r.executeStage(afterCtx, "after_script")
+	if fault != nil {
+		return nil, fault
+	}
+	if aerr != nil && !errors.Is(ctx.Err(), context.DeadlineExceeded) {
+		if r.variableValue("AFTER_SCRIPT_IGNORE_ERRORS") != "false" {
+			r.warnln("after_script failed, but job will continue unaffected:", aerr)
+		} else if err == nil {
+			err = aerr
+		}
+	}
+	return err, nil
+}
+
+// variableValue returns the last value of a job variable ("" if unset).
+func (r *run) variableValue(key string) string {
+	val := ""
+	for _, v := range r.variables() {
+		if v.Key == key {
+			val = v.Value
+		}
+	}
+	return val
+}
+
+func (r *run) scriptContext() scriptContext {
+	return scriptContext{
+		vars:        r.variables(),
+		buildsDir:   r.buildsDir,
+		projectDir:  r.projectDir,
+		hostname:    r.hostname,
+		gitStrategy: r.variableValue("GIT_STRATEGY"),
+		repoURL:     r.job.repoURL(),
+		steps:       r.job.steps(),
+	}
+}
+
+// executeStage is common.Build.executeStage plus the custom executor's Run:
+// a new script file per stage and run_exec run_args... <script> <stage>.
+func (r *run) executeStage(ctx context.Context, stage string) (error, error) {
+	if err := ctx.Err(); err != nil {
+		return err, nil
+	}
+	script, ok, err := r.scriptContext().stageScript(stage, r.shell)
+	if err != nil {
+		return err, nil
+	}
+	if !ok {
+		return nil, nil
+	}
+	r.logln(stageDescription(stage))
+	defer func() {
+		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+			r.warnln(stage + " could not run to completion because the timeout was exceeded. " + timeoutDocsHint)
+		}
+	}()
+
+	dir, err := os.MkdirTemp(r.tmp, "script")
+	if err != nil {
+		return nil, fmt.Errorf("runnerdouble: %w", err)
+	}
+	if err := r.chown(dir); err != nil {
+		return nil, err
+	}
+	file := filepath.Join(dir, "script")
+	if err := os.WriteFile(file, []byte(script), 0o700); err != nil {
+		return nil, fmt.Errorf("runnerdouble: %w", err)
+	}
+	if err := r.chown(file); err != nil {
+		return nil, err
+	}
+
+	runStage := stage
+	if stage == "step_script" {
+		r.warnln("Starting with version 17.0 the 'build_script' stage will be replaced with 'step_script': " +
+			"https://gitlab.com/groups/gitlab-org/-/epics/6112")
+		runStage = "build_script"
+	}
+	args := append(append([]string(nil), r.cfg.RunArgs...), file, runStage)
+	err = r.exec(ctx, callSpec{
+		kind:       KindRun,
+		stage:      runStage,
+		args:       args,
+		env:        r.env(true),
+		scriptPath: file,
+		out:        r.log,
+	})
+	r.log.flush()
+	return err, nil
+}
