@@ -1,0 +1,39 @@
+package mechanism
+
+import (
+	"strings"
+
+	"github.com/ci-exec/ci-exec/internal/joblog"
+)
+
+// LogCommand prints a container command line to the job log in a collapsed
+// section, as one copy-pasteable line (env -i KEY=VALUE... argv...), so a
+// user can see exactly what ran and rerun it by hand. The logger masks the
+// job's secrets; credentials never appear because they are never part of a
+// run command.
+func LogCommand(log *joblog.Logger, section, header string, argv, env []string) {
+	end := log.Section(section, header, false)
+	defer end()
+	line := make([]string, 0, len(env)+len(argv)+2)
+	if len(env) > 0 {
+		line = append(line, "env", "-i")
+		line = append(line, env...)
+	}
+	line = append(line, argv...)
+	log.Printf("%s", joblog.QuoteArgv(line))
+}
+
+// Describe is the short job-log form of where a stage runs.
+func Describe(p Placement, img *Image, runtime string) string {
+	if p == OnHost || img == nil {
+		return "on the host"
+	}
+	var b strings.Builder
+	b.WriteString("in ")
+	b.WriteString(img.Ref)
+	if img.Digest != "" {
+		b.WriteString(" (" + img.Digest + ")")
+	}
+	b.WriteString(" with " + runtime)
+	return b.String()
+}

@@ -1,0 +1,269 @@
+package mechanism
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/job"
+	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/proc"
+)
+
+// Setup is everything Prepare and StageCommand need about one job.
+type Setup struct {
+	Runtime Runtime
+	// Cfg is the runtime's [general.<name>] table.
+	Cfg config.Mechanism
+	// Batch is true for batch executors (images are converted to a file).
+	Batch bool
+	// Force is force_mechanism (default_image for jobs without one).
+	Force  bool
+	Job    *job.Job
+	Layout job.Layout
+	// User is the job user (HOME, USER inside containers).
+	User config.UserInfo
+	Log  *joblog.Logger
+	// HostEnv is the environment host scripts get (for prep_script and for
+	// the pass_env lookup).
+	HostEnv map[string]string
+	// ScriptEnv is the environment for prep_script.
+	ScriptEnv []string
+	// Grace is kill_timeout.
+	Grace time.Duration
+}
+
+func (s Setup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
+
+// Placement returns the stage placement policy for state.
+func (s Setup) Placement(st *State) PlacementPolicy {
+	return PlacementPolicy{
+		HasJobImage:    st != nil && st.Job != nil,
+		HasRunnerImage: st != nil && st.Runner != nil,
+		StepScriptOnly: s.Cfg.StepScriptOnly,
+	}
+}
+
+// PrepEnver is implemented by runtimes that give prep_script extra
+// variables (e.g. where the user's image storage is).
+type PrepEnver interface {
+	PrepEnv() []string
+}
+
+// Prepare resolves, checks and pulls the job's image (and runner_image) and
+// saves the result in the job's scripts dir. The order is deliberate:
+// everything the user controls (image name, allowlist, volumes, arguments,
+// credentials) is checked before the admin's prep_script and before any
+// runtime command or network access, so a refused job costs nothing and
+// leaves nothing behind.
+func Prepare(ctx context.Context, s Setup) (*State, error) {
+	rt := s.Runtime
+	st := &State{Mechanism: rt.Name()}
+	given, admin := s.Job.Image(), false
+	if given == "" {
+		if !s.Force {
+			s.Log.Printf("The job names no image: its scripts run on the host.")
+			return st, st.Save(s.Layout.ScriptsDir)
+		}
+		given, admin = s.Cfg.DefaultImage, true
+		s.Log.Printf("The job names no image: using the default image %s (force_mechanism).", given)
+	}
+	ref, err := ParseImage(given)
+	if err != nil {
+		if admin {
+			return nil, failure.Systemf("%s: %v", s.key("default_image"), err)
+		}
+		return nil, err
+	}
+	if !admin {
+		// The admin's own default_image and runner_image are trusted and
+		// not subject to the allowlist.
+		allow, err := NewAllowlist(s.Cfg.ImageAllowlist)
+		if err != nil {
+			return nil, failure.AsSystem(err)
+		}
+		if err := allow.Check(ref); err != nil {
+			return nil, err
+		}
+	}
+	if st.Volumes, err = s.volumePolicy().UserVolumes(s.Job.Vars); err != nil {
+		return nil, err
+	}
+	args, notice, err := s.userArgsPolicy().UserArgs(s.Job.Vars)
+	if err != nil {
+		return nil, err
+	}
+	if notice != "" {
+		s.Log.Warnf("%s", notice)
+	}
+	st.UserArgs = args
+	// The user's own registry variables are for the image they named; the
+	// admin's default image gets the job token (same registry) or nothing.
+	names := rt.CredentialVariables()
+	if admin {
+		names = auth.VariableNames{}
+	}
+	cred, err := auth.Choose(s.Job, ref.Registry, names)
+	if err != nil {
+		return nil, err
+	}
+
+	var runnerRef *Ref
+	var runnerCred auth.Credential
+	switch {
+	case s.Cfg.RunnerImage != "" && s.Cfg.StepScriptOnly:
+		s.Log.Printf("runner_image is not used: step_script_only keeps the runner's stages on the host.")
+	case s.Cfg.RunnerImage != "":
+		r, err := ParseImage(s.Cfg.RunnerImage)
+		if err != nil {
+			return nil, failure.Systemf("%s: %v", s.key("runner_image"), err)
+		}
+		runnerRef = &r
+		// The user's own credentials are for their image only; the admin's
+		// runner image gets the job token (same registry) or nothing.
+		if runnerCred, err = auth.Choose(s.Job, r.Registry, auth.VariableNames{}); err != nil {
+			return nil, err
+		}
+	}
+
+	if err := s.runPrepScript(ctx, ref); err != nil {
+		return nil, err
+	}
+
+	if st.Info, err = rt.Probe(ctx); err != nil {
+		return nil, err
+	}
+	s.Log.Printf("Using %s", st.Info.Describe(rt.Name()))
+	for _, v := range st.Volumes {
+		if v.ReadOnly && !st.Info.ReadOnlyBinds {
+			return nil, failure.Userf("%s %s cannot mount volumes read-only (%s:%s:ro); drop \":ro\" from the %s_* variable",
+				rt.Name(), st.Info.Version, v.Src, v.Dst, s.Cfg.UserVolumeVariable)
+		}
+	}
+
+	mounts := s.mountPoints(st.Volumes)
+	if st.Job, err = s.pull(ctx, ref, cred, s.Cfg.PullPolicy, "", mounts); err != nil {
+		return nil, err
+	}
+	if runnerRef != nil {
+		if st.Runner, err = s.pull(ctx, *runnerRef, runnerCred, s.Cfg.RunnerPullPolicy, "-runner", s.mountPoints(nil)); err != nil {
+			return nil, failure.AsSystem(fmt.Errorf("%s: %w", s.key("runner_image"), err))
+		}
+	}
+	if err := st.Save(s.Layout.ScriptsDir); err != nil {
+		return nil, failure.AsSystem(err)
+	}
+	return st, nil
+}
+
+// pull pulls one image and converts it when the executor or the admin asks.
+func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, role string, mounts []string) (*Image, error) {
+	rt := s.Runtime
+	s.Log.Printf("Pulling %s (pull policy %s, credentials: %s)", ref.Full, policy, cred)
+	img, err := rt.Pull(ctx, PullRequest{
+		Ref:         ref,
+		Policy:      policy,
+		Credential:  cred,
+		Insecure:    MatchRegistry(s.Cfg.InsecureRegistries, ref.Registry),
+		JobKey:      s.jobKey() + role,
+		MountPoints: mounts,
+		Dir:         s.Layout.ScriptsDir,
+		Log:         s.Log,
+	})
+	if err != nil {
+		return nil, err
+	}
+	digest := img.Digest
+	if digest == "" {
+		digest = "unknown"
+	}
+	s.Log.Printf("Image %s ready in %.2fs (digest %s)", ref.Full, img.PullTime.Seconds(), digest)
+	if (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert {
+		if img, err = rt.Convert(ctx, img, ConvertRequest{Dir: s.Layout.ScriptsDir, Log: s.Log}); err != nil {
+			return nil, err
+		}
+		s.Log.Printf("Converted %s to a %s file in %.2fs", ref.Full, img.Format, img.ConvertTime.Seconds())
+	}
+	if filepath.Base(img.Shell) != "bash" {
+		s.Log.Printf("%s has no bash: stage scripts run with %s", ref.Full, img.Shell)
+	}
+	return &img, nil
+}
+
+// mountPoints are the container paths binds need: the same-path dirs and
+// the user volumes' destinations.
+func (s Setup) mountPoints(vols []Bind) []string {
+	out := []string{s.Layout.BuildsDir, s.Layout.CacheDir, s.Layout.ScriptsDir}
+	for _, v := range vols {
+		out = append(out, v.Dst)
+	}
+	return out
+}
+
+// jobKey is unique per job: the job id plus a hash of its scripts dir
+// (which holds the runner and the concurrency slot), lowercase so any
+// runtime accepts it as an image name.
+func (s Setup) jobKey() string {
+	h := sha256.Sum256([]byte(s.Layout.ScriptsDir))
+	return "j" + strconv.FormatInt(s.Job.ID(), 10) + "-" + hex.EncodeToString(h[:5])
+}
+
+func (s Setup) volumePolicy() VolumePolicy {
+	return VolumePolicy{Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
+}
+
+func (s Setup) userArgsPolicy() UserArgsPolicy {
+	rt := s.Runtime
+	return UserArgsPolicy{
+		Variable: rt.UserArgsVariable(),
+		Disabled: s.Cfg.DisableUserArgs,
+		Allowed:  s.Cfg.AllowedUserArgs,
+		Default:  rt.DefaultUserArgs(),
+		Flags:    rt.RunFlags(),
+	}
+}
+
+// runPrepScript runs the admin's prep_script on the host as the job user,
+// before any runtime command. Its failure is a system failure: the admin's
+// script broke, not the job.
+func (s Setup) runPrepScript(ctx context.Context, ref Ref) error {
+	script := s.Cfg.PrepScript
+	if script == "" {
+		return nil
+	}
+	env := append([]string(nil), s.ScriptEnv...)
+	env = append(env, "CI_EXEC_MECHANISM="+s.Runtime.Name(), "CI_EXEC_IMAGE="+ref.Full)
+	if pe, ok := s.Runtime.(PrepEnver); ok {
+		env = append(env, pe.PrepEnv()...)
+	}
+	end := s.Log.Section("prep_script", "Running the admin's prep_script "+script, false)
+	w := s.Log.Writer()
+	res, err := proc.Run(ctx, proc.Cmd{Argv: []string{script}, Env: env, Dir: s.Layout.ScriptsDir, Stdout: w, Stderr: w, Grace: s.Grace})
+	w.Close()
+	end()
+	switch {
+	case err != nil:
+		return failure.Systemf("%s %s could not be run: %v (the admin must make it an executable file)", s.key("prep_script"), script, err)
+	case res.ExitCode != 0:
+		return failure.Systemf("%s %s failed with exit code %d (see its output above); the runner will retry", s.key("prep_script"), script, res.ExitCode)
+	}
+	return nil
+}
+
+// MatchRegistry reports whether registry (host[:port]) is in list, exactly
+// (host names case-insensitively).
+func MatchRegistry(list []string, registry string) bool {
+	for _, r := range list {
+		if auth.SameRegistry(registry, r) {
+			return true
+		}
+	}
+	return false
+}

@@ -1,0 +1,183 @@
+// Package mechanism is the runtime-neutral part of running a job's stages in
+// a container: the interface every container runtime implements
+// (Charliecloud in ./charliecloud, Apptainer in ./apptainer) and the policy
+// they all share, which is pure and table-tested:
+//
+//   - image references: validation and normalisation (ParseImage) and the
+//     admin's allowlist (Allowlist), checked before any network access;
+//   - stage placement: job image, runner image or host (PlacementPolicy);
+//   - user volumes under admin prefixes (VolumePolicy);
+//   - user runtime arguments, split without a shell and checked flag by flag
+//     against an allowlist (UserArgsPolicy, FlagTable);
+//   - the job-log form of a container command line (LogCommand).
+//
+// Prepare and StageCommand put these together for the stages package; the
+// result of prepare travels to the run stages in a small state file in the
+// job's scripts dir (State).
+package mechanism
+
+import (
+	"context"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/joblog"
+)
+
+// Runtime is one container runtime. Methods that touch the system take a
+// context; Command is pure, so command lines are golden-tested without the
+// runtime installed.
+//
+// Errors follow package failure: a failure.User error for what the job's
+// author must fix (image not found, registry refused their credentials),
+// anything else is a system failure.
+type Runtime interface {
+	// Name is the run_mechanism value ("charliecloud").
+	Name() string
+	// UserArgsVariable is the job variable with the user's extra run
+	// arguments (JACAMAR_CI_CHARLIECLOUD_ARGS).
+	UserArgsVariable() string
+	// CredentialVariables are the job variables with the user's own
+	// registry credentials (CH_IMAGE_USERNAME/CH_IMAGE_PASSWORD).
+	CredentialVariables() auth.VariableNames
+	// RunFlags describes the run command's options, for checking user
+	// arguments; DefaultUserArgs is the safe subset users may pass when the
+	// admin lists none (no bind, write, uid/gid, storage or mount flags).
+	RunFlags() FlagTable
+	DefaultUserArgs() []string
+
+	// Probe finds the runtime's programs and reports its version and
+	// features. Implementations cache the answer for the process.
+	Probe(ctx context.Context) (Info, error)
+	// Pull makes the image available to this job: fetches it (by the
+	// request's policy), gives the job its own copy where the runtime needs
+	// one, creates the bind mount points inside it, and finds its shell.
+	Pull(ctx context.Context, req PullRequest) (Image, error)
+	// Convert turns a pulled image into a single file (SquashFS, SIF) in
+	// req.Dir, for batch jobs or when the admin asks. A runtime whose pull
+	// already gives a single file returns img unchanged.
+	Convert(ctx context.Context, img Image, req ConvertRequest) (Image, error)
+	// Command builds the argv and environment that run spec.Argv in the
+	// image. It must not do I/O: everything it needs is in spec.
+	Command(spec RunSpec) (argv, env []string, err error)
+	// Diagnose looks at a failed run (exit code and the tail of its stderr)
+	// and returns the runtime's own error message when the runtime, not the
+	// stage script, failed ("" otherwise).
+	Diagnose(exitCode int, stderrTail string) string
+	// Release removes the job's per-job copies of img (cleanup stage).
+	Release(ctx context.Context, img Image) error
+}
+
+// Info is what Probe found. It is saved by prepare and handed to Command in
+// the run stages, so they do not probe again.
+type Info struct {
+	// Version is the runtime's version ("0.31").
+	Version string `json:"version"`
+	// Programs maps program names to absolute paths ("ch-run" →
+	// "/usr/bin/ch-run").
+	Programs map[string]string `json:"programs"`
+	// Features are runtime-specific capabilities ("write-fake").
+	Features map[string]bool `json:"features,omitempty"`
+	// ReadOnlyBinds says whether binds can be read-only (SRC:DST:ro).
+	ReadOnlyBinds bool `json:"read_only_binds"`
+}
+
+// Program returns the path of a runtime program (name itself if unknown).
+func (i Info) Program(name string) string {
+	if p := i.Programs[name]; p != "" {
+		return p
+	}
+	return name
+}
+
+// Describe is the job-log form: "charliecloud 0.31 (/usr/bin/ch-run, ...)".
+func (i Info) Describe(name string) string {
+	progs := make([]string, 0, len(i.Programs))
+	for _, p := range i.Programs {
+		progs = append(progs, p)
+	}
+	sort.Strings(progs)
+	return fmt.Sprintf("%s %s (%s)", name, i.Version, strings.Join(progs, ", "))
+}
+
+// Image is a prepared image, as saved in the state file.
+type Image struct {
+	// Ref is the normalised reference it came from.
+	Ref string `json:"ref"`
+	// Handle is what the run command names: an image name in the runtime's
+	// storage, or the path of a .sqfs/.sif file or directory.
+	Handle string `json:"handle"`
+	// Format is runtime-specific ("storage", "squashfs", "sif", "sandbox").
+	Format string `json:"format"`
+	// Digest is the manifest digest ("sha256:...") when known.
+	Digest string `json:"digest,omitempty"`
+	// Shell is the absolute path, inside the image, of the shell that runs
+	// stage scripts: bash when the image has it, else a POSIX sh (the
+	// runner's scripts work in both).
+	Shell string `json:"shell"`
+	// RunOptions are image-specific run options the runtime chose at
+	// prepare time (e.g. ch-run --set-env to load the image's environment).
+	RunOptions []string `json:"run_options,omitempty"`
+	// Private lists per-job paths (copies, converted files) that Release
+	// removes.
+	Private []string `json:"private,omitempty"`
+	// PullTime and ConvertTime are for the job log and benchmarks.
+	PullTime    time.Duration `json:"pull_time"`
+	ConvertTime time.Duration `json:"convert_time,omitempty"`
+}
+
+// PullRequest is one image to make available.
+type PullRequest struct {
+	Ref Ref
+	// Policy is config.PullAlways, PullIfNotPresent or PullNever.
+	Policy string
+	// Credential is what the registry gets (see package auth).
+	Credential auth.Credential
+	// Insecure skips TLS verification for this registry (the admin's
+	// insecure_registries).
+	Insecure bool
+	// JobKey is unique per job and image role, made of [a-z0-9-]: runtimes
+	// that copy the image per job name the copy after it.
+	JobKey string
+	// MountPoints are absolute container paths that must exist as
+	// directories in the image for the binds (same-path dirs, volume
+	// destinations). Runtimes without a writable overlay create them in the
+	// job's copy, never following a symlink inside the image.
+	MountPoints []string
+	// Dir is the job's private scripts dir.
+	Dir string
+	Log *joblog.Logger
+}
+
+// ConvertRequest is a conversion to a single file.
+type ConvertRequest struct {
+	// Dir is where the file goes (the job's scripts dir for now; a shared
+	// digest-keyed cache later).
+	Dir string
+	Log *joblog.Logger
+}
+
+// RunSpec is one stage's container command, as plain data.
+type RunSpec struct {
+	Info  Info
+	Image Image
+	// Binds in order: same-path dirs first, then user volumes.
+	Binds []Bind
+	// Workdir is the initial working directory inside the container.
+	Workdir string
+	// Env is the container's complete environment (KEY=VALUE, sorted);
+	// nothing else from the host leaks in.
+	Env []string
+	// AdminOptions are custom_options or runner_options (trusted, as given).
+	AdminOptions []string
+	// UserArgs passed the allowlist (UserArgsPolicy).
+	UserArgs []string
+	// ScratchDir is a per-job directory the runtime may use (e.g. as the
+	// SquashFS mount point).
+	ScratchDir string
+	// Argv is the command to run in the container: [shell, script].
+	Argv []string
+}
