@@ -175,9 +175,6 @@ type RunSpec struct {
 	AdminOptions []string
 	// UserArgs passed the allowlist (UserArgsPolicy).
 	UserArgs []string
-	// ScratchDir is a per-job directory the runtime may use (e.g. as the
-	// SquashFS mount point).
-	ScratchDir string
 	// Argv is the command to run in the container: [shell, script].
 	Argv []string
 }

@@ -50,10 +50,9 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 		Binds: []Bind{
 			SamePath(s.Layout.BuildsDir), SamePath(s.Layout.CacheDir), SamePath(s.Layout.ScriptsDir),
 		},
-		Workdir:    s.workdir(),
-		Env:        s.containerEnv(),
-		ScratchDir: s.Layout.ScriptsDir,
-		Argv:       []string{plan.Image.Shell, script},
+		Workdir: s.workdir(),
+		Env:     s.containerEnv(),
+		Argv:    []string{plan.Image.Shell, script},
 	}
 	if p == InJobImage {
 		spec.Binds = append(spec.Binds, st.Volumes...)

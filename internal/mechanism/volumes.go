@@ -135,6 +135,11 @@ func parseVolume(name, value string, prefixes []string, roSupported bool, eval f
 	if !filepath.IsAbs(b.Dst) || filepath.Clean(b.Dst) != b.Dst || b.Dst == "/" {
 		return bad("the destination must be a clean absolute path other than / (no \"..\", \".\" or trailing /)")
 	}
+	// The runtimes mount the host's own /proc, /sys and /dev there: a mount
+	// point below them would have to be made on the host.
+	if underAny(b.Dst, []string{"/proc", "/sys", "/dev"}) {
+		return bad("the destination cannot be under /proc, /sys or /dev; choose another path, e.g. /data")
+	}
 	return b, nil
 }
 

@@ -92,6 +92,7 @@ func TestUserVolumesRefused(t *testing.T) {
 		"unclean destination":     {root + "/allowed/data:/a/../etc", "clean absolute path"},
 		"trailing slash":          {root + "/allowed/data:/a/", "clean absolute path"},
 		"root destination":        {root + "/allowed/data:/", "clean absolute path"},
+		"under /proc":             {root + "/allowed/data:/proc/x", "/proc, /sys or /dev"},
 		"too many colons":         {root + "/allowed/data:/a:/b:ro", "SRC[:DST][:ro]"},
 		"bad mode":                {root + "/allowed/data:/a:rx", "SRC[:DST][:ro]"},
 	}

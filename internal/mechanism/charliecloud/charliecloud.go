@@ -1,0 +1,195 @@
+// Package charliecloud runs job stages in Charliecloud containers (seed 004):
+// ch-image pulls into per-user storage, ch-convert makes SquashFS files for
+// batch jobs, ch-run runs the stage scripts.
+//
+// Charliecloud 0.31 (Debian 12) shapes most of this; the facts are in
+// docs/charliecloud.md:
+//
+//   - ch-run has no --write-fake, and a bind's destination must already
+//     exist in the (read-only) image. Each job therefore gets its own copy
+//     of the pulled image in the storage, made of hard links (cheap, and
+//     immune to a concurrent re-pull replacing the original), and the bind
+//     mount points are created inside that copy, never through a symlink of
+//     the image. The copy runs by name (ch-run -s STORAGE NAME), or is
+//     converted to SquashFS with the mount points already inside.
+//   - ch-image must run with the system python (PATH starting /usr/sbin:
+//     /usr/bin), $USER set, the build cache disabled (it needs a git
+//     identity) and stdin closed (it prompts for credentials otherwise);
+//     credentials work only with --auth and travel only in its environment.
+//   - one storage directory admits one ch-image at a time: a busy storage
+//     is waited for, not failed.
+//   - ch-run passes the whole host environment into the container: the
+//     driver gives it a clean, explicit one.
+package charliecloud
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+// Name is the run_mechanism value.
+const Name = config.MechanismCharliecloud
+
+// jobImageRepo is the storage name prefix of per-job image copies; Release
+// removes nothing else.
+const jobImageRepo = "ci-exec-job"
+
+// toolPath is the PATH of ch-image and ch-convert: the system python first,
+// because a pyenv or venv python3 lacks Charliecloud's modules (lark) and
+// ch-image starts with "#!/usr/bin/env python3".
+const toolPath = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+// searchPath is where the programs are found without application_path.
+const searchPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+// Runtime is the Charliecloud mechanism for one job user.
+type Runtime struct {
+	cfg     config.Mechanism
+	user    config.UserInfo
+	storage string
+	hostEnv map[string]string
+	grace   time.Duration
+
+	probeOnce sync.Once
+	info      mechanism.Info
+	probeErr  error
+}
+
+var _ mechanism.Runtime = (*Runtime)(nil)
+var _ mechanism.PrepEnver = (*Runtime)(nil)
+
+// New returns the runtime for the job user. hostEnv is the driver's own
+// environment (without CUSTOM_ENV_), consulted only for proxy and CA
+// settings that ch-image's downloads need.
+func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
+	return &Runtime{cfg: cfg, user: user, storage: StorageDir(cfg.ImageStorageDir, user.Name), hostEnv: hostEnv, grace: grace}
+}
+
+// StorageDir is the user's ch-image storage: <image_storage_dir>/<user>.ch,
+// by default /var/tmp/<user>.ch as Charliecloud itself would choose.
+func StorageDir(imageStorageDir, user string) string {
+	if imageStorageDir == "" {
+		imageStorageDir = "/var/tmp"
+	}
+	return filepath.Join(imageStorageDir, user+".ch")
+}
+
+// Storage is the user's storage directory.
+func (r *Runtime) Storage() string { return r.storage }
+
+func (r *Runtime) Name() string             { return Name }
+func (r *Runtime) UserArgsVariable() string { return "JACAMAR_CI_CHARLIECLOUD_ARGS" }
+
+func (r *Runtime) CredentialVariables() auth.VariableNames {
+	return auth.VariableNames{Username: "CH_IMAGE_USERNAME", Password: "CH_IMAGE_PASSWORD"}
+}
+
+// PrepEnv tells prep_script where the user's image storage is.
+func (r *Runtime) PrepEnv() []string { return []string{"CH_IMAGE_STORAGE=" + r.storage} }
+
+// RunFlags is ch-run's option table (0.31 plus the newer --write-fake,
+// --seccomp and friends, so that they are recognised and refused rather
+// than taken for the image name).
+func (r *Runtime) RunFlags() mechanism.FlagTable { return runFlags }
+
+var runFlags = mechanism.FlagTable{
+	{Long: "--bind", Short: "-b", Arg: mechanism.RequiredArg},
+	{Long: "--ch-ssh", Arg: mechanism.NoArg},
+	{Long: "--cd", Short: "-c", Arg: mechanism.RequiredArg},
+	{Long: "--env-no-expand", Arg: mechanism.NoArg},
+	{Long: "--feature", Arg: mechanism.RequiredArg},
+	{Long: "--gid", Short: "-g", Arg: mechanism.RequiredArg},
+	{Long: "--home", Arg: mechanism.NoArg},
+	{Long: "--join-ct", Arg: mechanism.RequiredArg},
+	{Long: "--join-pid", Arg: mechanism.RequiredArg},
+	{Long: "--join-tag", Arg: mechanism.RequiredArg},
+	{Long: "--join", Short: "-j", Arg: mechanism.NoArg},
+	{Long: "--mount", Short: "-m", Arg: mechanism.RequiredArg},
+	{Long: "--no-home", Arg: mechanism.NoArg},
+	{Long: "--no-passwd", Arg: mechanism.NoArg},
+	{Long: "--set-env", Arg: mechanism.OptionalArg},
+	{Long: "--storage", Short: "-s", Arg: mechanism.RequiredArg},
+	{Long: "--private-tmp", Short: "-t", Arg: mechanism.NoArg},
+	{Long: "--unsafe", Arg: mechanism.NoArg},
+	{Long: "--unset-env", Arg: mechanism.RequiredArg},
+	{Long: "--uid", Short: "-u", Arg: mechanism.RequiredArg},
+	{Long: "--verbose", Short: "-v", Arg: mechanism.NoArg},
+	{Long: "--quiet", Short: "-q", Arg: mechanism.NoArg},
+	{Long: "--write", Short: "-w", Arg: mechanism.NoArg},
+	{Long: "--write-fake", Short: "-W", Arg: mechanism.NoArg},
+	{Long: "--seccomp", Arg: mechanism.NoArg},
+	{Long: "--test", Arg: mechanism.RequiredArg},
+	{Long: "--help", Short: "-?", Arg: mechanism.NoArg},
+	{Long: "--usage", Arg: mechanism.NoArg},
+	{Long: "--version", Short: "-V", Arg: mechanism.NoArg},
+}
+
+// DefaultUserArgs are the ch-run flags users may pass unless the admin
+// lists others: environment settings, a private /tmp, skipping the
+// passwd/group binds, verbosity and the start directory. None of them
+// mounts, writes, changes identity, picks another storage or image, or
+// leaves the container early.
+func (r *Runtime) DefaultUserArgs() []string {
+	return []string{"--set-env", "--env-no-expand", "--private-tmp", "--no-passwd", "--verbose", "--cd"}
+}
+
+// toolEnv is the environment of ch-image and ch-convert: only what they
+// need, so nothing of the runner's environment (and none of the job's
+// CUSTOM_ENV_ secrets) reaches them, plus the registry credentials.
+func (r *Runtime) toolEnv(cred auth.Credential, insecure bool) []string {
+	path := toolPath
+	if r.cfg.ApplicationPath != "" {
+		path = r.cfg.ApplicationPath + ":" + toolPath
+	}
+	env := []string{
+		"PATH=" + path,
+		"HOME=" + r.user.Home,
+		"USER=" + r.user.Name,
+		"LOGNAME=" + r.user.Name,
+		"LANG=C.UTF-8",
+		// The build cache needs a git identity and brings nothing to pulls.
+		"CH_IMAGE_CACHE=disabled",
+		// ch-convert has no -s option: it asks ch-image, which reads this.
+		"CH_IMAGE_STORAGE=" + r.storage,
+	}
+	for _, k := range []string{"https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY",
+		"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"} {
+		v, ok := r.hostEnv[k]
+		if !ok {
+			continue
+		}
+		// python-requests lets these override verify=False, which would
+		// defeat --tls-no-verify (charliecloud.md gotcha 5).
+		if insecure && strings.HasSuffix(k, "CA_BUNDLE") {
+			continue
+		}
+		env = append(env, k+"="+v)
+	}
+	return append(env, cred.Env(r.CredentialVariables())...)
+}
+
+// programDirs is where programs are looked for.
+func (r *Runtime) programDirs() []string {
+	if r.cfg.ApplicationPath != "" {
+		return []string{r.cfg.ApplicationPath}
+	}
+	return filepath.SplitList(searchPath)
+}
+
+// findProgram returns the absolute path of an executable program.
+func findProgram(dirs []string, name string) (string, bool) {
+	for _, d := range dirs {
+		p := filepath.Join(d, name)
+		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
+			return p, true
+		}
+	}
+	return "", false
+}

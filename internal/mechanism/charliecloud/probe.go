@@ -1,0 +1,106 @@
+package charliecloud
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os/exec"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+// Features Probe reports in Info.Features.
+const (
+	// FeatureWriteFake: ch-run --write-fake (a writable tmpfs overlay over
+	// the image; Charliecloud 0.32+, absent from 0.31).
+	FeatureWriteFake = "write-fake"
+)
+
+// probeTimeout bounds each probe command; ch-run answers in milliseconds.
+const probeTimeout = 30 * time.Second
+
+// Probe finds ch-run, ch-image and ch-convert and asks ch-run for its
+// version and options, once per process.
+func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
+	r.probeOnce.Do(func() { r.info, r.probeErr = r.probe(ctx) })
+	return r.info, r.probeErr
+}
+
+func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
+	info := mechanism.Info{Programs: map[string]string{}, Features: map[string]bool{}}
+	where := "in " + strings.Join(r.programDirs(), ":")
+	for _, name := range []string{"ch-run", "ch-image", "ch-convert"} {
+		p, ok := findProgram(r.programDirs(), name)
+		if !ok {
+			if name == "ch-convert" {
+				continue // needed only for conversions; Convert says so
+			}
+			return info, failure.Systemf("charliecloud: %s not found %s; install Charliecloud or set general.charliecloud.application_path", name, where)
+		}
+		info.Programs[name] = p
+	}
+	chRun := info.Programs["ch-run"]
+	out, err := r.probeRun(ctx, chRun, "--version")
+	if err != nil {
+		return info, failure.Systemf("charliecloud: %s --version failed: %v: %s", chRun, err, oneLine(out))
+	}
+	if info.Version, err = ParseVersion(out); err != nil {
+		return info, failure.Systemf("charliecloud: %v", err)
+	}
+	help, err := r.probeRun(ctx, chRun, "--help")
+	if err != nil {
+		return info, failure.Systemf("charliecloud: %s --help failed: %v: %s", chRun, err, oneLine(help))
+	}
+	for k, v := range ParseFeatures(help) {
+		info.Features[k] = v
+	}
+	// No ch-run release can bind read-only (-b takes SRC[:DST] only).
+	info.ReadOnlyBinds = false
+	return info, nil
+}
+
+// probeRun runs a ch-run query with $USER set (ch-run refuses to start
+// without it, even for --version) and returns stdout and stderr together:
+// ch-run prints its version on stderr.
+func (r *Runtime) probeRun(ctx context.Context, argv ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = []string{"PATH=" + toolPath, "USER=" + r.user.Name, "HOME=" + r.user.Home, "LANG=C.UTF-8"}
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	err := cmd.Run()
+	return buf.String(), err
+}
+
+var versionRE = regexp.MustCompile(`(?m)^\s*(?:ch-run\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[~+.-][0-9A-Za-z.+~-]*)?)\s*$`)
+
+// ParseVersion reads `ch-run --version` output: "0.31" on Debian 12,
+// "0.38" or "0.39~pre+1a2b3c" elsewhere.
+func ParseVersion(out string) (string, error) {
+	m := versionRE.FindStringSubmatch(out)
+	if m == nil {
+		return "", fmt.Errorf("cannot read the version from ch-run --version output %q", oneLine(out))
+	}
+	return m[1], nil
+}
+
+// ParseFeatures reads the options `ch-run --help` lists. --feature cannot
+// be used for this: 0.31 knows only "extglob".
+func ParseFeatures(help string) map[string]bool {
+	return map[string]bool{
+		FeatureWriteFake: regexp.MustCompile(`(?m)^\s*(-W,\s*)?--write-fake\b`).MatchString(help),
+	}
+}
+
+func oneLine(s string) string {
+	s = strings.Join(strings.Fields(s), " ")
+	if len(s) > 300 {
+		s = s[:300] + "..."
+	}
+	return s
+}
