@@ -114,6 +114,9 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
+	// A user's password may come from an unmasked variable: mask it anyway
+	// in whatever the pull tool prints.
+	s.Log.AddSecrets(cred.Password())
 
 	var runnerRef *Ref
 	var runnerCred auth.Credential

@@ -26,6 +26,9 @@ type StagePlan struct {
 	Argv []string
 	Env  []string
 	Dir  string
+	// UserArgs is true when the command carries the user's own runtime
+	// arguments: a runtime failure may then be the user's doing.
+	UserArgs bool
 }
 
 // StageCommand places stage and, for a container, builds its command: the
@@ -66,6 +69,7 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 		return plan, failure.AsSystem(fmt.Errorf("build the %s command: %w", s.Runtime.Name(), err))
 	}
 	plan.Argv, plan.Env, plan.Dir = argv, env, s.Layout.ScriptsDir
+	plan.UserArgs = len(spec.UserArgs) > 0
 	return plan, nil
 }
 

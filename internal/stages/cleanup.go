@@ -9,7 +9,8 @@ import (
 // runCleanup removes the job's scripts dir (copied scripts, batch output,
 // credentials, per-job images) unless retain_logs is set. Builds and cache
 // dirs stay: the runner reuses them for the next job.
-func runCleanup(_ context.Context, st *Stage) {
+func runCleanup(ctx context.Context, st *Stage) {
+	releaseImages(ctx, st)
 	if st.Cfg.General.RetainLogs {
 		st.Log.Printf("retain_logs: keeping %s", st.Layout.ScriptsDir)
 		return

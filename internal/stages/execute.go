@@ -3,19 +3,31 @@ package stages
 import (
 	"context"
 	"fmt"
+	"io"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
+// diagnoseTail is how much of a container stage's stderr is kept to tell a
+// runtime failure (ch-run's own error line) from the script's exit code.
+const diagnoseTail = 4 << 10
+
 // execute runs a plan locally and classifies its end.
-func execute(ctx context.Context, st *Stage, _ string, plan Plan) error {
+func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
+	stderr := st.Inv.Stderr
+	var tail *mechanism.Tail
+	if plan.Runtime != nil {
+		tail = mechanism.NewTail(diagnoseTail)
+		stderr = io.MultiWriter(stderr, tail)
+	}
 	res, err := proc.Run(ctx, proc.Cmd{
 		Argv:   plan.Argv,
 		Env:    plan.Env,
 		Dir:    plan.Dir,
 		Stdout: st.Inv.Stdout,
-		Stderr: st.Inv.Stderr,
+		Stderr: stderr,
 		Grace:  st.Cfg.General.KillTimeout.Duration,
 	})
 	proc.KillOrphans()
@@ -25,8 +37,21 @@ func execute(ctx context.Context, st *Stage, _ string, plan Plan) error {
 	if res.Killed {
 		st.Log.Warnf("the stage did not stop within kill_timeout (%s) after SIGTERM and was killed", st.Cfg.General.KillTimeout.Duration)
 	}
-	if res.ExitCode != 0 {
-		return failure.ScriptExit(res.ExitCode)
+	if res.ExitCode == 0 {
+		return nil
 	}
-	return nil
+	if tail != nil && !res.Stopped {
+		// The runtime failed before the script ran: an infrastructure
+		// fault (the runner retries), not the script's exit code.
+		if msg := plan.Runtime.Diagnose(res.ExitCode, tail.String()); msg != "" {
+			if plan.UserArgs {
+				// Most likely a flag the user added (a --cd to a missing
+				// directory, say): theirs to fix, not worth a retry.
+				return failure.Userf("%s could not run the %s stage %s: %s; check the arguments in %s",
+					plan.Runtime.Name(), stage, plan.Where, msg, plan.Runtime.UserArgsVariable())
+			}
+			return failure.Systemf("%s could not run the %s stage %s: %s", plan.Runtime.Name(), stage, plan.Where, msg)
+		}
+	}
+	return failure.ScriptExit(res.ExitCode)
 }

@@ -1,12 +1,5 @@
 package stages
 
-import "context"
-
-// planStage decides where a stage runs and builds its command.
-func planStage(_ context.Context, st *Stage, _ string, script string) (Plan, error) {
-	return hostPlan(st, script), nil
-}
-
 // hostPlan runs script with bash on the host.
 func hostPlan(st *Stage, script string) Plan {
 	shell := st.Cfg.General.ShellPath

@@ -22,12 +22,3 @@ func runPrepare(ctx context.Context, st *Stage) error {
 	}
 	return prepareMechanism(ctx, st)
 }
-
-// prepareMechanism is where a container runtime prepares the job's image.
-// Without a run mechanism jobs run on the host and there is nothing to do.
-func prepareMechanism(_ context.Context, st *Stage) error {
-	if st.Cfg.Mechanism() == nil {
-		st.Log.Printf("Jobs run on the host (no run_mechanism configured).")
-	}
-	return nil
-}

@@ -9,6 +9,7 @@ import (
 	"regexp"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
 // Plan is how one stage runs: a complete argv and environment, executed
@@ -19,6 +20,12 @@ type Plan struct {
 	Argv  []string
 	Env   []string
 	Dir   string
+	// Runtime is set when the stage runs in a container: it tells the
+	// runtime's own failures from the script's.
+	Runtime mechanism.Runtime
+	// UserArgs is true when the container command carries the user's own
+	// runtime arguments.
+	UserArgs bool
 }
 
 // User-script stages run the job's own code; every other stage is the

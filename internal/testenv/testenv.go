@@ -21,6 +21,7 @@ import (
 	"sync"
 	"syscall"
 	"testing"
+	"time"
 )
 
 // EnvFile is where scripts/test-env.sh records the test environment.
@@ -270,4 +271,46 @@ func WriteConfig(t testing.TB, dir, content string) string {
 		t.Fatal(err)
 	}
 	return p
+}
+
+// WatchCmdlines polls every process's command line (/proc/PID/cmdline), as
+// `ps` would show it, until the returned stop function is called, and
+// reports the command lines that contained any of the needles. Secrets must
+// never be there: any user on the host can read them.
+func WatchCmdlines(needles ...string) (stop func() []string) {
+	done := make(chan struct{})
+	found := make(chan []string, 1)
+	go func() {
+		seen := map[string]bool{}
+		var hits []string
+		for {
+			ents, _ := os.ReadDir("/proc")
+			for _, e := range ents {
+				if e.Name()[0] < '0' || e.Name()[0] > '9' {
+					continue
+				}
+				b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
+				if err != nil || len(b) == 0 {
+					continue
+				}
+				line := strings.ReplaceAll(string(b), "\x00", " ")
+				for _, n := range needles {
+					if n != "" && strings.Contains(line, n) && !seen[line] {
+						seen[line] = true
+						hits = append(hits, line)
+					}
+				}
+			}
+			select {
+			case <-done:
+				found <- hits
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	return func() []string {
+		close(done)
+		return <-found
+	}
 }

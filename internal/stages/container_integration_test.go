@@ -1,0 +1,527 @@
+package stages_test
+
+// Integration tests of the container run mechanisms: the built ci-exec,
+// driven by the runner double, runs real ch-run (and apptainer) against the
+// local TLS registries that scripts/test-env.sh starts, as root and as the
+// unprivileged test user. The same tests run for every mechanism.
+
+import (
+	"bytes"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/runnerdouble"
+	"github.com/ci-exec/ci-exec/internal/testenv"
+)
+
+// runtimeFixture is what differs between mechanisms in these tests.
+type runtimeFixture struct {
+	// name is the run_mechanism value and the config table name.
+	name string
+	// program must be installed for the mechanism to work.
+	program string
+	// argsVar is the user-args variable; userVar/passVar the credential
+	// variables.
+	argsVar, userVar, passVar string
+	// table are extra lines every test config puts in [general.<name>].
+	table string
+	// deniedArgs are user args the default allowlist refuses; allowedEnvArg
+	// sets CI_EXEC_ARG_TEST=from-user-args in the container.
+	deniedArgs    []string
+	allowedEnvArg string
+}
+
+var charliecloudFixture = runtimeFixture{
+	name:          "charliecloud",
+	program:       "ch-run",
+	argsVar:       "JACAMAR_CI_CHARLIECLOUD_ARGS",
+	userVar:       "CH_IMAGE_USERNAME",
+	passVar:       "CH_IMAGE_PASSWORD",
+	deniedArgs:    []string{"-b /etc:/mnt/0", "--bind=/:/mnt/1", "--uid=0", "-w", "--storage=/tmp", "--write-fake", "--join", "-u0"},
+	allowedEnvArg: "--set-env=CI_EXEC_ARG_TEST=from-user-args",
+}
+
+// runtimes are the mechanisms under test.
+func runtimes(t *testing.T) []runtimeFixture {
+	t.Helper()
+	return []runtimeFixture{charliecloudFixture}
+}
+
+// forEachRuntimeAndUser runs f for every mechanism as root and as the
+// unprivileged test user.
+func forEachRuntimeAndUser(t *testing.T, f func(t *testing.T, rt runtimeFixture, u testenv.User)) {
+	for _, rt := range runtimes(t) {
+		for _, u := range testenv.Users(t) {
+			t.Run(rt.name+"/"+u.Name, func(t *testing.T) {
+				testenv.RequireBinary(t, rt.program)
+				f(t, rt, u)
+			})
+		}
+	}
+}
+
+// forEachRuntime runs f for every mechanism as the unprivileged test user
+// (for policy checks that do not depend on the user).
+func forEachRuntime(t *testing.T, f func(t *testing.T, rt runtimeFixture, u testenv.User)) {
+	for _, rt := range runtimes(t) {
+		t.Run(rt.name, func(t *testing.T) {
+			testenv.RequireBinary(t, rt.program)
+			f(t, rt, testenv.Unprivileged(t))
+		})
+	}
+}
+
+// ctEnv is one test's runner and directories.
+type ctEnv struct {
+	runner  runnerdouble.Config
+	dir     string // private test dir, owned by the user
+	data    string // the user's data dir
+	storage string // image_storage_dir
+}
+
+// containerRunner writes a config with the mechanism enabled (general and
+// table are extra lines for [general] and [general.<mechanism>]) and returns
+// a runner double that runs ci-exec as u.
+func containerRunner(t *testing.T, rt runtimeFixture, u testenv.User, general, table string) ctEnv {
+	t.Helper()
+	dir := testenv.PrivateDir(t, u)
+	storage := filepath.Join(dir, "storage")
+	require.NoError(t, os.Mkdir(storage, 0o755))
+	require.NoError(t, os.Chown(storage, u.UID, u.GID))
+	data := filepath.Join(dir, "data")
+	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\nkill_timeout = \"5s\"\n%s\n[general.%s]\nimage_storage_dir = %q\n%s\n%s\n",
+		data+"/$USER", rt.name, general, rt.name, storage, rt.table, table)
+	path := testenv.WriteConfig(t, dir, cfg)
+	t.Logf("config:\n%s", cfg)
+	return ctEnv{runner: runnerConfig(t, u, path, dir), dir: dir, data: filepath.Join(data, u.Name), storage: storage}
+}
+
+// tokenJob is a job whose image lives in the registry that wants the job
+// token, with the trusted payload naming that registry as CI_REGISTRY.
+func tokenJob(t *testing.T, image string) runnerdouble.Job {
+	t.Helper()
+	return runnerdouble.Job{
+		Image:    image,
+		Registry: testenv.Fact(t, "CI_EXEC_TEST_REGISTRY"),
+		Token:    testenv.ReadSecretFile(t, "CI_EXEC_TEST_TOKEN_FILE"),
+	}
+}
+
+func assertUserFailure(t *testing.T, res *runnerdouble.Result, want ...string) {
+	t.Helper()
+	assert.Equal(t, runnerdouble.StateFailed, res.State)
+	assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason, "a user's mistake is a build failure")
+	for _, w := range want {
+		assert.Contains(t, res.Log, w)
+	}
+}
+
+// assertRefusedBeforePull checks that a job was refused in prepare without
+// running any stage or contacting a registry.
+func assertRefusedBeforePull(t *testing.T, res *runnerdouble.Result, want ...string) {
+	t.Helper()
+	assertUserFailure(t, res, want...)
+	assert.Empty(t, res.RunStages(), "no stage may run")
+	assert.NotContains(t, res.Log, "Pulling ", "nothing may be pulled")
+	assert.Len(t, res.Calls(runnerdouble.KindPrepare), 1, "a user error is not retried")
+}
+
+func TestContainerJobRunsInImage(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "retain_logs = true", `image_allowlist = ['127\.0\.0\.1:5443/ci/.*']`)
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Variables = map[string]string{"GREETING": "hello from the job"}
+		j.Script = []string{
+			`grep '^ID=' /etc/os-release`,
+			`echo "pwd=$PWD"`,
+			`echo "greeting=$GREETING"`,
+			`echo "uid=$(id -u)"`,
+			`echo "runner secret=[${RUNNER_SERVICE_SECRET:-unset}] custom=[${CUSTOM_ENV_CI_JOB_TOKEN:-unset}]"`,
+			`echo made-in-container > made.txt`,
+			`echo cached > "$CI_PROJECT_DIR/../../../../cache-probe.txt" || true`,
+		}
+		j.AfterScript = []string{`grep '^ID=' /etc/os-release | sed 's/^/after: /'`}
+		watch := testenv.WatchCmdlines(j.Token)
+		res := runJob(t, e.runner, j)
+		hits := watch()
+
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "ID=citiny")
+		assert.Contains(t, res.Log, "after: ID=citiny", "after_script runs in the job's image")
+		assert.Contains(t, res.Log, "pwd="+res.ProjectDir+"\n", "the project dir is bound at the same path")
+		assert.Contains(t, res.Log, "greeting=hello from the job")
+		assert.Contains(t, res.Log, fmt.Sprintf("uid=%d\n", u.UID))
+		assert.Contains(t, res.Log, "runner secret=[unset] custom=[unset]", "the runner's environment must not reach the container")
+		assert.Contains(t, res.Log, "credentials: job token", "the image in CI_REGISTRY is pulled with the job token")
+		assert.Contains(t, res.Log, "digest sha256:")
+
+		fi, err := os.Stat(filepath.Join(res.ProjectDir, "made.txt"))
+		require.NoError(t, err)
+		assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid, "files written in the container belong to the job user on the host")
+
+		// The job token never appears in a command line or a log, and
+		// files that hold it (the runner's scripts) are private.
+		assert.Empty(t, hits, "the job token appeared in a command line")
+		assert.NotContains(t, res.RawLog, j.Token)
+		assert.NotContains(t, res.RunnerLog, j.Token)
+		assertSecretFilesPrivate(t, []string{e.data, e.storage}, j.Token)
+	})
+}
+
+// assertSecretFilesPrivate walks roots and fails for any file that contains
+// secret and that another user could read.
+func assertSecretFilesPrivate(t *testing.T, roots []string, secret string) {
+	t.Helper()
+	for _, root := range roots {
+		_ = filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+			if err != nil || !d.Type().IsRegular() {
+				return nil
+			}
+			b, err := os.ReadFile(p)
+			if err != nil || !bytes.Contains(b, []byte(secret)) {
+				return nil
+			}
+			for q := p; strings.HasPrefix(q, root); q = filepath.Dir(q) {
+				fi, err := os.Stat(q)
+				require.NoError(t, err)
+				if fi.Mode().Perm()&0o005 == 0 && fi.Mode().Perm()&0o050 == 0 {
+					return nil // this file or a parent dir shuts others out
+				}
+			}
+			t.Errorf("%s holds the secret and others can read it", p)
+			return nil
+		})
+	}
+}
+
+func TestContainerExitCodes(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `pull_policy = "if-not-present"`)
+		for _, c := range []struct {
+			name   string
+			script string
+			code   int
+		}{
+			{"exit 0", "exit 0", 0},
+			{"exit 3", "exit 3", 3},
+			{"SIGKILL", "kill -9 $$", 137},
+			{"exit 137", "exit 137", 137},
+		} {
+			t.Run(c.name, func(t *testing.T) {
+				j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+				j.Script = []string{"echo in-container", c.script}
+				j.AfterScript = []string{`echo "after status=$CI_JOB_STATUS"`}
+				res := runJob(t, e.runner, j)
+				assert.Contains(t, res.Log, "in-container")
+				if c.code == 0 {
+					assert.True(t, res.Succeeded(), res.Error)
+					assert.Contains(t, res.Log, "after status=success")
+					return
+				}
+				assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
+				assert.Equal(t, c.code, res.ExitCode)
+				assert.Contains(t, res.Log, "after status=failed")
+			})
+		}
+	})
+}
+
+func TestContainerImageWithBash(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "")
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE_BASH"))
+		j.Script = []string{`grep '^ID=' /etc/os-release`, `echo "bash=${BASH_VERSION:+yes}"`}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "ID=citinybash")
+		assert.Contains(t, res.Log, "bash=yes", "stage scripts run with the image's bash when it has one")
+		assert.NotContains(t, res.Log, "has no bash")
+	})
+}
+
+func TestContainerAllowlistRefusesBypasses(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `image_allowlist = ['127\.0\.0\.1:5443/ci/tiny:latest']`)
+		digest := "sha256:" + strings.Repeat("ab", 32)
+		for name, image := range map[string]string{
+			"other port":       "127.0.0.1:5444/ci/tiny:latest",
+			"tag suffix":       "127.0.0.1:5443/ci/tiny:latestx",
+			"host prefix":      "x127.0.0.1:5443/ci/tiny:latest",
+			"host suffix":      "127.0.0.1.nip.io:5443/ci/tiny:latest",
+			"path suffix":      "127.0.0.1:5443/ci/tiny/evil:latest",
+			"path prefix":      "127.0.0.1:5443/evil/ci/tiny:latest",
+			"dot dot":          "127.0.0.1:5443/ci/../pub/tiny:latest",
+			"uppercase":        "127.0.0.1:5443/CI/tiny:latest",
+			"digest":           "127.0.0.1:5443/ci/tiny@" + digest,
+			"tag and digest":   "127.0.0.1:5443/ci/tiny:latest@" + digest,
+			"docker hub":       "ci/tiny:latest",
+			"newline":          "127.0.0.1:5443/ci/tiny:latest\nevil.example/x",
+			"scheme":           "https://127.0.0.1:5443/ci/tiny:latest",
+			"trailing garbage": "127.0.0.1:5443/ci/tiny:latest/",
+		} {
+			t.Run(name, func(t *testing.T) {
+				res := runJob(t, e.runner, runnerdouble.Job{Image: image, Script: []string{"echo must-not-run"}})
+				assertRefusedBeforePull(t, res)
+				assert.NotContains(t, res.Log, "must-not-run")
+				assert.Regexp(t, `not allowed on this runner|not a valid image reference`, res.Log)
+			})
+		}
+		t.Run("allowed", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Script = []string{"echo allowed-ran"}
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "allowed-ran")
+		})
+	})
+}
+
+func TestContainerImageNamesNeverReachAShell(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "")
+		marker := filepath.Join(e.dir, "pwned")
+		for name, image := range map[string]string{
+			"semicolon":     "127.0.0.1:5443/ci/tiny:latest;touch " + marker,
+			"command subst": "$(touch " + marker + ")",
+			"backticks":     "127.0.0.1:5443/ci/`touch " + marker + "`",
+			"single quotes": "'127.0.0.1:5443/ci/tiny:latest' ; touch " + marker,
+			"double quotes": `"127.0.0.1:5443/ci/tiny:latest"`,
+			"space":         "127.0.0.1:5443/ci/tiny:latest --help",
+			"option":        "--help",
+			"pipe":          "127.0.0.1:5443/ci/tiny:latest|touch " + marker,
+		} {
+			t.Run(name, func(t *testing.T) {
+				res := runJob(t, e.runner, runnerdouble.Job{Image: image, Script: []string{"echo must-not-run"}})
+				assertRefusedBeforePull(t, res, "is not a valid image reference")
+				_, err := os.Stat(marker)
+				assert.ErrorIs(t, err, os.ErrNotExist, "the image name reached a shell")
+			})
+		}
+	})
+}
+
+func TestContainerUserVolumes(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		base := testenv.PrivateDir(t, u)
+		allowed := filepath.Join(base, "allowed")
+		outside := filepath.Join(base, "outside")
+		for _, d := range []string{filepath.Join(allowed, "data"), outside} {
+			require.NoError(t, os.MkdirAll(d, 0o755))
+		}
+		require.NoError(t, os.WriteFile(filepath.Join(allowed, "data", "file.txt"), []byte("volume-data\n"), 0o644))
+		require.NoError(t, os.WriteFile(filepath.Join(outside, "secret.txt"), []byte("outside-data\n"), 0o644))
+		require.NoError(t, os.Symlink(outside, filepath.Join(allowed, "link")))
+		testenv.Chown(t, base, u)
+		e := containerRunner(t, rt, u, "", fmt.Sprintf("user_volume_variable = \"CI_VOLUMES\"\nvolume_prefixes = [%q]\npull_policy = \"if-not-present\"", allowed))
+
+		t.Run("allowed", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Variables = map[string]string{
+				"CI_VOLUMES_0": filepath.Join(allowed, "data") + ":/data",
+				"CI_VOLUMES_1": filepath.Join(allowed, "data"),
+			}
+			j.Script = []string{"cat /data/file.txt", "cat " + filepath.Join(allowed, "data", "file.txt"), "echo from-job > /data/new.txt"}
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Equal(t, 2, strings.Count(res.Log, "volume-data\n"))
+			fi, err := os.Stat(filepath.Join(allowed, "data", "new.txt"))
+			require.NoError(t, err)
+			assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid)
+		})
+		for name, vol := range map[string]string{
+			"outside the prefixes": outside + ":/data",
+			"through a symlink":    filepath.Join(allowed, "link") + ":/data",
+			"dot dot":              filepath.Join(allowed) + "/../outside:/data",
+			"the prefix's parent":  base + ":/data",
+			"relative":             "allowed/data:/data",
+			"missing":              filepath.Join(allowed, "nope") + ":/data",
+			"onto /proc":           filepath.Join(allowed, "data") + ":/proc/x",
+		} {
+			t.Run(name, func(t *testing.T) {
+				j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+				j.Variables = map[string]string{"CI_VOLUMES_0": vol}
+				j.Script = []string{"cat /data/secret.txt"}
+				res := runJob(t, e.runner, j)
+				assertRefusedBeforePull(t, res, "CI_VOLUMES_0")
+				assert.NotContains(t, res.Log, "outside-data")
+			})
+		}
+	})
+}
+
+func TestContainerUserArgs(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `pull_policy = "if-not-present"`)
+		t.Run("allowed", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Variables = map[string]string{rt.argsVar: rt.allowedEnvArg}
+			j.Script = []string{`echo "arg=$CI_EXEC_ARG_TEST"`}
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "arg=from-user-args")
+		})
+		for _, args := range rt.deniedArgs {
+			t.Run(args, func(t *testing.T) {
+				j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+				j.Variables = map[string]string{rt.argsVar: args}
+				j.Script = []string{"echo must-not-run"}
+				res := runJob(t, e.runner, j)
+				assertRefusedBeforePull(t, res, rt.argsVar)
+				assert.NotContains(t, res.Log, "\nmust-not-run")
+			})
+		}
+	})
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "disable_user_args = true\npull_policy = \"if-not-present\"")
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Variables = map[string]string{rt.argsVar: rt.deniedArgs[0] + " " + rt.allowedEnvArg}
+		j.Script = []string{`echo "arg=[${CI_EXEC_ARG_TEST:-}]"`}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "arg=[]", "disable_user_args ignores the variable")
+		assert.Contains(t, res.Log, rt.argsVar+" is ignored")
+	})
+}
+
+func TestContainerRegistryCredentials(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "")
+		image := testenv.Fact(t, "CI_EXEC_TEST_IMAGE")
+		userPass := testenv.ReadSecretFile(t, "CI_EXEC_TEST_USER_PASSWORD_FILE")
+		regUser := testenv.Fact(t, "CI_EXEC_TEST_REGISTRY_USER2")
+
+		t.Run("user variables", func(t *testing.T) {
+			j := runnerdouble.Job{Image: image, Variables: map[string]string{rt.userVar: regUser, rt.passVar: userPass}, Script: []string{"echo pulled-with-user-creds"}}
+			watch := testenv.WatchCmdlines(userPass)
+			res := runJob(t, e.runner, j)
+			assert.Empty(t, watch(), "the password appeared in a command line")
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "pulled-with-user-creds")
+			assert.Contains(t, res.Log, "credentials: user variables")
+			assert.NotContains(t, res.RawLog, userPass)
+		})
+		t.Run("wrong user password", func(t *testing.T) {
+			j := runnerdouble.Job{Image: image, Variables: map[string]string{rt.userVar: regUser, rt.passVar: "wrong-password-123"}, Script: []string{"echo must-not-run"}}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, "refused the credentials")
+			assert.NotContains(t, res.RawLog, "wrong-password-123")
+			assert.Len(t, res.Calls(runnerdouble.KindPrepare), 1, "a user error is not retried")
+		})
+		t.Run("only a user name", func(t *testing.T) {
+			j := runnerdouble.Job{Image: image, Variables: map[string]string{rt.userVar: regUser}, Script: []string{"echo must-not-run"}}
+			res := runJob(t, e.runner, j)
+			assertRefusedBeforePull(t, res, rt.passVar+" is not set")
+		})
+		t.Run("job token refused", func(t *testing.T) {
+			j := tokenJob(t, image)
+			j.Token = "not-the-registry-token-1234"
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a refused job token is the infrastructure's fault")
+			assert.Contains(t, res.Log, "refused the job token")
+			assert.Len(t, res.Calls(runnerdouble.KindPrepare), runnerdouble.PrepareAttempts, "system failures in prepare are retried")
+			assert.NotContains(t, res.RawLog, j.Token)
+		})
+		t.Run("token not sent to another registry", func(t *testing.T) {
+			// CI_REGISTRY names the anonymous registry: the token must not
+			// go to 5443, so the pull is anonymous and refused.
+			j := tokenJob(t, image)
+			j.Registry = testenv.Fact(t, "CI_EXEC_TEST_REGISTRY_ANON")
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, "credentials: anonymous", "image not found, or access denied")
+		})
+		t.Run("missing image", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_REGISTRY")+"/ci/does-not-exist:latest")
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, "image not found, or access denied")
+		})
+	})
+}
+
+func TestContainerPlacement(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		runnerImage := testenv.Fact(t, "CI_EXEC_TEST_IMAGE_BASH")
+		jobImage := testenv.Fact(t, "CI_EXEC_TEST_IMAGE")
+		job := func() runnerdouble.Job {
+			j := tokenJob(t, jobImage)
+			j.Script = []string{`grep '^ID=' /etc/os-release | sed 's/^/build: /'`}
+			j.AfterScript = []string{`grep '^ID=' /etc/os-release | sed 's/^/after: /'`}
+			return j
+		}
+		t.Run("runner_image", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", fmt.Sprintf("runner_image = %q", runnerImage))
+			res := runJob(t, e.runner, job())
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "build: ID=citiny\n")
+			assert.Contains(t, res.Log, "after: ID=citiny\n")
+			for _, stage := range []string{"prepare_script", "get_sources", "cleanup_file_variables"} {
+				assert.Contains(t, res.Log, "Running "+stage+" in "+runnerImage, stage+" runs in runner_image")
+			}
+			assert.Contains(t, res.Log, "Running build_script in "+jobImage)
+		})
+		t.Run("host for runner stages", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", "")
+			res := runJob(t, e.runner, job())
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "build: ID=citiny\n")
+			assert.Contains(t, res.Log, "after: ID=citiny\n")
+			assert.NotContains(t, res.Log, "Running get_sources in", "without runner_image the runner's stages run on the host")
+		})
+		t.Run("step_script_only", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", fmt.Sprintf("runner_image = %q\nstep_script_only = true", runnerImage))
+			res := runJob(t, e.runner, job())
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "build: ID=citiny\n")
+			assert.Contains(t, res.Log, "after: ID=debian\n", "step_script_only runs after_script on the host")
+			assert.NotContains(t, res.Log, "Running get_sources in")
+			assert.Contains(t, res.Log, "runner_image is not used")
+		})
+		t.Run("no image", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", "")
+			j := job()
+			j.Image = ""
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "build: ID=debian\n", "a job without an image runs on the host")
+			assert.Contains(t, res.Log, "its scripts run on the host")
+		})
+		t.Run("forced default image", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "force_mechanism = true", fmt.Sprintf("default_image = %q\nimage_allowlist = ['nothing/matches']", jobImage))
+			j := job()
+			j.Image = ""
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "build: ID=citiny\n", "force_mechanism runs image-less jobs in default_image")
+		})
+	})
+}
+
+func TestContainerConvertedImage(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "convert = true")
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Script = []string{`grep '^ID=' /etc/os-release`, "echo converted > conv.txt"}
+		j.AfterScript = []string{"echo after-converted"}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "ID=citiny")
+		assert.Contains(t, res.Log, "after-converted")
+		assert.Regexp(t, `Converted \S+ to a \S+ file in [0-9.]+s`, res.Log)
+		fi, err := os.Stat(filepath.Join(res.ProjectDir, "conv.txt"))
+		require.NoError(t, err)
+		assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid)
+		// cleanup removed the job's converted image with its scripts dir.
+		left, _ := filepath.Glob(filepath.Join(e.data, "scripts", "*", "*", "*"))
+		assert.Empty(t, left)
+	})
+}

@@ -1,0 +1,116 @@
+package stages
+
+import (
+	"context"
+	"errors"
+	"fmt"
+
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
+)
+
+// newRuntime returns the configured container runtime, or nil when jobs run
+// on the host.
+func newRuntime(st *Stage) (mechanism.Runtime, error) {
+	m := st.Cfg.Mechanism()
+	if m == nil {
+		return nil, nil
+	}
+	grace := st.Cfg.General.KillTimeout.Duration
+	switch st.Cfg.General.RunMechanism {
+	case config.MechanismCharliecloud:
+		return charliecloud.New(*m, st.User, st.Job.Host, grace), nil
+	}
+	return nil, failure.Systemf("general.run_mechanism %q is not supported by this build of ci-exec", st.Cfg.General.RunMechanism)
+}
+
+// setup is the mechanism's view of this job, or nil without a mechanism.
+func setup(st *Stage) (*mechanism.Setup, error) {
+	rt, err := newRuntime(st)
+	if rt == nil || err != nil {
+		return nil, err
+	}
+	return &mechanism.Setup{
+		Runtime:   rt,
+		Cfg:       *st.Cfg.Mechanism(),
+		Batch:     st.Cfg.IsBatch(),
+		Force:     st.Cfg.General.ForceMechanism,
+		Job:       st.Job,
+		Layout:    st.Layout,
+		User:      st.User,
+		Log:       st.Log,
+		HostEnv:   st.Job.Host,
+		ScriptEnv: scriptEnv(st),
+		Grace:     st.Cfg.General.KillTimeout.Duration,
+	}, nil
+}
+
+// prepareMechanism resolves, checks and pulls the job's image. Without a
+// run mechanism jobs run on the host and there is nothing to do.
+func prepareMechanism(ctx context.Context, st *Stage) error {
+	s, err := setup(st)
+	if err != nil {
+		return err
+	}
+	if s == nil {
+		st.Log.Printf("Jobs run on the host (no run_mechanism configured).")
+		return nil
+	}
+	_, err = mechanism.Prepare(ctx, *s)
+	return err
+}
+
+// planStage decides where a stage runs and builds its command: on the host
+// without a mechanism or when placement says so, else in the image prepare
+// chose.
+func planStage(_ context.Context, st *Stage, stage, script string) (Plan, error) {
+	s, err := setup(st)
+	if err != nil {
+		return Plan{}, err
+	}
+	if s == nil {
+		return hostPlan(st, script), nil
+	}
+	state, err := mechanism.LoadState(st.Layout.ScriptsDir)
+	if errors.Is(err, mechanism.ErrNoState) {
+		// prepare always saves a state with a mechanism; without one the
+		// job's directory was removed or prepare never ran.
+		return Plan{}, failure.Systemf("%s: prepare left no %s in %s; the job cannot know its image (was the job's directory removed?)",
+			s.Runtime.Name(), mechanism.StateFile, st.Layout.ScriptsDir)
+	}
+	if err != nil {
+		return Plan{}, failure.AsSystem(err)
+	}
+	sp, err := mechanism.StageCommand(*s, state, stage, script)
+	if err != nil {
+		return Plan{}, err
+	}
+	if sp.Image == nil {
+		return hostPlan(st, script), nil
+	}
+	where := mechanism.Describe(sp.Placement, sp.Image, s.Runtime.Name())
+	mechanism.LogCommand(st.Log, "cmd_"+stage, fmt.Sprintf("Running %s %s", stage, where), sp.Argv, sp.Env)
+	return Plan{Where: where, Argv: sp.Argv, Env: sp.Env, Dir: sp.Dir, Runtime: s.Runtime, UserArgs: sp.UserArgs}, nil
+}
+
+// releaseImages removes the job's private image copies (cleanup stage).
+func releaseImages(ctx context.Context, st *Stage) {
+	s, err := setup(st)
+	if err != nil || s == nil {
+		return
+	}
+	state, err := mechanism.LoadState(st.Layout.ScriptsDir)
+	if err != nil {
+		return
+	}
+	for _, img := range []*mechanism.Image{state.Job, state.Runner} {
+		if img == nil {
+			continue
+		}
+		if err := s.Runtime.Release(ctx, *img); err != nil {
+			st.Log.Warnf("cleanup: release image %s: %v", img.Ref, err)
+		}
+	}
+}
