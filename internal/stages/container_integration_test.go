@@ -14,6 +14,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -37,6 +38,8 @@ type runtimeFixture struct {
 	// sets CI_EXEC_ARG_TEST=from-user-args in the container.
 	deniedArgs    []string
 	allowedEnvArg string
+	// failingArg is an allowed user arg with which the runtime itself fails.
+	failingArg string
 }
 
 var charliecloudFixture = runtimeFixture{
@@ -47,6 +50,7 @@ var charliecloudFixture = runtimeFixture{
 	passVar:       "CH_IMAGE_PASSWORD",
 	deniedArgs:    []string{"-b /etc:/mnt/0", "--bind=/:/mnt/1", "--uid=0", "-w", "--storage=/tmp", "--write-fake", "--join", "-u0"},
 	allowedEnvArg: "--set-env=CI_EXEC_ARG_TEST=from-user-args",
+	failingArg:    "--cd=/no/such/dir",
 }
 
 // runtimes are the mechanisms under test.
@@ -368,6 +372,13 @@ func TestContainerUserArgs(t *testing.T) {
 			require.True(t, res.Succeeded(), res.Error)
 			assert.Contains(t, res.Log, "arg=from-user-args")
 		})
+		t.Run("runtime fails on them", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Variables = map[string]string{rt.argsVar: rt.failingArg}
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, "could not run the build_script stage", "check the arguments in "+rt.argsVar)
+		})
 		for _, args := range rt.deniedArgs {
 			t.Run(args, func(t *testing.T) {
 				j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
@@ -523,5 +534,66 @@ func TestContainerConvertedImage(t *testing.T) {
 		// cleanup removed the job's converted image with its scripts dir.
 		left, _ := filepath.Glob(filepath.Join(e.data, "scripts", "*", "*", "*"))
 		assert.Empty(t, left)
+	})
+}
+
+func TestContainerCancelAndTimeout(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `pull_policy = "if-not-present"`)
+		t.Run("cancel", func(t *testing.T) {
+			marker := fmt.Sprintf("CI_EXEC_MARKER_%d", time.Now().UnixNano())
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Variables = map[string]string{"PROC_MARKER": marker}
+			j.Script = []string{`trap 'echo "build got TERM"; exit 143' TERM`, `sleep 1000 & sleep 1000 &`, `echo started`, `wait`}
+			j.AfterScript = []string{`echo "after status=$CI_JOB_STATUS"; grep '^ID=' /etc/os-release`}
+			j.CancelOnLog = "started"
+			res := runJob(t, e.runner, j)
+			assert.Equal(t, runnerdouble.InternalReasonJobCanceled, res.InternalFailureReason)
+			assert.Contains(t, res.Log, "build got TERM", "the script's TERM trap ran in the container")
+			assert.Contains(t, res.Log, "after status=canceled")
+			assert.Contains(t, res.Log, "ID=citiny", "after_script of a cancelled job runs in the image")
+			noProcessWith(t, marker)
+		})
+		t.Run("timeout", func(t *testing.T) {
+			marker := fmt.Sprintf("CI_EXEC_MARKER_%d", time.Now().UnixNano())
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Variables = map[string]string{"PROC_MARKER": marker}
+			j.Timeout = 4 * time.Second
+			j.Script = []string{`echo started`, `sleep 1000`}
+			j.AfterScript = []string{"echo after_script ran"}
+			res := runJob(t, e.runner, j)
+			assert.Equal(t, runnerdouble.ReasonJobExecutionTimeout, res.FailureReason)
+			assert.NotContains(t, res.Log, "after_script ran")
+			noProcessWith(t, marker)
+		})
+	})
+}
+
+func TestContainerPrepScript(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		dir := testenv.PrivateDir(t, u)
+		out := filepath.Join(dir, "prep.out")
+		good := filepath.Join(dir, "prep.sh")
+		require.NoError(t, os.WriteFile(good, []byte("#!/bin/sh\necho \"uid=$(id -u) image=$CI_EXEC_IMAGE mech=$CI_EXEC_MECHANISM\" > "+out+"\necho prep-script-says-hi\n"), 0o755))
+		bad := filepath.Join(dir, "bad.sh")
+		require.NoError(t, os.WriteFile(bad, []byte("#!/bin/sh\necho broken-prep >&2\nexit 4\n"), 0o755))
+		image := testenv.Fact(t, "CI_EXEC_TEST_IMAGE")
+
+		e := containerRunner(t, rt, u, "", fmt.Sprintf("prep_script = %q\npull_policy = \"if-not-present\"", good))
+		j := tokenJob(t, image)
+		j.Script = []string{"echo job-ran"}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "prep-script-says-hi")
+		b, err := os.ReadFile(out)
+		require.NoError(t, err)
+		assert.Equal(t, fmt.Sprintf("uid=%d image=%s mech=%s\n", u.UID, image, rt.name), string(b), "prep_script runs on the host as the job user")
+
+		e = containerRunner(t, rt, u, "", fmt.Sprintf("prep_script = %q", bad))
+		res = runJob(t, e.runner, j)
+		assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a broken prep_script is the admin's fault")
+		assert.Contains(t, res.Log, "broken-prep")
+		assert.Contains(t, res.Log, "failed with exit code 4")
+		assert.NotContains(t, res.Log, "Pulling ")
 	})
 }

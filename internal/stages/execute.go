@@ -47,10 +47,10 @@ func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 			if plan.UserArgs {
 				// Most likely a flag the user added (a --cd to a missing
 				// directory, say): theirs to fix, not worth a retry.
-				return failure.Userf("%s could not run the %s stage %s: %s; check the arguments in %s",
-					plan.Runtime.Name(), stage, plan.Where, msg, plan.Runtime.UserArgsVariable())
+				return failure.Userf("could not run the %s stage %s: %s; check the arguments in %s",
+					stage, plan.Where, msg, plan.Runtime.UserArgsVariable())
 			}
-			return failure.Systemf("%s could not run the %s stage %s: %s", plan.Runtime.Name(), stage, plan.Where, msg)
+			return failure.Systemf("could not run the %s stage %s: %s", stage, plan.Where, msg)
 		}
 	}
 	return failure.ScriptExit(res.ExitCode)

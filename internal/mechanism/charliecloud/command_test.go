@@ -1,0 +1,203 @@
+package charliecloud
+
+import (
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+func TestStorageDir(t *testing.T) {
+	tests := []struct {
+		name       string
+		storageDir string
+		want       string
+	}{
+		{"default", "", "/var/tmp/ciuser.ch"},
+		{"configured", "/scratch/images", "/scratch/images/ciuser.ch"},
+		{"trailing slash", "/scratch/images/", "/scratch/images/ciuser.ch"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, StorageDir(tt.storageDir, testUser))
+			r := newRuntime(config.Mechanism{ImageStorageDir: tt.storageDir}, nil)
+			assert.Equal(t, tt.want, r.Storage())
+			assert.Equal(t, []string{"CH_IMAGE_STORAGE=" + tt.want}, r.PrepEnv())
+		})
+	}
+}
+
+func TestRuntimeIdentity(t *testing.T) {
+	r := newRuntime(config.Mechanism{}, nil)
+	assert.Equal(t, "charliecloud", r.Name())
+	assert.Equal(t, "JACAMAR_CI_CHARLIECLOUD_ARGS", r.UserArgsVariable())
+	names := r.CredentialVariables()
+	assert.Equal(t, "CH_IMAGE_USERNAME", names.Username)
+	assert.Equal(t, "CH_IMAGE_PASSWORD", names.Password)
+}
+
+// TestDefaultUserArgsAreSafe checks that every default user flag is known
+// to the run flag table and that none of the flags that mount, write,
+// change identity or pick another storage is among them.
+func TestDefaultUserArgsAreSafe(t *testing.T) {
+	r := newRuntime(config.Mechanism{}, nil)
+	known := map[string]bool{}
+	for _, f := range r.RunFlags() {
+		known[f.Long] = true
+		if f.Short != "" {
+			known[f.Short] = true
+		}
+	}
+	for _, f := range r.DefaultUserArgs() {
+		assert.True(t, known[f], "default user arg %s is not in the run flag table", f)
+	}
+	for _, bad := range []string{"--bind", "-b", "--write", "-w", "--write-fake", "-W", "--uid", "-u", "--gid", "-g",
+		"--storage", "-s", "--mount", "-m", "--unsafe", "--join", "--home"} {
+		assert.NotContains(t, r.DefaultUserArgs(), bad)
+	}
+}
+
+func TestCommand(t *testing.T) {
+	const storage = "/scratch/ciuser.ch"
+	env := []string{"CI_JOB_ID=7", "HOME=/home/ciuser", "USER=ciuser"}
+	info031 := mechanism.Info{Version: "0.31", Programs: map[string]string{"ch-run": "/usr/bin/ch-run"}, Features: map[string]bool{FeatureWriteFake: false}}
+	info038 := mechanism.Info{Version: "0.38", Programs: map[string]string{"ch-run": "/opt/ch/bin/ch-run"}, Features: map[string]bool{FeatureWriteFake: true}}
+	storageImg := mechanism.Image{Handle: "ci-exec-job:j42-build", Format: FormatStorage, Shell: "/bin/bash", RunOptions: []string{"--set-env"}}
+	squashImg := mechanism.Image{Handle: "/builds/scripts/j42-build.sqfs", Format: FormatSquash, Shell: "/bin/sh",
+		RunOptions: []string{"--mount=/builds/scripts/j42-build.mnt", "--set-env"}}
+	binds := []mechanism.Bind{
+		mechanism.SamePath("/builds/ci"),
+		mechanism.SamePath("/builds/scripts"),
+		{Src: "/data/shared", Dst: "/data"},
+	}
+	argv := []string{"/bin/bash", "/builds/scripts/step_script"}
+
+	tests := []struct {
+		name string
+		info mechanism.Info
+		spec mechanism.RunSpec
+		want []string
+	}{
+		{
+			name: "storage image, 0.31, full order",
+			info: info031,
+			spec: mechanism.RunSpec{
+				Image: storageImg, Binds: binds, Workdir: "/builds/ci", Env: env,
+				AdminOptions: []string{"--unset-env=FOO"}, UserArgs: []string{"--private-tmp", "--cd=/tmp"}, Argv: argv,
+			},
+			want: []string{"/usr/bin/ch-run", "-s", storage,
+				"--bind=/builds/ci:/builds/ci", "--bind=/builds/scripts:/builds/scripts", "--bind=/data/shared:/data",
+				"--cd=/builds/ci", "--set-env", "--unset-env=FOO", "--private-tmp", "--cd=/tmp",
+				"ci-exec-job:j42-build", "--", "/bin/bash", "/builds/scripts/step_script"},
+		},
+		{
+			name: "squashfs image has no -s and keeps its --mount",
+			info: info031,
+			spec: mechanism.RunSpec{Image: squashImg, Binds: binds[:1], Workdir: "/builds/ci", Env: env, Argv: []string{"/bin/sh", "/builds/scripts/s"}},
+			want: []string{"/usr/bin/ch-run", "--bind=/builds/ci:/builds/ci", "--cd=/builds/ci",
+				"--mount=/builds/scripts/j42-build.mnt", "--set-env",
+				"/builds/scripts/j42-build.sqfs", "--", "/bin/sh", "/builds/scripts/s"},
+		},
+		{
+			name: "write-fake feature on",
+			info: info038,
+			spec: mechanism.RunSpec{Image: storageImg, Binds: binds[:1], Env: env, Argv: argv},
+			want: []string{"/opt/ch/bin/ch-run", "-s", storage, "--write-fake", "--bind=/builds/ci:/builds/ci",
+				"--set-env", "ci-exec-job:j42-build", "--", "/bin/bash", "/builds/scripts/step_script"},
+		},
+		{
+			name: "no binds, no workdir, no programs known",
+			info: mechanism.Info{},
+			spec: mechanism.RunSpec{Image: mechanism.Image{Handle: "/x/y.sqfs", Format: FormatSquash}, Env: env, Argv: []string{"/bin/sh"}},
+			want: []string{"ch-run", "/x/y.sqfs", "--", "/bin/sh"},
+		},
+		{
+			name: "user args that look like the handle or -- stay before the real handle",
+			info: info031,
+			spec: mechanism.RunSpec{Image: squashImg, Env: env, UserArgs: []string{"--verbose"}, Argv: []string{"/bin/sh", "-c", "--"}},
+			want: []string{"/usr/bin/ch-run", "--mount=/builds/scripts/j42-build.mnt", "--set-env", "--verbose",
+				"/builds/scripts/j42-build.sqfs", "--", "/bin/sh", "-c", "--"},
+		},
+	}
+	r := newRuntime(config.Mechanism{ImageStorageDir: "/scratch"}, map[string]string{"SECRET": "host"})
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			spec := tt.spec
+			spec.Info = tt.info
+			gotArgv, gotEnv, err := r.Command(spec)
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, gotArgv)
+			assert.Equal(t, env, gotEnv, "the environment is exactly the spec's")
+		})
+	}
+}
+
+func TestCommandEnvIsACopy(t *testing.T) {
+	r := newRuntime(config.Mechanism{}, nil)
+	spec := mechanism.RunSpec{Image: mechanism.Image{Handle: "h", Format: FormatSquash}, Env: []string{"USER=ciuser", "A=1"}, Argv: []string{"/bin/sh"}}
+	_, env, err := r.Command(spec)
+	require.NoError(t, err)
+	env[1] = "A=changed"
+	assert.Equal(t, "A=1", spec.Env[1])
+}
+
+func TestCommandErrors(t *testing.T) {
+	img := mechanism.Image{Handle: "ci-exec-job:k", Format: FormatStorage}
+	env := []string{"USER=ciuser"}
+	argv := []string{"/bin/sh", "script"}
+	tests := []struct {
+		name    string
+		spec    mechanism.RunSpec
+		wantErr string
+	}{
+		{"colon in bind source", mechanism.RunSpec{Image: img, Env: env, Argv: argv,
+			Binds: []mechanism.Bind{{Src: "/data/a:b", Dst: "/data"}}}, "':'"},
+		{"colon in bind destination", mechanism.RunSpec{Image: img, Env: env, Argv: argv,
+			Binds: []mechanism.Bind{{Src: "/data", Dst: "/mnt/a:b"}}}, "':'"},
+		{"read-only bind", mechanism.RunSpec{Image: img, Env: env, Argv: argv,
+			Binds: []mechanism.Bind{mechanism.SamePath("/builds"), {Src: "/data", Dst: "/data", ReadOnly: true}}}, "read-only"},
+		{"no USER", mechanism.RunSpec{Image: img, Env: []string{"HOME=/home/ciuser", "USERNAME=ciuser"}, Argv: argv}, "USER"},
+		{"nil env", mechanism.RunSpec{Image: img, Argv: argv}, "USER"},
+		{"empty argv", mechanism.RunSpec{Image: img, Env: env}, "no command"},
+		{"empty handle", mechanism.RunSpec{Image: mechanism.Image{Format: FormatStorage}, Env: env, Argv: argv}, "no image"},
+	}
+	r := newRuntime(config.Mechanism{}, nil)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a, e, err := r.Command(tt.spec)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), tt.wantErr)
+			assert.Nil(t, a)
+			assert.Nil(t, e)
+		})
+	}
+}
+
+func TestDiagnose(t *testing.T) {
+	const chErr = "ch-run[123]: error: can't mkdir: /var/tmp/ciuser.ch/img/x/builds: Read-only file system (ch_misc.c:409 30)"
+	tests := []struct {
+		name string
+		code int
+		tail string
+		want string
+	}{
+		{"ch-run error on exit 1", 1, "some output\n" + chErr + "\n", chErr},
+		{"ch-run error without trailing newline", 1, chErr, chErr},
+		{"last ch-run error wins", 1, "ch-run[9]: error: first (ch_core.c:1 2)\n" + chErr + "\n", chErr},
+		{"ch-run warning is not an error", 1, "ch-run[123]: warning: something (ch_misc.c:1 0)\n", ""},
+		{"indented line is the script's", 1, "  ch-run[123]: error: quoted by the script\n", ""},
+		{"exit 3 is the script's", 3, chErr + "\n", ""},
+		{"exit 0", 0, chErr, ""},
+		{"exit 1 without ch-run line", 1, "make: *** [all] Error 1\n", ""},
+		{"exit 1 empty tail", 1, "", ""},
+	}
+	r := newRuntime(config.Mechanism{}, nil)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, tt.want, r.Diagnose(tt.code, tt.tail))
+		})
+	}
+}

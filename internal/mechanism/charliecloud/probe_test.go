@@ -1,0 +1,203 @@
+package charliecloud
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/failure"
+)
+
+func TestParseVersion(t *testing.T) {
+	tests := []struct {
+		name, out, want string
+		wantErr         bool
+	}{
+		{"debian 12", "0.31\n", "0.31", false},
+		{"no newline", "0.38", "0.38", false},
+		{"pre-release", "0.39~pre+1a2b3c", "0.39~pre+1a2b3c", false},
+		{"three parts", "0.38.1\n", "0.38.1", false},
+		{"program name and v", "ch-run v0.33\n", "0.33", false},
+		{"after a warning line", "ch-run[5]: warning: something\n0.31\n", "0.31", false},
+		{"surrounding blanks", "\n  0.32  \n", "0.32", false},
+		{"garbage", "ch-run: command not found\n", "", true},
+		{"empty", "", "", true},
+		{"bare number", "31\n", "", true},
+		{"version inside a sentence", "this is version 0.31 of it\n", "", true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := ParseVersion(tt.out)
+			if tt.wantErr {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), "cannot read the version")
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.want, got)
+		})
+	}
+}
+
+// help031 is an excerpt of `ch-run --help` from Charliecloud 0.31.
+const help031 = `Usage: ch-run [OPTION...] IMAGE -- COMMAND [ARG...]
+
+Run a command in a Charliecloud container.
+
+  -b, --bind=SRC[:DST]       mount SRC at guest DST (default: same as SRC)
+  -c, --cd=DIR               initial working directory in container
+      --env-no-expand        don't expand $ in --set-env input
+      --feature=FEAT         exit successfully if FEAT is supported
+  -g, --gid=GID              run as GID within container
+  -s, --storage=DIR          set image storage directory to DIR
+  -w, --write                mount image read-write (avoid)
+  -?, --help                 give this help list
+`
+
+// help038 has the --write-fake option of newer releases.
+const help038 = `Usage: ch-run [OPTION...] IMAGE -- COMMAND [ARG...]
+
+  -b, --bind=SRC[:DST]       mount SRC at guest DST (default: same as SRC)
+  -w, --write                mount image read-write (avoid)
+  -W, --write-fake[=SIZE]    overlay read-write tmpfs on top of image
+  -?, --help                 give this help list
+`
+
+func TestParseFeatures(t *testing.T) {
+	tests := []struct {
+		name string
+		help string
+		want bool
+	}{
+		{"0.31 has no --write-fake", help031, false},
+		{"0.38 has -W, --write-fake", help038, true},
+		{"long option only", "      --write-fake           overlay\n", true},
+		{"mentioned in a description only", "  -w, --write   like --write-fake but persistent\n", false},
+		{"longer option name is not --write-fake", "      --write-fakeness   no\n", false},
+		{"empty", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			assert.Equal(t, map[string]bool{FeatureWriteFake: tt.want}, ParseFeatures(tt.help))
+		})
+	}
+}
+
+func TestOneLine(t *testing.T) {
+	assert.Equal(t, "a b c", oneLine("  a\n b\t\tc \n"))
+	long := oneLine(strings.Repeat("x", 400))
+	assert.Len(t, long, 303)
+	assert.True(t, strings.HasSuffix(long, "..."))
+}
+
+func writeScript(t *testing.T, path, body string, mode os.FileMode) {
+	t.Helper()
+	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+	require.NoError(t, os.WriteFile(path, []byte("#!/bin/sh\n"+body), mode))
+	require.NoError(t, os.Chmod(path, mode))
+}
+
+func TestFindProgram(t *testing.T) {
+	a, b := t.TempDir(), t.TempDir()
+	writeScript(t, filepath.Join(a, "noexec"), "", 0o644)
+	writeScript(t, filepath.Join(b, "noexec"), "", 0o755)
+	require.NoError(t, os.Mkdir(filepath.Join(a, "isdir"), 0o755))
+	writeScript(t, filepath.Join(a, "both"), "", 0o755)
+	writeScript(t, filepath.Join(b, "both"), "", 0o755)
+	tests := []struct {
+		name   string
+		prog   string
+		want   string
+		wantOK bool
+	}{
+		{"not executable in first dir", "noexec", filepath.Join(b, "noexec"), true},
+		{"first dir wins", "both", filepath.Join(a, "both"), true},
+		{"directory is not a program", "isdir", "", false},
+		{"missing", "ch-run", "", false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, ok := findProgram([]string{a, b}, tt.prog)
+			assert.Equal(t, tt.wantOK, ok)
+			assert.Equal(t, tt.want, got)
+		})
+	}
+}
+
+func TestProgramDirs(t *testing.T) {
+	assert.Equal(t, []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"},
+		newRuntime(config.Mechanism{}, nil).programDirs())
+	assert.Equal(t, []string{"/opt/ch/bin"}, newRuntime(config.Mechanism{ApplicationPath: "/opt/ch/bin"}, nil).programDirs())
+}
+
+// fakeChRun is a ch-run that prints its version on stderr, as the real one
+// does, and refuses to start without $USER.
+func fakeChRun(version, help string) string {
+	return `[ -n "$USER" ] || { echo "ch-run[1]: error: \$USER not set" >&2; exit 1; }
+case "$1" in
+--version) echo '` + version + `' >&2 ;;
+--help) cat <<'HELP'
+` + help + `HELP
+;;
+*) exit 64 ;;
+esac
+`
+}
+
+func TestProbe(t *testing.T) {
+	tests := []struct {
+		name      string
+		programs  map[string]string // name -> script body
+		wantErr   string
+		wantVer   string
+		wantWF    bool
+		wantProgs []string
+	}{
+		{"0.31 without ch-convert", map[string]string{"ch-run": fakeChRun("0.31", help031), "ch-image": ""},
+			"", "0.31", false, []string{"ch-image", "ch-run"}},
+		{"0.38 with write-fake", map[string]string{"ch-run": fakeChRun("0.38", help038), "ch-image": "", "ch-convert": ""},
+			"", "0.38", true, []string{"ch-convert", "ch-image", "ch-run"}},
+		{"no ch-image", map[string]string{"ch-run": fakeChRun("0.31", help031)}, "ch-image not found", "", false, nil},
+		{"no ch-run", map[string]string{"ch-image": ""}, "ch-run not found", "", false, nil},
+		{"unreadable version", map[string]string{"ch-run": fakeChRun("oops", help031), "ch-image": ""}, "cannot read the version", "", false, nil},
+		{"ch-run fails", map[string]string{"ch-run": "echo broken >&2; exit 2\n", "ch-image": ""}, "--version failed", "", false, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			app := t.TempDir()
+			for name, body := range tt.programs {
+				writeScript(t, filepath.Join(app, name), body, 0o755)
+			}
+			r := newRuntime(config.Mechanism{ApplicationPath: app}, nil)
+			info, err := r.Probe(context.Background())
+			if tt.wantErr != "" {
+				require.Error(t, err)
+				assert.Contains(t, err.Error(), tt.wantErr)
+				assert.Equal(t, failure.System, failure.ClassOf(err))
+				return
+			}
+			require.NoError(t, err)
+			assert.Equal(t, tt.wantVer, info.Version)
+			assert.Equal(t, map[string]bool{FeatureWriteFake: tt.wantWF}, info.Features)
+			assert.False(t, info.ReadOnlyBinds)
+			var progs []string
+			for name, p := range info.Programs {
+				progs = append(progs, name)
+				assert.Equal(t, filepath.Join(app, name), p)
+			}
+			assert.ElementsMatch(t, tt.wantProgs, progs)
+
+			// The answer is cached: removing the programs changes nothing.
+			require.NoError(t, os.RemoveAll(app))
+			again, err := r.Probe(context.Background())
+			require.NoError(t, err)
+			assert.Equal(t, info, again)
+		})
+	}
+}
