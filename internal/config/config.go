@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 	"regexp"
 	"sort"
@@ -520,6 +521,17 @@ func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
 			add("%s.insecure_registries: %q is not host[:port]", prefix, r)
 		}
 	}
+}
+
+// MatchAny reports whether name matches one of the shell globs (pass_env
+// entries such as "LC_*").
+func MatchAny(globs []string, name string) bool {
+	for _, g := range globs {
+		if ok, _ := path.Match(g, name); ok {
+			return true
+		}
+	}
+	return false
 }
 
 // Mechanism returns the table of the configured run mechanism, or nil when

@@ -3,11 +3,11 @@ package mechanism
 import (
 	"fmt"
 	"os"
-	"path"
 	"path/filepath"
 	"sort"
 	"strings"
 
+	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 )
 
@@ -95,7 +95,7 @@ func (s Setup) workdir() string {
 func (s Setup) containerEnv() []string {
 	env := map[string]string{}
 	for k, v := range s.HostEnv {
-		if matchAny(s.Cfg.PassEnv, k) {
+		if config.MatchAny(s.Cfg.PassEnv, k) {
 			env[k] = v
 		}
 	}
@@ -111,13 +111,4 @@ func (s Setup) containerEnv() []string {
 	}
 	sort.Strings(out)
 	return out
-}
-
-func matchAny(globs []string, name string) bool {
-	for _, g := range globs {
-		if ok, _ := path.Match(g, name); ok {
-			return true
-		}
-	}
-	return false
 }

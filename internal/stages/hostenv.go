@@ -2,25 +2,16 @@ package stages
 
 import (
 	"os"
-	"path"
 	"sort"
 	"strings"
+
+	"github.com/ci-exec/ci-exec/internal/config"
 )
 
 // systemPath is where programs are looked up when the admin gives no path:
 // a fixed list, because the runner's own PATH may put a language version
 // manager's python or bash first (see docs/admin-guide.md).
 const systemPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-// MatchAny reports whether name matches one of the shell globs in patterns.
-func MatchAny(patterns []string, name string) bool {
-	for _, p := range patterns {
-		if ok, _ := path.Match(p, name); ok {
-			return true
-		}
-	}
-	return false
-}
 
 // scriptEnv is the environment a job script starts with on the host: the
 // runner-environment variables the admin lets through (pass_env), the job
@@ -30,7 +21,7 @@ func MatchAny(patterns []string, name string) bool {
 func scriptEnv(st *Stage) []string {
 	env := map[string]string{}
 	for k, v := range st.Job.Host {
-		if MatchAny(st.Cfg.General.PassEnv, k) {
+		if config.MatchAny(st.Cfg.General.PassEnv, k) {
 			env[k] = v
 		}
 	}

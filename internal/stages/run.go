@@ -28,19 +28,6 @@ type Plan struct {
 	UserArgs bool
 }
 
-// User-script stages run the job's own code; every other stage is the
-// runner's (git, cache, artifacts, file variables). Unknown stage names count
-// as user scripts: a future runner's new step must not escape the container.
-func isRunnerStage(stage string) bool {
-	switch stage {
-	case "prepare_script", "get_sources", "clear_worktree", "restore_cache", "download_artifacts",
-		"archive_cache", "archive_cache_on_failure", "upload_artifacts_on_success",
-		"upload_artifacts_on_failure", "cleanup_file_variables":
-		return true
-	}
-	return false
-}
-
 var unsafeFileChars = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)
 
 // runStage copies the runner's script into the job's scripts dir (bound into
