@@ -157,8 +157,9 @@ type Mechanism struct {
 	// PassEnv lists host variables that reach the container, beyond the job's
 	// own (which travel inside the runner's script). Names or globs.
 	PassEnv []string `toml:"pass_env"`
-	// InsecureRegistries are host[:port] registries reached over plain HTTP
-	// (Apptainer's --no-https). Charliecloud 0.31 speaks only HTTPS.
+	// InsecureRegistries are host[:port] registries trusted without TLS
+	// verification: Charliecloud pulls with --tls-no-verify (it speaks only
+	// HTTPS), Apptainer with --no-https (plain HTTP).
 	InsecureRegistries []string `toml:"insecure_registries"`
 	// CacheDir is the runtime's own layer cache (APPTAINER_CACHEDIR); "/<user>"
 	// is appended. Default: inside the per-user storage dir.

@@ -67,8 +67,10 @@ type Runtime interface {
 	// and returns the runtime's own error message when the runtime, not the
 	// stage script, failed ("" otherwise).
 	Diagnose(exitCode int, stderrTail string) string
-	// Release removes the job's per-job copies of img (cleanup stage).
-	Release(ctx context.Context, img Image) error
+	// Release removes the job's per-job copies of img (cleanup stage):
+	// only per-job names in the runtime's storage or in jobDir (the job's
+	// scripts dir), whatever the state file lists.
+	Release(ctx context.Context, img Image, jobDir string) error
 }
 
 // Info is what Probe found. It is saved by prepare and handed to Command in

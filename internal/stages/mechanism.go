@@ -109,7 +109,7 @@ func releaseImages(ctx context.Context, st *Stage) {
 		if img == nil {
 			continue
 		}
-		if err := s.Runtime.Release(ctx, *img); err != nil {
+		if err := s.Runtime.Release(ctx, *img, st.Layout.ScriptsDir); err != nil {
 			st.Log.Warnf("cleanup: release image %s: %v", img.Ref, err)
 		}
 	}

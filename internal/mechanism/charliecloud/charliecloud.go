@@ -23,7 +23,6 @@
 package charliecloud
 
 import (
-	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -45,9 +44,6 @@ const jobImageRepo = "ci-exec-job"
 // because a pyenv or venv python3 lacks Charliecloud's modules (lark) and
 // ch-image starts with "#!/usr/bin/env python3".
 const toolPath = "/usr/sbin:/usr/bin:/sbin:/bin"
-
-// searchPath is where the programs are found without application_path.
-const searchPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Runtime is the Charliecloud mechanism for one job user.
 type Runtime struct {
@@ -87,9 +83,10 @@ func (r *Runtime) Storage() string { return r.storage }
 func (r *Runtime) Name() string             { return Name }
 func (r *Runtime) UserArgsVariable() string { return "JACAMAR_CI_CHARLIECLOUD_ARGS" }
 
-func (r *Runtime) CredentialVariables() auth.VariableNames {
-	return auth.VariableNames{Username: "CH_IMAGE_USERNAME", Password: "CH_IMAGE_PASSWORD"}
-}
+// credentialVariables are the user's registry variables: ch-image's own.
+var credentialVariables = auth.VariableNames{Username: "CH_IMAGE_USERNAME", Password: "CH_IMAGE_PASSWORD"}
+
+func (r *Runtime) CredentialVariables() auth.VariableNames { return credentialVariables }
 
 // PrepEnv tells prep_script where the user's image storage is.
 func (r *Runtime) PrepEnv() []string { return []string{"CH_IMAGE_STORAGE=" + r.storage} }
@@ -173,23 +170,4 @@ func (r *Runtime) toolEnv(cred auth.Credential, insecure bool) []string {
 		env = append(env, k+"="+v)
 	}
 	return append(env, cred.Env(r.CredentialVariables())...)
-}
-
-// programDirs is where programs are looked for.
-func (r *Runtime) programDirs() []string {
-	if r.cfg.ApplicationPath != "" {
-		return []string{r.cfg.ApplicationPath}
-	}
-	return filepath.SplitList(searchPath)
-}
-
-// findProgram returns the absolute path of an executable program.
-func findProgram(dirs []string, name string) (string, bool) {
-	for _, d := range dirs {
-		p := filepath.Join(d, name)
-		if fi, err := os.Stat(p); err == nil && fi.Mode().IsRegular() && fi.Mode().Perm()&0o111 != 0 {
-			return p, true
-		}
-	}
-	return "", false
 }

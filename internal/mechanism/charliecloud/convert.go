@@ -25,14 +25,14 @@ func (r *Runtime) Convert(ctx context.Context, img mechanism.Image, req mechanis
 		return img, err
 	}
 	if _, ok := info.Programs["ch-convert"]; !ok {
-		return img, failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert", strings.Join(r.programDirs(), ":"))
+		return img, failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert", strings.Join(mechanism.ProgramDirs(r.cfg.ApplicationPath), ":"))
 	}
 	key := strings.TrimPrefix(img.Handle, jobImageRepo+":")
 	out := filepath.Join(req.Dir, key+".sqfs")
 	mnt := filepath.Join(req.Dir, key+".mnt")
-	if r.cfg.TmpDir != "" {
-		if err := os.MkdirAll(r.convertTmp(), 0o700); err != nil {
-			return img, failure.Systemf("charliecloud: create tmp_dir %s: %v", r.convertTmp(), err)
+	if tmp := r.convertTmp(); tmp != "" {
+		if err := mechanism.EnsureUserDir(tmp); err != nil {
+			return img, failure.Systemf("charliecloud: general.charliecloud.tmp_dir: %v", err)
 		}
 	}
 	argv := r.convertArgv(info, img.Handle, out)
@@ -54,7 +54,7 @@ func (r *Runtime) Convert(ctx context.Context, img mechanism.Image, req mechanis
 		return img, failure.Systemf("charliecloud: create the SquashFS mount point %s: %v", mnt, err)
 	}
 	// The storage copy is no longer needed; the file has everything.
-	if err := r.Release(ctx, mechanism.Image{Private: img.Private}); err != nil {
+	if err := r.Release(ctx, mechanism.Image{Private: img.Private}, req.Dir); err != nil {
 		req.Log.Warnf("could not remove the job's image copy: %v", err)
 	}
 	conv := img

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
 // forPath is ch-image's storage name for a reference: "/" becomes "%" and
@@ -31,18 +33,11 @@ func checkStorage(dir string) error {
 	if fi, err := os.Stat(parent); err != nil || !fi.IsDir() {
 		return fmt.Errorf("the image storage parent %s does not exist; the admin must create it (mode 1777 when users share it) or change general.charliecloud.image_storage_dir", parent)
 	}
-	fi, err := os.Lstat(dir)
-	if errors.Is(err, fs.ErrNotExist) {
+	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	if err != nil {
-		return fmt.Errorf("check image storage %s: %w", dir, err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("image storage %s is not a directory (a symlink or file there is refused); remove it", dir)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Getuid() {
-		return fmt.Errorf("image storage %s belongs to uid %d, not to the job user (uid %d); remove it", dir, st.Uid, os.Getuid())
+	if err := mechanism.CheckOwnDir(dir); err != nil {
+		return fmt.Errorf("image storage: %w", err)
 	}
 	if ents, err := os.ReadDir(dir); err == nil && len(ents) == 0 {
 		_ = os.Remove(dir)

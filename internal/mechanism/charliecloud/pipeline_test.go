@@ -149,7 +149,7 @@ func TestPullConvertRunRelease(t *testing.T) {
 	assert.Equal(t, []string{filepath.Join(f.app, "ch-run"), "--bind=/builds/ci:/builds/ci", "--cd=/builds/ci",
 		"--mount=" + mnt, "--set-env", sqfs, "--", "/bin/sh", "/builds/scripts/step_script"}, argv)
 
-	require.NoError(t, f.r.Release(ctx, conv))
+	require.NoError(t, f.r.Release(ctx, conv, f.scripts))
 	assert.NoFileExists(t, sqfs)
 	assert.NoDirExists(t, mnt)
 	assert.DirExists(t, orig)

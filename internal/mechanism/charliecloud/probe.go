@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
-	"strings"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
@@ -31,29 +30,23 @@ func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
 }
 
 func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
-	info := mechanism.Info{Programs: map[string]string{}, Features: map[string]bool{}}
-	where := "in " + strings.Join(r.programDirs(), ":")
-	for _, name := range []string{"ch-run", "ch-image", "ch-convert"} {
-		p, ok := findProgram(r.programDirs(), name)
-		if !ok {
-			if name == "ch-convert" {
-				continue // needed only for conversions; Convert says so
-			}
-			return info, failure.Systemf("charliecloud: %s not found %s; install Charliecloud or set general.charliecloud.application_path", name, where)
-		}
-		info.Programs[name] = p
+	info := mechanism.Info{Features: map[string]bool{}}
+	var err error
+	// ch-convert is needed only for conversions; Convert says so.
+	if info.Programs, err = mechanism.FindPrograms(Name, r.cfg.ApplicationPath, []string{"ch-run", "ch-image"}, []string{"ch-convert"}); err != nil {
+		return info, err
 	}
 	chRun := info.Programs["ch-run"]
 	out, err := r.probeRun(ctx, chRun, "--version")
 	if err != nil {
-		return info, failure.Systemf("charliecloud: %s --version failed: %v: %s", chRun, err, oneLine(out))
+		return info, failure.Systemf("charliecloud: %s --version failed: %v: %s", chRun, err, mechanism.OneLine(out))
 	}
 	if info.Version, err = ParseVersion(out); err != nil {
 		return info, failure.Systemf("charliecloud: %v", err)
 	}
 	help, err := r.probeRun(ctx, chRun, "--help")
 	if err != nil {
-		return info, failure.Systemf("charliecloud: %s --help failed: %v: %s", chRun, err, oneLine(help))
+		return info, failure.Systemf("charliecloud: %s --help failed: %v: %s", chRun, err, mechanism.OneLine(help))
 	}
 	for k, v := range ParseFeatures(help) {
 		info.Features[k] = v
@@ -84,7 +77,7 @@ var versionRE = regexp.MustCompile(`(?m)^\s*(?:ch-run\s+)?v?([0-9]+\.[0-9]+(?:\.
 func ParseVersion(out string) (string, error) {
 	m := versionRE.FindStringSubmatch(out)
 	if m == nil {
-		return "", fmt.Errorf("cannot read the version from ch-run --version output %q", oneLine(out))
+		return "", fmt.Errorf("cannot read the version from ch-run --version output %q", mechanism.OneLine(out))
 	}
 	return m[1], nil
 }
@@ -95,12 +88,4 @@ func ParseFeatures(help string) map[string]bool {
 	return map[string]bool{
 		FeatureWriteFake: regexp.MustCompile(`(?m)^\s*(-W,\s*)?--write-fake\b`).MatchString(help),
 	}
-}
-
-func oneLine(s string) string {
-	s = strings.Join(strings.Fields(s), " ")
-	if len(s) > 300 {
-		s = s[:300] + "..."
-	}
-	return s
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"os"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -89,51 +88,11 @@ func TestParseFeatures(t *testing.T) {
 	}
 }
 
-func TestOneLine(t *testing.T) {
-	assert.Equal(t, "a b c", oneLine("  a\n b\t\tc \n"))
-	long := oneLine(strings.Repeat("x", 400))
-	assert.Len(t, long, 303)
-	assert.True(t, strings.HasSuffix(long, "..."))
-}
-
 func writeScript(t *testing.T, path, body string, mode os.FileMode) {
 	t.Helper()
 	require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
 	require.NoError(t, os.WriteFile(path, []byte("#!/bin/sh\n"+body), mode))
 	require.NoError(t, os.Chmod(path, mode))
-}
-
-func TestFindProgram(t *testing.T) {
-	a, b := t.TempDir(), t.TempDir()
-	writeScript(t, filepath.Join(a, "noexec"), "", 0o644)
-	writeScript(t, filepath.Join(b, "noexec"), "", 0o755)
-	require.NoError(t, os.Mkdir(filepath.Join(a, "isdir"), 0o755))
-	writeScript(t, filepath.Join(a, "both"), "", 0o755)
-	writeScript(t, filepath.Join(b, "both"), "", 0o755)
-	tests := []struct {
-		name   string
-		prog   string
-		want   string
-		wantOK bool
-	}{
-		{"not executable in first dir", "noexec", filepath.Join(b, "noexec"), true},
-		{"first dir wins", "both", filepath.Join(a, "both"), true},
-		{"directory is not a program", "isdir", "", false},
-		{"missing", "ch-run", "", false},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, ok := findProgram([]string{a, b}, tt.prog)
-			assert.Equal(t, tt.wantOK, ok)
-			assert.Equal(t, tt.want, got)
-		})
-	}
-}
-
-func TestProgramDirs(t *testing.T) {
-	assert.Equal(t, []string{"/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin", "/sbin", "/bin"},
-		newRuntime(config.Mechanism{}, nil).programDirs())
-	assert.Equal(t, []string{"/opt/ch/bin"}, newRuntime(config.Mechanism{ApplicationPath: "/opt/ch/bin"}, nil).programDirs())
 }
 
 // fakeChRun is a ch-run that prints its version on stderr, as the real one

@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -192,59 +193,55 @@ func (r *Runtime) runBusy(ctx context.Context, t mechanism.Tool, req mechanism.P
 	}
 }
 
-// classifyPull turns a failed ch-image pull into a user or system error by
-// its last error line (docs/charliecloud.md, "Exit classes"):
-//   - the registry refused credentials the user supplied: user error;
-//   - it refused the job token: system error (GitLab's token, not the
-//     user's input, is at fault; the runner retries);
-//   - "unauthorized or not in registry" (401 and 404 look the same in
-//     ch-image 0.31): user error, the name or the access is wrong;
-//   - TLS, network and anything else: system error.
+// classifyPull reads a failed ch-image pull's output; the class and the
+// advice are the shared ones (mechanism.PullError). ch-image 0.31 reports a
+// 401 and a 404 alike ("unauthorized or not in registry").
 func classifyPull(ref string, cred auth.Credential, tail, storage string) error {
 	last := mechanism.LastLine(tail, "error:")
 	if last == "" {
 		last = mechanism.LastLine(tail)
 	}
+	kind := mechanism.PullOther
 	switch {
 	case strings.Contains(tail, "no further authentication possible"):
-		if cred.Source == auth.UserVariables {
-			return failure.Userf("pulling %s: the registry refused the credentials in CH_IMAGE_USERNAME/CH_IMAGE_PASSWORD (user %s); fix these CI/CD variables", ref, cred.Username)
-		}
-		return failure.Systemf("pulling %s: the registry refused the %s; the runner will retry (if it persists, check the registry's token authentication)", ref, cred)
+		kind = mechanism.PullAuthRefused
 	case strings.Contains(tail, "unauthorized or not in registry"):
-		hint := "check the image name and tag"
-		switch cred.Source {
-		case auth.Anonymous:
-			hint += ", or, if the registry needs a login, set CH_IMAGE_USERNAME and CH_IMAGE_PASSWORD as CI/CD variables"
-		case auth.JobToken:
-			hint += ", and that this project's job token may read it"
-		}
-		return failure.Userf("pulling %s: image not found, or access denied (%s)", ref, hint)
+		kind = mechanism.PullNotFound
 	case strings.Contains(tail, "CERTIFICATE_VERIFY_FAILED") || strings.Contains(tail, "SSLError"):
-		return failure.Systemf("pulling %s: the registry's TLS certificate is not trusted on this host; the admin must install its CA or list the registry in insecure_registries: %s", ref, last)
+		kind = mechanism.PullTLS
 	case strings.Contains(tail, "storage directory seems invalid") || strings.Contains(tail, "invalid storage directory"):
-		return failure.Systemf("pulling %s: the image storage %s is broken (%s); remove it, ch-image will recreate it", ref, storage, last)
+		kind = mechanism.PullStorage
 	case strings.Contains(tail, "Max retries exceeded") || strings.Contains(tail, "Connection refused") ||
 		strings.Contains(tail, "Name or service not known") || strings.Contains(tail, "timed out"):
-		return failure.Systemf("pulling %s: the registry is unreachable: %s", ref, last)
+		kind = mechanism.PullUnreachable
+	default:
+		last = "ch-image failed: " + last
 	}
-	return failure.Systemf("pulling %s: ch-image failed: %s", ref, last)
+	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
 
-// Release removes the job's copies of img: its directory in the storage or
-// its converted file. Only per-job names are ever removed, whatever the
-// state file says.
-func (r *Runtime) Release(_ context.Context, img mechanism.Image) error {
+// jobKeyRE is the form of a per-job key (mechanism.PullRequest.JobKey).
+var jobKeyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
+
+// Release removes the job's copies of img: its directory in the storage
+// (img/ci-exec-job+KEY) or its converted file and mount point in jobDir
+// (KEY.sqfs, KEY.mnt). Nothing else is ever removed, whatever the state
+// file says.
+func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
 	var errs []error
-	prefix := filepath.Join(r.storage, "img", forPath(jobImageRepo+":")) // .../img/ci-exec-job+
+	imgDir := filepath.Join(r.storage, "img")
 	for _, p := range img.Private {
 		p = filepath.Clean(p)
+		dir, base := filepath.Split(p)
+		dir = filepath.Clean(dir)
+		key, isCopy := strings.CutPrefix(base, forPath(jobImageRepo+":"))
+		ext := filepath.Ext(base)
 		switch {
-		case strings.HasPrefix(p, prefix) && !strings.Contains(p[len(prefix):], "/"):
+		case isCopy && dir == imgDir && jobKeyRE.MatchString(key):
 			if err := removeTree(p); err != nil {
 				errs = append(errs, err)
 			}
-		case strings.HasSuffix(p, ".sqfs") || strings.HasSuffix(p, ".mnt"):
+		case jobDir != "" && dir == filepath.Clean(jobDir) && (ext == ".sqfs" || ext == ".mnt") && jobKeyRE.MatchString(strings.TrimSuffix(base, ext)):
 			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, err)
 			}

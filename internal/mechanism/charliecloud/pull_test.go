@@ -231,7 +231,7 @@ func TestReleaseRemovesPerJobPaths(t *testing.T) {
 	shared := filepath.Join(storage, "img", "127.0.0.1+5443%ci%tiny+latest")
 	makeTree(t, shared, []entry{file("bin/sh", "#!", 0o755)})
 
-	err := r.Release(context.Background(), mechanism.Image{Private: []string{copyDir, sqfs, mnt}})
+	err := r.Release(context.Background(), mechanism.Image{Private: []string{copyDir, sqfs, mnt}}, scripts)
 	require.NoError(t, err)
 	assert.NoDirExists(t, copyDir)
 	assert.NoFileExists(t, sqfs)
@@ -239,7 +239,7 @@ func TestReleaseRemovesPerJobPaths(t *testing.T) {
 	assert.FileExists(t, filepath.Join(shared, "bin/sh"), "the shared image is not touched")
 
 	// Releasing again (cleanup retried) is not an error.
-	assert.NoError(t, r.Release(context.Background(), mechanism.Image{Private: []string{copyDir, sqfs, mnt}}))
+	assert.NoError(t, r.Release(context.Background(), mechanism.Image{Private: []string{copyDir, sqfs, mnt}}, scripts))
 }
 
 func TestReleaseRefusesOtherPaths(t *testing.T) {
@@ -256,6 +256,10 @@ func TestReleaseRefusesOtherPaths(t *testing.T) {
 	// when the tests run as root.
 	hostFile := filepath.Join(base, "etc", "passwd")
 	makeTree(t, filepath.Dir(hostFile), []entry{file("passwd", "root:x:0:0", 0o644)})
+	scripts := t.TempDir()
+	sharedSqfs := filepath.Join(base, "shared", "k1.sqfs")
+	makeTree(t, filepath.Dir(sharedSqfs), []entry{file("k1.sqfs", "hsqs", 0o644)})
+	require.NoError(t, os.WriteFile(filepath.Join(scripts, "Not A Key.sqfs"), []byte("hsqs"), 0o644))
 
 	tests := []struct {
 		name string
@@ -269,21 +273,26 @@ func TestReleaseRefusesOtherPaths(t *testing.T) {
 		{"dot-dot out of a job copy", filepath.Join(storage, "img", "ci-exec-job+k1") + "/../127.0.0.1+5443%ci%tiny+latest"},
 		{"job prefix in another dir", filepath.Join(base, "ci-exec-job+k1")},
 		{"other dir", other},
+		{"empty job key", filepath.Join(storage, "img", "ci-exec-job+")},
+		{"sqfs outside the job dir", sharedSqfs},
+		{"mnt outside the job dir", filepath.Join(base, "k1.mnt")},
+		{"sqfs with an odd name", filepath.Join(scripts, "Not A Key.sqfs")},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := r.Release(context.Background(), mechanism.Image{Private: []string{tt.path}})
+			err := r.Release(context.Background(), mechanism.Image{Private: []string{tt.path}}, scripts)
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), "not a per-job image path")
 			assert.FileExists(t, filepath.Join(shared, "bin/sh"))
 			assert.FileExists(t, filepath.Join(jobCopy, "etc/passwd"))
 			assert.FileExists(t, filepath.Join(other, "f"))
 			assert.FileExists(t, hostFile)
+			assert.FileExists(t, sharedSqfs)
 		})
 	}
 
 	// A refused path does not stop the per-job ones in the same list.
-	err := r.Release(context.Background(), mechanism.Image{Private: []string{shared, jobCopy}})
+	err := r.Release(context.Background(), mechanism.Image{Private: []string{shared, jobCopy}}, scripts)
 	require.Error(t, err)
 	assert.NoDirExists(t, jobCopy)
 	assert.DirExists(t, shared)

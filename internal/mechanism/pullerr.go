@@ -1,0 +1,70 @@
+package mechanism
+
+import (
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/failure"
+)
+
+// PullFailure is what a failed pull came down to, as read from the runtime's
+// output. Runtimes only recognise their own messages; the exit class and the
+// advice in the job log are the same for every runtime.
+type PullFailure int
+
+const (
+	// PullOther is anything not recognised: a system failure.
+	PullOther PullFailure = iota
+	// PullAuthRefused: the registry refused the credentials sent.
+	PullAuthRefused
+	// PullNotFound: unauthorized or not found (some runtimes cannot tell
+	// the two apart).
+	PullNotFound
+	// PullTLS: the registry's certificate is not trusted here.
+	PullTLS
+	// PullPlainHTTP: the registry speaks plain HTTP.
+	PullPlainHTTP
+	// PullUnreachable: connection refused, unknown host, timeout.
+	PullUnreachable
+	// PullStorage: the runtime's local storage is broken.
+	PullStorage
+)
+
+// PullError turns a failed pull into an error of the right class with one
+// line of advice (docs/charliecloud.md, "Exit classes"):
+//   - credentials the user supplied were refused, or the image is missing or
+//     not readable: a user error, theirs to fix;
+//   - the job token was refused: a system error (GitLab's token, not the
+//     user's input, is at fault; the runner retries);
+//   - TLS, plain HTTP, network, storage and anything else: a system error.
+//
+// detail is the runtime's own last error line.
+func PullError(kind PullFailure, ref string, cred auth.Credential, names auth.VariableNames, storage, detail string) error {
+	switch kind {
+	case PullAuthRefused:
+		switch cred.Source {
+		case auth.UserVariables:
+			return failure.Userf("pulling %s: the registry refused the credentials in %s/%s (user %s); fix these CI/CD variables",
+				ref, names.Username, names.Password, cred.Username)
+		case auth.JobToken:
+			return failure.Systemf("pulling %s: the registry refused the %s; the runner will retry (if it persists, check the registry's token authentication)", ref, cred)
+		}
+		return PullError(PullNotFound, ref, cred, names, storage, detail)
+	case PullNotFound:
+		hint := "check the image name and tag"
+		switch cred.Source {
+		case auth.Anonymous:
+			hint += ", or, if the registry needs a login, set " + names.Username + " and " + names.Password + " as CI/CD variables"
+		case auth.JobToken:
+			hint += ", and that this project's job token may read it"
+		}
+		return failure.Userf("pulling %s: image not found, or access denied (%s)", ref, hint)
+	case PullTLS:
+		return failure.Systemf("pulling %s: the registry's TLS certificate is not trusted on this host; the admin must install its CA or list the registry in insecure_registries: %s", ref, detail)
+	case PullPlainHTTP:
+		return failure.Systemf("pulling %s: the registry speaks plain HTTP; the admin must list it in insecure_registries to allow that: %s", ref, detail)
+	case PullUnreachable:
+		return failure.Systemf("pulling %s: the registry is unreachable: %s", ref, detail)
+	case PullStorage:
+		return failure.Systemf("pulling %s: the image storage %s is broken (%s); remove it, it will be recreated", ref, storage, detail)
+	}
+	return failure.Systemf("pulling %s: %s", ref, detail)
+}
