@@ -886,7 +886,8 @@ step_apptainer() {
     if ! set_conf "root default capabilities" file; then :; fi
     caps=$(capsh --decode="$bnd" | sed 's/^[^=]*=//')
     # "root [user]: CAP_CHOWN,CAP_DAC_OVERRIDE,..."
-    granted=$("$APPTAINER" capability list root 2>/dev/null | sed -n 's/^root \[user\]: //p')
+    # (exits 255 "no capability set for user/group root" before the first add)
+    granted=$({ "$APPTAINER" capability list root 2>/dev/null || true; } | sed -n 's/^root \[user\]: //p')
     if [ -z "$(comm -23 <(tr ',' '\n' <<<"${caps^^}" | sort) <(tr ',' '\n' <<<"$granted" | sort))" ]; then
       log "apptainer: root capabilities already granted (bounding set $bnd)"
     else

@@ -189,10 +189,15 @@ func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, 
 	}
 	s.Log.Printf("Image %s ready in %.2fs (digest %s)", ref.Full, img.PullTime.Seconds(), digest)
 	if (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert {
+		pulled := img.Format
 		if img, err = rt.Convert(ctx, img, ConvertRequest{Dir: s.Layout.ScriptsDir, Log: s.Log}); err != nil {
 			return nil, err
 		}
-		s.Log.Printf("Converted %s to a %s file in %.2fs", ref.Full, img.Format, img.ConvertTime.Seconds())
+		if img.Format == pulled {
+			s.Log.Printf("%s is already a single %s file: nothing to convert", ref.Full, img.Format)
+		} else {
+			s.Log.Printf("Converted %s to a %s file in %.2fs", ref.Full, img.Format, img.ConvertTime.Seconds())
+		}
 	}
 	if filepath.Base(img.Shell) != "bash" {
 		s.Log.Printf("%s has no bash: stage scripts run with %s", ref.Full, img.Shell)

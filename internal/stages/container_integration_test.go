@@ -40,6 +40,13 @@ type runtimeFixture struct {
 	allowedEnvArg string
 	// failingArg is an allowed user arg with which the runtime itself fails.
 	failingArg string
+	// readOnlyBinds: the runtime can bind read-only (else ":ro" is refused).
+	readOnlyBinds bool
+	// convertLog is what prepare logs when asked to convert the image.
+	convertLog string
+	// plainHTTP: the runtime can pull from a plain-HTTP registry the admin
+	// lists in insecure_registries.
+	plainHTTP bool
 }
 
 var charliecloudFixture = runtimeFixture{
@@ -51,18 +58,38 @@ var charliecloudFixture = runtimeFixture{
 	deniedArgs:    []string{"-b /etc:/mnt/0", "--bind=/:/mnt/1", "--uid=0", "-w", "--storage=/tmp", "--write-fake", "--join", "-u0"},
 	allowedEnvArg: "--set-env=CI_EXEC_ARG_TEST=from-user-args",
 	failingArg:    "--cd=/no/such/dir",
+	convertLog:    `Converted \S+ to a squashfs file in [0-9.]+s`,
+}
+
+var apptainerFixture = runtimeFixture{
+	name:    "apptainer",
+	program: "apptainer",
+	argsVar: "JACAMAR_CI_APPTAINER_ARGS",
+	userVar: "APPTAINER_DOCKER_USERNAME",
+	passVar: "APPTAINER_DOCKER_PASSWORD",
+	table:   `application_path = "/opt/apptainer/bin"`,
+	deniedArgs: []string{"-B /etc:/mnt/0", "--bind=/:/mnt/1", "--fakeroot", "-w", "--add-caps=CAP_SYS_ADMIN",
+		"--overlay=/tmp", "--home=/root", "--docker-login", "-f", "--mount=type=bind,src=/etc,dst=/x"},
+	allowedEnvArg: "--env=CI_EXEC_ARG_TEST=from-user-args",
+	failingArg:    "--pwd=/no/such/dir",
+	readOnlyBinds: true,
+	convertLog:    `is already a single sif file`,
+	plainHTTP:     true,
 }
 
 // runtimes are the mechanisms under test.
 func runtimes(t *testing.T) []runtimeFixture {
 	t.Helper()
-	return []runtimeFixture{charliecloudFixture}
+	return []runtimeFixture{charliecloudFixture, apptainerFixture}
 }
 
-// forEachRuntimeAndUser runs f for every mechanism as root and as the
-// unprivileged test user.
-func forEachRuntimeAndUser(t *testing.T, f func(t *testing.T, rt runtimeFixture, u testenv.User)) {
+// forEachRuntimeAndUser runs f for every mechanism (that passes the
+// optional filters) as root and as the unprivileged test user.
+func forEachRuntimeAndUser(t *testing.T, f func(t *testing.T, rt runtimeFixture, u testenv.User), only ...func(runtimeFixture) bool) {
 	for _, rt := range runtimes(t) {
+		if len(only) > 0 && !only[0](rt) {
+			continue
+		}
 		for _, u := range testenv.Users(t) {
 			t.Run(rt.name+"/"+u.Name, func(t *testing.T) {
 				testenv.RequireBinary(t, rt.program)
@@ -105,7 +132,13 @@ func containerRunner(t *testing.T, rt runtimeFixture, u testenv.User, general, t
 		data+"/$USER", rt.name, general, rt.name, storage, rt.table, table)
 	path := testenv.WriteConfig(t, dir, cfg)
 	t.Logf("config:\n%s", cfg)
-	return ctEnv{runner: runnerConfig(t, u, path, dir), dir: dir, data: filepath.Join(data, u.Name), storage: storage}
+	runner := runnerConfig(t, u, path, dir)
+	// The runner's own environment has runtime settings that must reach
+	// neither the runtime nor the container.
+	runner.BaseEnv = append(runner.BaseEnv, "APPTAINERENV_CI_EXEC_LEAK=leaked", "SINGULARITYENV_CI_EXEC_LEAK2=leaked",
+		"APPTAINER_BIND=/etc:/hostetc", "SINGULARITY_BIND=/etc:/hostetc2", "LD_PRELOAD=/nonexistent/ci-exec-leak.so",
+		"CH_RUN_ARGS=--bind=/etc:/hostetc")
+	return ctEnv{runner: runner, dir: dir, data: filepath.Join(data, u.Name), storage: storage}
 }
 
 // tokenJob is a job whose image lives in the registry that wants the job
@@ -149,6 +182,8 @@ func TestContainerJobRunsInImage(t *testing.T) {
 			`echo "greeting=$GREETING"`,
 			`echo "uid=$(id -u)"`,
 			`echo "runner secret=[${RUNNER_SERVICE_SECRET:-unset}] custom=[${CUSTOM_ENV_CI_JOB_TOKEN:-unset}]"`,
+			`echo "leak=[${CI_EXEC_LEAK:-}${CI_EXEC_LEAK2:-}${LD_PRELOAD:-}${APPTAINER_BIND:-}]"`,
+			`ls -d /hostetc /hostetc2 2>/dev/null || echo "no host binds"`,
 			`echo made-in-container > made.txt`,
 			`echo cached > "$CI_PROJECT_DIR/../../../../cache-probe.txt" || true`,
 		}
@@ -164,6 +199,9 @@ func TestContainerJobRunsInImage(t *testing.T) {
 		assert.Contains(t, res.Log, "greeting=hello from the job")
 		assert.Contains(t, res.Log, fmt.Sprintf("uid=%d\n", u.UID))
 		assert.Contains(t, res.Log, "runner secret=[unset] custom=[unset]", "the runner's environment must not reach the container")
+		assert.Contains(t, res.Log, "leak=[]", "runtime settings of the runner's environment must not reach the container")
+		assert.Contains(t, res.Log, "no host binds")
+		assert.NotContains(t, res.Log, "ci-exec-leak.so")
 		assert.Contains(t, res.Log, "credentials: job token", "the image in CI_REGISTRY is pulled with the job token")
 		assert.Contains(t, res.Log, "digest sha256:")
 
@@ -339,6 +377,20 @@ func TestContainerUserVolumes(t *testing.T) {
 			fi, err := os.Stat(filepath.Join(allowed, "data", "new.txt"))
 			require.NoError(t, err)
 			assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid)
+		})
+		t.Run("read-only", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Variables = map[string]string{"CI_VOLUMES_0": filepath.Join(allowed, "data") + ":/data:ro"}
+			j.Script = []string{"cat /data/file.txt", "if echo x > /data/ro-write.txt; then echo WRITABLE; else echo read-only-ok; fi"}
+			res := runJob(t, e.runner, j)
+			if !rt.readOnlyBinds {
+				assertRefusedBeforePull(t, res, "cannot mount volumes read-only")
+				return
+			}
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "volume-data")
+			assert.Contains(t, res.Log, "read-only-ok")
+			assert.NoFileExists(t, filepath.Join(allowed, "data", "ro-write.txt"))
 		})
 		for name, vol := range map[string]string{
 			"outside the prefixes": outside + ":/data",
@@ -527,7 +579,7 @@ func TestContainerConvertedImage(t *testing.T) {
 		require.True(t, res.Succeeded(), res.Error)
 		assert.Contains(t, res.Log, "ID=citiny")
 		assert.Contains(t, res.Log, "after-converted")
-		assert.Regexp(t, `Converted \S+ to a \S+ file in [0-9.]+s`, res.Log)
+		assert.Regexp(t, rt.convertLog, res.Log)
 		fi, err := os.Stat(filepath.Join(res.ProjectDir, "conv.txt"))
 		require.NoError(t, err)
 		assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid)
@@ -596,4 +648,35 @@ func TestContainerPrepScript(t *testing.T) {
 		assert.Contains(t, res.Log, "failed with exit code 4")
 		assert.NotContains(t, res.Log, "Pulling ")
 	})
+}
+
+func TestContainerPlainHTTPRegistryOnlyWhereAllowed(t *testing.T) {
+	// Charliecloud 0.31 speaks HTTPS only (docs/charliecloud.md): only the
+	// runtimes that can use plain HTTP take part.
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		registry := testenv.Fact(t, "CI_EXEC_TEST_REGISTRY_HTTP")
+		job := func() runnerdouble.Job {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE_HTTP"))
+			j.Registry = registry
+			j.Script = []string{`grep '^ID=' /etc/os-release`}
+			return j
+		}
+		t.Run("not listed", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", "")
+			res := runJob(t, e.runner, job())
+			assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
+			assert.Contains(t, res.Log, "speaks plain HTTP")
+			assert.Contains(t, res.Log, "insecure_registries")
+		})
+		t.Run("listed", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", fmt.Sprintf("insecure_registries = [%q]", registry))
+			j := job()
+			watch := testenv.WatchCmdlines(j.Token)
+			res := runJob(t, e.runner, j)
+			assert.Empty(t, watch())
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "ID=citiny")
+			assert.NotContains(t, res.RawLog, j.Token)
+		})
+	}, func(rt runtimeFixture) bool { return rt.plainHTTP })
 }

@@ -8,6 +8,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
 )
 
@@ -22,6 +23,8 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 	switch st.Cfg.General.RunMechanism {
 	case config.MechanismCharliecloud:
 		return charliecloud.New(*m, st.User, st.Job.Host, grace), nil
+	case config.MechanismApptainer:
+		return apptainer.New(*m, st.User, st.Job.Host, grace), nil
 	}
 	return nil, failure.Systemf("general.run_mechanism %q is not supported by this build of ci-exec", st.Cfg.General.RunMechanism)
 }

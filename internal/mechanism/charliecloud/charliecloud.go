@@ -24,7 +24,6 @@ package charliecloud
 
 import (
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -137,37 +136,18 @@ func (r *Runtime) DefaultUserArgs() []string {
 	return []string{"--set-env", "--env-no-expand", "--private-tmp", "--no-passwd", "--verbose", "--cd"}
 }
 
-// toolEnv is the environment of ch-image and ch-convert: only what they
-// need, so nothing of the runner's environment (and none of the job's
-// CUSTOM_ENV_ secrets) reaches them, plus the registry credentials.
+// toolEnv is the environment of ch-image and ch-convert (see
+// mechanism.ToolEnv).
 func (r *Runtime) toolEnv(cred auth.Credential, insecure bool) []string {
 	path := toolPath
 	if r.cfg.ApplicationPath != "" {
 		path = r.cfg.ApplicationPath + ":" + toolPath
 	}
-	env := []string{
-		"PATH=" + path,
-		"HOME=" + r.user.Home,
-		"USER=" + r.user.Name,
-		"LOGNAME=" + r.user.Name,
-		"LANG=C.UTF-8",
+	settings := []string{
 		// The build cache needs a git identity and brings nothing to pulls.
 		"CH_IMAGE_CACHE=disabled",
 		// ch-convert has no -s option: it asks ch-image, which reads this.
 		"CH_IMAGE_STORAGE=" + r.storage,
 	}
-	for _, k := range []string{"https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY",
-		"REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR"} {
-		v, ok := r.hostEnv[k]
-		if !ok {
-			continue
-		}
-		// python-requests lets these override verify=False, which would
-		// defeat --tls-no-verify (charliecloud.md gotcha 5).
-		if insecure && strings.HasSuffix(k, "CA_BUNDLE") {
-			continue
-		}
-		env = append(env, k+"="+v)
-	}
-	return append(env, cred.Env(r.CredentialVariables())...)
+	return mechanism.ToolEnv(r.user, path, settings, r.hostEnv, insecure, cred, credentialVariables)
 }

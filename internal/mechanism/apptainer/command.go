@@ -1,0 +1,77 @@
+package apptainer
+
+import (
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+// Command builds the apptainer exec command line for one stage. It is pure.
+//
+//	apptainer exec --cleanenv --bind=SRC:DST[:ro]... --pwd=DIR
+//	          [image options] [admin options] [user args] SIF SHELL SCRIPT
+//
+// Apptainer stops reading its own options at the image, so nothing after
+// it is ever read as an option. --cleanenv drops the host environment; the
+// container gets the variables in spec.Env as APPTAINERENV_ settings in
+// apptainer's own, explicit environment (never on the command line).
+func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
+	if len(spec.Argv) == 0 {
+		return nil, nil, errors.New("no command to run")
+	}
+	if spec.Image.Handle == "" {
+		return nil, nil, errors.New("no image")
+	}
+	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv"}
+	for _, b := range spec.Binds {
+		// --bind splits on "," and ":"; neither can be escaped.
+		if strings.ContainsAny(b.Src, ":,") || strings.ContainsAny(b.Dst, ":,") {
+			return nil, nil, fmt.Errorf("cannot bind %s:%s: apptainer's --bind cannot express a path containing ':' or ','", b.Src, b.Dst)
+		}
+		bind := b.Src + ":" + b.Dst
+		if b.ReadOnly {
+			bind += ":ro"
+		}
+		argv = append(argv, "--bind="+bind)
+	}
+	if spec.Workdir != "" {
+		argv = append(argv, "--pwd="+spec.Workdir)
+	}
+	argv = append(argv, spec.Image.RunOptions...)
+	argv = append(argv, spec.AdminOptions...)
+	argv = append(argv, spec.UserArgs...)
+	argv = append(argv, spec.Image.Handle)
+	argv = append(argv, spec.Argv...)
+	return argv, r.execEnv(spec.Env), nil
+}
+
+// execEnv is apptainer's own environment: what it needs to run, plus the
+// container's variables as APPTAINERENV_. HOME is apptainer's to set (it
+// refuses APPTAINERENV_HOME), and PATH is left to the image (its ENV
+// settings) and apptainer's default: a host PATH means nothing inside.
+func (r *Runtime) execEnv(containerEnv []string) []string {
+	path := toolPath
+	if r.cfg.ApplicationPath != "" {
+		path = r.cfg.ApplicationPath + ":" + toolPath
+	}
+	env := []string{"PATH=" + path, "HOME=" + r.user.Home, "USER=" + r.user.Name, "LOGNAME=" + r.user.Name, "LANG=C.UTF-8"}
+	for _, kv := range containerEnv {
+		k, _, _ := strings.Cut(kv, "=")
+		if k == "HOME" || k == "PATH" {
+			continue
+		}
+		env = append(env, "APPTAINERENV_"+kv)
+	}
+	return env
+}
+
+// Diagnose returns apptainer's own FATAL line when apptainer failed before
+// running the stage's script (it then exits 255).
+func (r *Runtime) Diagnose(exitCode int, stderrTail string) string {
+	if exitCode != 255 {
+		return ""
+	}
+	return mechanism.LastLine(stderrTail, "FATAL:")
+}

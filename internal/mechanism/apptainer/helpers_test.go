@@ -1,0 +1,245 @@
+package apptainer
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/job"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+// The job user and the secrets of these tests. The secrets are checked to
+// never appear in argv or error messages.
+const (
+	jobUser    = "ciuser"
+	jobHome    = "/home/ciuser"
+	registry   = "127.0.0.1:5443"
+	tinyImage  = registry + "/ci/tiny:latest"
+	alicePass  = "alice-pw-0123456789"
+	tokenValue = "glcbt-apptainer-job-token-42"
+	jobKey     = "j42-abc"
+)
+
+// hostileHostEnv is a driver environment full of things that must never
+// reach apptainer or the container (only the proxy is wanted, by pulls).
+var hostileHostEnv = map[string]string{
+	"APPTAINER_BIND":            "/etc:/mnt",
+	"APPTAINER_CACHEDIR":        "/shared/cache",
+	"APPTAINER_DOCKER_PASSWORD": "host-password",
+	"APPTAINERENV_LD_PRELOAD":   "/evil.so",
+	"SINGULARITY_BIND":          "/etc:/mnt",
+	"SINGULARITYENV_FOO":        "bar",
+	"LD_PRELOAD":                "/evil.so",
+	"LD_LIBRARY_PATH":           "/evil",
+	"CUSTOM_ENV_CI_JOB_TOKEN":   "custom-env-secret",
+	"PATH":                      "/home/runner/shims:/usr/bin",
+	"HOME":                      "/root",
+	"https_proxy":               "http://proxy:3128",
+	"NO_PROXY":                  "localhost",
+}
+
+// forbiddenEnvPrefixes are the variable-name prefixes that must not come
+// from the host.
+var forbiddenEnvPrefixes = []string{"APPTAINER_BIND=", "APPTAINER_DOCKER_PASSWORD=host", "SINGULARITY", "LD_PRELOAD=",
+	"LD_LIBRARY_PATH=", "CUSTOM_ENV_", "APPTAINERENV_LD_PRELOAD="}
+
+// runtimeFor is the runtime under test for the job user.
+func runtimeFor(cfg config.Mechanism, hostEnv map[string]string) *Runtime {
+	return New(cfg, config.UserInfo{Name: jobUser, Home: jobHome}, hostEnv, 2*time.Second)
+}
+
+// credentialOf runs the real credential choice for a job and checks that
+// the expected kind came out.
+func credentialOf(t *testing.T, j *job.Job, want auth.Source) auth.Credential {
+	t.Helper()
+	c, err := auth.Choose(j, registry, credentialVariables)
+	require.NoError(t, err)
+	require.Equal(t, want, c.Source, c.String())
+	return c
+}
+
+// aliceCred comes from the user's APPTAINER_DOCKER_* CI/CD variables.
+func aliceCred(t *testing.T) auth.Credential {
+	return credentialOf(t, &job.Job{Vars: map[string]string{
+		"APPTAINER_DOCKER_USERNAME": "alice",
+		"APPTAINER_DOCKER_PASSWORD": alicePass,
+	}}, auth.UserVariables)
+}
+
+// tokenCred is the job token, offered because the image is on the job's
+// own CI_REGISTRY.
+func tokenCred(t *testing.T) auth.Credential {
+	resp := &job.Response{Token: tokenValue, Variables: []job.Variable{{Key: "CI_REGISTRY", Value: registry, Public: true}}}
+	return credentialOf(t, &job.Job{Vars: map[string]string{}, Response: resp}, auth.JobToken)
+}
+
+// anonymous is no credential at all.
+func anonymous(*testing.T) auth.Credential { return auth.Credential{} }
+
+// parsedRef is a validated reference, as Prepare hands it to Pull.
+func parsedRef(t *testing.T, s string) mechanism.Ref {
+	t.Helper()
+	ref, err := mechanism.ParseImage(s)
+	require.NoError(t, err)
+	return ref
+}
+
+// assertNoSecret fails when any string carries one of the test secrets.
+func assertNoSecret(t *testing.T, what string, ss ...string) {
+	t.Helper()
+	for _, s := range ss {
+		for _, secret := range []string{alicePass, tokenValue} {
+			require.NotContains(t, s, secret, "%s leaks a secret", what)
+		}
+	}
+}
+
+// fakeApptainerScript stands in for apptainer 1.5.3. Its behaviour is set
+// by files in the record dir R (version, help, image, pull-fail,
+// pull-nowrite, exec-fail) and it records what it was given there.
+const fakeApptainerScript = `#!/bin/sh
+R=@RECORD@
+case "$1" in
+version)
+	cat "$R/version"
+	[ -f "$R/version-fail" ] && exit 1
+	exit 0 ;;
+exec)
+	if [ "$2" = --help ]; then cat "$R/help"; exit 0; fi
+	printf '%s\n' "$@" > "$R/exec-argv"
+	env > "$R/exec-env"
+	if [ "$2" != --cleanenv ] || [ "$4" != /bin/sh ] || [ "$5" != -c ]; then
+		echo "FATAL:   fake apptainer: unexpected exec $*" >&2; exit 255
+	fi
+	if [ -f "$R/exec-fail" ]; then cat "$R/exec-fail" >&2; exit 255; fi
+	case "$(cat "$3")" in
+	*nosh*) echo 'FATAL:   stat /bin/sh: no such file or directory' >&2; exit 255 ;;
+	*bash*) echo /bin/bash ;;
+	*) echo /bin/sh ;;
+	esac ;;
+pull)
+	echo pull >> "$R/pulls"
+	printf '%s\n' "$@" > "$R/pull-argv"
+	env > "$R/pull-env"
+	readlink "/proc/$$/fd/0" > "$R/pull-stdin"
+	prev=
+	for a in "$@"; do out=$prev; prev=$a; done
+	echo 'INFO:    Converting OCI blobs to SIF format'
+	if [ -f "$R/pull-fail" ]; then
+		printf 'half a SIF' > "$out"
+		cat "$R/pull-fail" >&2
+		exit 255
+	fi
+	[ -f "$R/pull-nowrite" ] && exit 0
+	cat "$R/image" > "$out"
+	echo 'INFO:    Creating SIF file...' ;;
+*)
+	echo "FATAL:   fake apptainer: unknown command $1" >&2; exit 255 ;;
+esac
+`
+
+// helpWithUnderlay is an excerpt of `apptainer exec --help` (1.5.3).
+const helpWithUnderlay = `Run a command within a container
+
+Usage:
+  apptainer [global options...] exec [exec options...] <container> <command>
+
+Flags:
+  -B, --bind strings    a user-bind path specification.
+  -e, --cleanenv        clean environment before running container
+      --pwd string      initial working directory for payload process inside the container
+      --underlay        use underlay instead of overlay
+`
+
+// fakeApptainer is an application_path with the fake apptainer in it and
+// the runtime that uses it.
+type fakeApptainer struct {
+	app     string // application_path
+	rec     string // behaviour and record files
+	jobDir  string // the job's scripts dir
+	storage string
+	rt      *Runtime
+}
+
+// installFake sets up the fake; cfg may set cache_dir/tmp_dir (the
+// application_path and the storage root are filled in).
+func installFake(t *testing.T, cfg config.Mechanism, hostEnv map[string]string) *fakeApptainer {
+	t.Helper()
+	root := t.TempDir()
+	f := &fakeApptainer{
+		app:    filepath.Join(root, "bin"),
+		rec:    filepath.Join(root, "rec"),
+		jobDir: filepath.Join(root, "job"),
+	}
+	for _, d := range []string{f.app, f.rec, f.jobDir, filepath.Join(root, "images")} {
+		require.NoError(t, os.Mkdir(d, 0o755))
+	}
+	script := strings.ReplaceAll(fakeApptainerScript, "@RECORD@", "'"+f.rec+"'")
+	require.NoError(t, os.WriteFile(filepath.Join(f.app, "apptainer"), []byte(script), 0o755))
+	f.set(t, "version", "apptainer version 1.5.3\n")
+	f.set(t, "help", helpWithUnderlay)
+	f.set(t, "image", "SIF image with bash\n")
+	cfg.ApplicationPath = f.app
+	cfg.ImageStorageDir = filepath.Join(root, "images")
+	f.rt = runtimeFor(cfg, hostEnv)
+	f.storage = f.rt.Storage()
+	return f
+}
+
+// set writes a behaviour file.
+func (f *fakeApptainer) set(t *testing.T, name, content string) {
+	t.Helper()
+	require.NoError(t, os.WriteFile(filepath.Join(f.rec, name), []byte(content), 0o644))
+}
+
+// unset removes a behaviour or record file.
+func (f *fakeApptainer) unset(t *testing.T, name string) {
+	t.Helper()
+	require.NoError(t, os.RemoveAll(filepath.Join(f.rec, name)))
+}
+
+// lines reads a record file as lines.
+func (f *fakeApptainer) lines(t *testing.T, name string) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(f.rec, name))
+	require.NoError(t, err)
+	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+}
+
+// pulls is how often apptainer pull ran.
+func (f *fakeApptainer) pulls(t *testing.T) int {
+	t.Helper()
+	if _, err := os.Stat(filepath.Join(f.rec, "pulls")); os.IsNotExist(err) {
+		return 0
+	}
+	return len(f.lines(t, "pulls"))
+}
+
+// recordedEnv is a recorded environment without what the shell itself adds.
+func (f *fakeApptainer) recordedEnv(t *testing.T, name string) []string {
+	t.Helper()
+	var env []string
+	for _, kv := range f.lines(t, name) {
+		k, _, _ := strings.Cut(kv, "=")
+		if k == "PWD" || k == "OLDPWD" || k == "SHLVL" || k == "_" {
+			continue
+		}
+		env = append(env, kv)
+	}
+	return env
+}
+
+// stored is the path of the image in the user's storage.
+func (f *fakeApptainer) stored() string {
+	return filepath.Join(f.storage, "images", "127.0.0.1+5443_ci_tiny+latest.sif")
+}
+
+// jobSIF is the job's own link to it.
+func (f *fakeApptainer) jobSIF(key string) string { return filepath.Join(f.jobDir, key+".sif") }

@@ -1,0 +1,77 @@
+package apptainer
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os/exec"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+// probeTimeout bounds each probe command.
+const probeTimeout = 30 * time.Second
+
+// Features Probe reports in Info.Features.
+const (
+	// FeatureUnderlay: exec --underlay (binds to paths missing in the
+	// image).
+	FeatureUnderlay = "underlay"
+)
+
+// Probe finds apptainer and asks it for its version and exec options, once
+// per process.
+func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
+	r.probeOnce.Do(func() { r.info, r.probeErr = r.probe(ctx) })
+	return r.info, r.probeErr
+}
+
+func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
+	info := mechanism.Info{Features: map[string]bool{}, ReadOnlyBinds: true}
+	var err error
+	if info.Programs, err = mechanism.FindPrograms(Name, r.cfg.ApplicationPath, []string{"apptainer"}, nil); err != nil {
+		return info, err
+	}
+	bin := info.Programs["apptainer"]
+	out, err := r.probeRun(ctx, bin, "version")
+	if err != nil {
+		return info, failure.Systemf("apptainer: %s version failed: %v: %s", bin, err, mechanism.OneLine(out))
+	}
+	if info.Version, err = ParseVersion(out); err != nil {
+		return info, failure.Systemf("apptainer: %v", err)
+	}
+	help, err := r.probeRun(ctx, bin, "exec", "--help")
+	if err != nil {
+		return info, failure.Systemf("apptainer: %s exec --help failed: %v: %s", bin, err, mechanism.OneLine(help))
+	}
+	info.Features[FeatureUnderlay] = strings.Contains(help, "--underlay")
+	return info, nil
+}
+
+// probeRun runs an apptainer query with a minimal environment.
+func (r *Runtime) probeRun(ctx context.Context, argv ...string) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
+	cmd.Env = []string{"PATH=" + toolPath, "USER=" + r.user.Name, "HOME=" + r.user.Home, "LANG=C.UTF-8"}
+	var buf bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &buf, &buf
+	err := cmd.Run()
+	return buf.String(), err
+}
+
+var versionRE = regexp.MustCompile(`(?m)^\s*(?:apptainer version\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[-+~][0-9A-Za-z.+~-]*)?)\s*$`)
+
+// ParseVersion reads `apptainer version` output ("1.5.3", or
+// "1.4.0-rc.1+12-gabc" for builds from git).
+func ParseVersion(out string) (string, error) {
+	m := versionRE.FindStringSubmatch(out)
+	if m == nil {
+		return "", fmt.Errorf("cannot read the version from apptainer version output %q", mechanism.OneLine(out))
+	}
+	return m[1], nil
+}

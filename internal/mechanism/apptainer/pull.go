@@ -1,0 +1,211 @@
+package apptainer
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+// FormatSIF is the only image format: a SIF file.
+const FormatSIF = "sif"
+
+// sifName is the stored file name of a reference: one flat name per
+// reference ("127.0.0.1:5443/ci/tiny:latest" is "127.0.0.1+5443_ci_tiny+latest.sif").
+func sifName(ref string) string {
+	return strings.NewReplacer("/", "_", ":", "+", "@", "=").Replace(ref) + ".sif"
+}
+
+// Pull fetches the image as a SIF into the user's storage (per the pull
+// policy) and gives the job its own hard link to it, so that a later pull
+// of the same tag by another job cannot change the image under this one.
+func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
+	start := time.Now()
+	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatSIF, Digest: req.Ref.Digest}
+	info, err := r.Probe(ctx)
+	if err != nil {
+		return img, err
+	}
+	if err := r.prepareDirs(); err != nil {
+		return img, failure.Systemf("apptainer: %v", err)
+	}
+	stored := filepath.Join(r.storage, "images", sifName(req.Ref.Full))
+	fi, err := os.Stat(stored)
+	present := err == nil && fi.Mode().IsRegular()
+	switch {
+	case req.Policy == config.PullNever && !present:
+		return img, failure.Userf("image %s is not in your image storage %s and the pull policy is %q; ask the admin, or pull it once in a job with another policy",
+			req.Ref.Full, r.storage, config.PullNever)
+	case req.Policy == config.PullIfNotPresent && present:
+		req.Log.Printf("Image %s is already in the storage (pull policy %s).", req.Ref.Full, req.Policy)
+	case req.Policy == config.PullNever:
+	default:
+		if err := r.pull(ctx, info, req, stored); err != nil {
+			return img, err
+		}
+	}
+
+	img.Handle = stored
+	jobSIF := filepath.Join(req.Dir, req.JobKey+".sif")
+	_ = os.Remove(jobSIF) // left by an earlier attempt of this job (prepare is retried)
+	if err := os.Link(stored, jobSIF); err == nil {
+		img.Handle, img.Private = jobSIF, []string{jobSIF}
+	} else {
+		req.Log.Printf("The job uses %s in place (no hard link into its directory: %v).", stored, err)
+	}
+	if img.Shell, err = r.findShell(ctx, info, img.Handle, req); err != nil {
+		_ = r.Release(ctx, img, req.Dir)
+		return img, err
+	}
+	img.PullTime = time.Since(start)
+	return img, nil
+}
+
+// prepareDirs makes the user's storage, cache and tmp dirs, checking those
+// in admin-chosen (possibly shared) parents.
+func (r *Runtime) prepareDirs() error {
+	if err := mechanism.EnsureUserDir(r.storage); err != nil {
+		return fmt.Errorf("image storage: %w", err)
+	}
+	if err := os.MkdirAll(filepath.Join(r.storage, "images"), 0o700); err != nil {
+		return err
+	}
+	for _, d := range []struct{ key, root, dir string }{{"cache_dir", r.cfg.CacheDir, r.cacheDir()}, {"tmp_dir", r.cfg.TmpDir, r.tmpDir()}} {
+		var err error
+		if d.root == "" {
+			err = os.MkdirAll(d.dir, 0o700)
+		} else {
+			err = mechanism.EnsureUserDir(d.dir)
+		}
+		if err != nil {
+			return fmt.Errorf("general.apptainer.%s: %w", d.key, err)
+		}
+	}
+	return nil
+}
+
+// pull runs apptainer pull into a temporary name next to stored and renames
+// it into place, so that a job never sees a half-written SIF.
+func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, stored string) error {
+	tmp := fmt.Sprintf("%s.pulling-%s-%d", stored, req.JobKey, os.Getpid())
+	defer os.Remove(tmp)
+	end := req.Log.Section("apptainer_pull", "apptainer pull "+req.Ref.Full, false)
+	w := req.Log.Writer()
+	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.pullArgv(info, req, tmp), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.grace})
+	w.Close()
+	end()
+	if err != nil {
+		return failure.Systemf("apptainer: apptainer pull %s: %v", req.Ref.Full, err)
+	}
+	if res.ExitCode != 0 {
+		return classifyPull(req.Ref.Full, req.Credential, res.Tail, r.storage)
+	}
+	if err := os.Rename(tmp, stored); err != nil {
+		return failure.Systemf("apptainer: store the pulled image: %v", err)
+	}
+	return nil
+}
+
+// pullArgv is the apptainer pull command line (pure). No credential is ever
+// part of it: they travel in the environment (toolEnv).
+func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest, out string) []string {
+	argv := []string{info.Program("apptainer"), "pull", "--force"}
+	if req.Insecure {
+		argv = append(argv, "--no-https")
+	}
+	return append(argv, out, "docker://"+req.Ref.Full)
+}
+
+// classifyPull reads a failed apptainer pull's output; the class and the
+// advice are the shared ones (mechanism.PullError).
+func classifyPull(ref string, cred auth.Credential, tail, storage string) error {
+	last := mechanism.LastLine(tail, "FATAL:", "ERROR:")
+	if last == "" {
+		last = mechanism.LastLine(tail)
+	}
+	kind := mechanism.PullOther
+	switch {
+	case strings.Contains(tail, "authentication required") || strings.Contains(tail, "unauthorized"):
+		kind = mechanism.PullAuthRefused
+	case strings.Contains(tail, "manifest unknown") || strings.Contains(tail, "name unknown") || strings.Contains(tail, "not found"):
+		kind = mechanism.PullNotFound
+	case strings.Contains(tail, "server gave HTTP response to HTTPS client"):
+		kind = mechanism.PullPlainHTTP
+	case strings.Contains(tail, "x509:") || strings.Contains(tail, "certificate"):
+		kind = mechanism.PullTLS
+	case strings.Contains(tail, "connection refused") || strings.Contains(tail, "no such host") ||
+		strings.Contains(tail, "i/o timeout") || strings.Contains(tail, "dial tcp"):
+		kind = mechanism.PullUnreachable
+	case strings.Contains(tail, "no space left on device"):
+		kind = mechanism.PullStorage
+	default:
+		last = "apptainer pull failed: " + last
+	}
+	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
+}
+
+// shellProbe prints the shell stage scripts should run with. It is a fixed
+// script: no user data is ever part of it.
+const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`
+
+// findShell picks the image's shell for stage scripts: bash when it has
+// one, else sh (the runner's scripts work in both). Apptainer cannot look
+// into a SIF without running it, so this runs the image's sh once.
+func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, sif string, req mechanism.PullRequest) (string, error) {
+	var out strings.Builder
+	argv := []string{info.Program("apptainer"), "exec", "--cleanenv", sif, "/bin/sh", "-c", shellProbe}
+	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: argv, Env: r.execEnv(nil), Dir: req.Dir, Output: &out, Grace: r.grace})
+	if err != nil {
+		return "", failure.Systemf("apptainer: run %s: %v", req.Ref.Full, err)
+	}
+	if res.ExitCode == 0 {
+		shell := mechanism.LastLine(out.String(), "/")
+		if shell != "" {
+			return shell, nil
+		}
+	}
+	fatal := mechanism.LastLine(res.Tail, "FATAL:")
+	if strings.Contains(fatal, "/bin/sh") && (strings.Contains(fatal, "no such file") || strings.Contains(fatal, "not found")) {
+		return "", failure.Userf("image %s has no /bin/sh; use an image with a POSIX shell", req.Ref.Full)
+	}
+	if fatal == "" {
+		fatal = mechanism.LastLine(res.Tail)
+	}
+	return "", failure.Systemf("apptainer could not run image %s (exit code %d): %s", req.Ref.Full, res.ExitCode, fatal)
+}
+
+// Convert returns img unchanged: a SIF is already the single file a batch
+// job needs.
+func (r *Runtime) Convert(_ context.Context, img mechanism.Image, _ mechanism.ConvertRequest) (mechanism.Image, error) {
+	return img, nil
+}
+
+// jobSIFRE is the name of a per-job SIF link (mechanism.PullRequest.JobKey).
+var jobSIFRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*\.sif$`)
+
+// Release removes the job's own link to the image (jobDir/KEY.sif).
+// Nothing else is ever removed, whatever the state file says.
+func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
+	var errs []error
+	for _, p := range img.Private {
+		p = filepath.Clean(p)
+		if jobDir == "" || filepath.Dir(p) != filepath.Clean(jobDir) || !jobSIFRE.MatchString(filepath.Base(p)) {
+			errs = append(errs, fmt.Errorf("not removing %s: not a per-job image path", p))
+			continue
+		}
+		if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
