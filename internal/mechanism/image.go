@@ -131,3 +131,12 @@ func (a *Allowlist) Check(ref Ref) error {
 	}
 	return failure.Userf("image %s is not allowed on this runner (it matches no entry of the admin's image_allowlist); use an allowed image or ask the admin to add it", ref.Full)
 }
+
+// AtDigest is the reference pinned to digest ("registry/path@sha256:...").
+func (r Ref) AtDigest(digest string) string {
+	named, err := reference.ParseNormalizedNamed(r.Full)
+	if err != nil {
+		return r.Full // not reached: Full was made by ParseImage
+	}
+	return reference.TrimNamed(named).String() + "@" + digest
+}

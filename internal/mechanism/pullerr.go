@@ -3,6 +3,7 @@ package mechanism
 import (
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
 // PullFailure is what a failed pull came down to, as read from the runtime's
@@ -67,4 +68,17 @@ func PullError(kind PullFailure, ref string, cred auth.Credential, names auth.Va
 		return failure.Systemf("pulling %s: the image storage %s is broken (%s); remove it, it will be recreated", ref, storage, detail)
 	}
 	return failure.Systemf("pulling %s: %s", ref, detail)
+}
+
+// DigestError turns a failed digest lookup (package registry) into the
+// same classes and advice as a failed pull.
+func DigestError(err error, ref string, cred auth.Credential, names auth.VariableNames) error {
+	kind := map[registry.Failure]PullFailure{
+		registry.AuthRefused: PullAuthRefused,
+		registry.NotFound:    PullNotFound,
+		registry.TLS:         PullTLS,
+		registry.PlainHTTP:   PullPlainHTTP,
+		registry.Unreachable: PullUnreachable,
+	}[registry.Classify(err)]
+	return PullError(kind, ref, cred, names, "", "resolving the tag: "+OneLine(err.Error()))
 }

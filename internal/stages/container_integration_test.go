@@ -182,7 +182,7 @@ func TestContainerJobRunsInImage(t *testing.T) {
 			`echo "greeting=$GREETING"`,
 			`echo "uid=$(id -u)"`,
 			`echo "runner secret=[${RUNNER_SERVICE_SECRET:-unset}] custom=[${CUSTOM_ENV_CI_JOB_TOKEN:-unset}]"`,
-			`echo "leak=[${CI_EXEC_LEAK:-}${CI_EXEC_LEAK2:-}${LD_PRELOAD:-}${APPTAINER_BIND:-}]"`,
+			`echo "leak=[${CI_EXEC_LEAK:-}${CI_EXEC_LEAK2:-}${LD_PRELOAD:-}${CH_RUN_ARGS:-}]"`,
 			`ls -d /hostetc /hostetc2 2>/dev/null || echo "no host binds"`,
 			`echo made-in-container > made.txt`,
 			`echo cached > "$CI_PROJECT_DIR/../../../../cache-probe.txt" || true`,

@@ -15,6 +15,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
 // FormatSIF is the only image format: a SIF file.
@@ -26,12 +27,16 @@ func sifName(ref string) string {
 	return strings.NewReplacer("/", "_", ":", "+", "@", "=").Replace(ref) + ".sif"
 }
 
-// Pull fetches the image as a SIF into the user's storage (per the pull
-// policy) and gives the job its own hard link to it, so that a later pull
-// of the same tag by another job cannot change the image under this one.
+// Pull makes the image available as a SIF in the user's storage, keyed by
+// its manifest digest (images/sha256-HEX.sif), and gives the job its own
+// hard link to it, so that a later pull of the same tag by another job
+// cannot change the image under this one. The tag's digest is asked from
+// the registry (pull policy "always"; no pull when that digest is already
+// stored) or taken from the last pull of the tag (tags/NAME, for
+// "if-not-present" and "never"), and exactly that digest is pulled.
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
-	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatSIF, Digest: req.Ref.Digest}
+	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatSIF}
 	info, err := r.Probe(ctx)
 	if err != nil {
 		return img, err
@@ -39,20 +44,33 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err := r.prepareDirs(); err != nil {
 		return img, failure.Systemf("apptainer: %v", err)
 	}
-	stored := filepath.Join(r.storage, "images", sifName(req.Ref.Full))
-	fi, err := os.Stat(stored)
-	present := err == nil && fi.Mode().IsRegular()
+	tagFile := filepath.Join(r.storage, "tags", sifName(req.Ref.Full))
+	digest := req.Ref.Digest
+	if digest == "" && req.Policy != config.PullAlways {
+		digest = r.storedTag(tagFile)
+	}
+	if digest == "" && req.Policy != config.PullNever {
+		if digest, err = registry.Digest(ctx, req.Ref.Full, req.Credential, registry.Options{PlainHTTP: req.Insecure}); err != nil {
+			return img, mechanism.DigestError(err, req.Ref.Full, req.Credential, credentialVariables)
+		}
+	}
+	if digest == "" {
+		return img, r.notPresent(req)
+	}
+	img.Digest = digest
+	stored := filepath.Join(r.storage, "images", strings.ReplaceAll(digest, ":", "-")+".sif")
 	switch {
-	case req.Policy == config.PullNever && !present:
-		return img, failure.Userf("image %s is not in your image storage %s and the pull policy is %q; ask the admin, or pull it once in a job with another policy",
-			req.Ref.Full, r.storage, config.PullNever)
-	case req.Policy == config.PullIfNotPresent && present:
-		req.Log.Printf("Image %s is already in the storage (pull policy %s).", req.Ref.Full, req.Policy)
+	case isFile(stored):
+		req.Log.Printf("Image %s@%s is already in the storage: not pulled (pull policy %s).", req.Ref.Full, digest, req.Policy)
 	case req.Policy == config.PullNever:
+		return img, r.notPresent(req)
 	default:
-		if err := r.pull(ctx, info, req, stored); err != nil {
+		if err := r.pull(ctx, info, req, req.Ref.AtDigest(digest), stored); err != nil {
 			return img, err
 		}
+	}
+	if err := writeFileAtomic(tagFile, digest+"\n"); err != nil {
+		req.Log.Warnf("could not record the digest of %s: %v", req.Ref.Full, err)
 	}
 
 	img.Handle = stored
@@ -69,6 +87,49 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	}
 	img.PullTime = time.Since(start)
 	return img, nil
+}
+
+func (r *Runtime) notPresent(req mechanism.PullRequest) error {
+	return failure.Userf("image %s is not in your image storage %s and the pull policy is %q; ask the admin, or pull it once in a job with another policy",
+		req.Ref.Full, r.storage, req.Policy)
+}
+
+// storedTag is the digest the last pull of a tag got ("" if unknown or its
+// SIF is gone).
+func (r *Runtime) storedTag(tagFile string) string {
+	b, err := os.ReadFile(tagFile)
+	d := strings.TrimSpace(string(b))
+	if err != nil || !digestRE.MatchString(d) || !isFile(filepath.Join(r.storage, "images", strings.ReplaceAll(d, ":", "-")+".sif")) {
+		return ""
+	}
+	return d
+}
+
+var digestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
+
+func isFile(p string) bool {
+	fi, err := os.Stat(p)
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// writeFileAtomic replaces path with content (temp file and rename).
+func writeFileAtomic(path, content string) error {
+	if err := os.MkdirAll(filepath.Dir(path), 0o700); err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	if _, err := tmp.WriteString(content); err != nil {
+		tmp.Close()
+		return err
+	}
+	if err := tmp.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp.Name(), path)
 }
 
 // prepareDirs makes the user's storage, cache and tmp dirs, checking those
@@ -94,14 +155,15 @@ func (r *Runtime) prepareDirs() error {
 	return nil
 }
 
-// pull runs apptainer pull into a temporary name next to stored and renames
-// it into place, so that a job never sees a half-written SIF.
-func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, stored string) error {
+// pull runs apptainer pull of source (the reference at its digest) into a
+// temporary name next to stored and renames it into place, so that a job
+// never sees a half-written SIF.
+func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, source, stored string) error {
 	tmp := fmt.Sprintf("%s.pulling-%s-%d", stored, req.JobKey, os.Getpid())
 	defer os.Remove(tmp)
 	end := req.Log.Section("apptainer_pull", "apptainer pull "+req.Ref.Full, false)
 	w := req.Log.Writer()
-	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.pullArgv(info, req, tmp), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.grace})
+	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.pullArgv(info, req, source, tmp), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.grace})
 	w.Close()
 	end()
 	if err != nil {
@@ -118,12 +180,12 @@ func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.P
 
 // pullArgv is the apptainer pull command line (pure). No credential is ever
 // part of it: they travel in the environment (toolEnv).
-func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest, out string) []string {
+func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest, source, out string) []string {
 	argv := []string{info.Program("apptainer"), "pull", "--force"}
 	if req.Insecure {
 		argv = append(argv, "--no-https")
 	}
-	return append(argv, out, "docker://"+req.Ref.Full)
+	return append(argv, out, "docker://"+source)
 }
 
 // classifyPull reads a failed apptainer pull's output; the class and the
