@@ -11,7 +11,7 @@ import (
 // would give one job, for benchmarks that call its stages directly.
 type Driver struct {
 	Path, Config, Work string
-	Env               []string
+	Env                []string
 }
 
 // NewDriver builds ./cmd/ci-exec into work (run from the repository root),
