@@ -20,8 +20,8 @@ import (
 const (
 	jobUser    = "ciuser"
 	jobHome    = "/home/ciuser"
-	registry   = "127.0.0.1:5443"
-	tinyImage  = registry + "/ci/tiny:latest"
+	regHost    = "127.0.0.1:5443"
+	tinyImage  = regHost + "/ci/tiny:latest"
 	alicePass  = "alice-pw-0123456789"
 	tokenValue = "glcbt-apptainer-job-token-42"
 	jobKey     = "j42-abc"
@@ -48,37 +48,41 @@ var hostileHostEnv = map[string]string{
 // forbiddenEnvPrefixes are the variable-name prefixes that must not come
 // from the host.
 var forbiddenEnvPrefixes = []string{"APPTAINER_BIND=", "APPTAINER_DOCKER_PASSWORD=host", "SINGULARITY", "LD_PRELOAD=",
-	"LD_LIBRARY_PATH=", "CUSTOM_ENV_", "APPTAINERENV_LD_PRELOAD="}
+	"LD_LIBRARY_PATH=", "CUSTOM_ENV_", "APPTAINERENV_LD_PRELOAD=/evil.so"}
 
 // runtimeFor is the runtime under test for the job user.
 func runtimeFor(cfg config.Mechanism, hostEnv map[string]string) *Runtime {
 	return New(cfg, config.UserInfo{Name: jobUser, Home: jobHome}, hostEnv, 2*time.Second)
 }
 
-// credentialOf runs the real credential choice for a job and checks that
-// the expected kind came out.
-func credentialOf(t *testing.T, j *job.Job, want auth.Source) auth.Credential {
+// credentialOf runs the real credential choice for a job and an image on
+// reg, and checks that the expected kind came out.
+func credentialOf(t *testing.T, j *job.Job, reg string, want auth.Source) auth.Credential {
 	t.Helper()
-	c, err := auth.Choose(j, registry, credentialVariables)
+	c, err := auth.Choose(j, reg, credentialVariables)
 	require.NoError(t, err)
 	require.Equal(t, want, c.Source, c.String())
 	return c
 }
 
-// aliceCred comes from the user's APPTAINER_DOCKER_* CI/CD variables.
-func aliceCred(t *testing.T) auth.Credential {
+// aliceFor comes from the user's APPTAINER_DOCKER_* CI/CD variables.
+func aliceFor(t *testing.T, reg, password string) auth.Credential {
 	return credentialOf(t, &job.Job{Vars: map[string]string{
 		"APPTAINER_DOCKER_USERNAME": "alice",
-		"APPTAINER_DOCKER_PASSWORD": alicePass,
-	}}, auth.UserVariables)
+		"APPTAINER_DOCKER_PASSWORD": password,
+	}}, reg, auth.UserVariables)
 }
 
-// tokenCred is the job token, offered because the image is on the job's
+func aliceCred(t *testing.T) auth.Credential { return aliceFor(t, regHost, alicePass) }
+
+// tokenFor is the job token, offered because the image is on the job's
 // own CI_REGISTRY.
-func tokenCred(t *testing.T) auth.Credential {
-	resp := &job.Response{Token: tokenValue, Variables: []job.Variable{{Key: "CI_REGISTRY", Value: registry, Public: true}}}
-	return credentialOf(t, &job.Job{Vars: map[string]string{}, Response: resp}, auth.JobToken)
+func tokenFor(t *testing.T, reg string) auth.Credential {
+	resp := &job.Response{Token: tokenValue, Variables: []job.Variable{{Key: "CI_REGISTRY", Value: reg, Public: true}}}
+	return credentialOf(t, &job.Job{Vars: map[string]string{}, Response: resp}, reg, auth.JobToken)
 }
+
+func tokenCred(t *testing.T) auth.Credential { return tokenFor(t, regHost) }
 
 // anonymous is no credential at all.
 func anonymous(*testing.T) auth.Credential { return auth.Credential{} }
@@ -112,7 +116,7 @@ version)
 	[ -f "$R/version-fail" ] && exit 1
 	exit 0 ;;
 exec)
-	if [ "$2" = --help ]; then cat "$R/help"; exit 0; fi
+	if [ "$2" = --help ]; then cat "$R/help" || exit 1; exit 0; fi
 	printf '%s\n' "$@" > "$R/exec-argv"
 	env > "$R/exec-env"
 	if [ "$2" != --cleanenv ] || [ "$4" != /bin/sh ] || [ "$5" != -c ]; then
@@ -236,9 +240,10 @@ func (f *fakeApptainer) recordedEnv(t *testing.T, name string) []string {
 	return env
 }
 
-// stored is the path of the image in the user's storage.
-func (f *fakeApptainer) stored() string {
-	return filepath.Join(f.storage, "images", "127.0.0.1+5443_ci_tiny+latest.sif")
+// storedSIF is the path of an image in the user's storage: keyed by its
+// manifest digest.
+func (f *fakeApptainer) storedSIF(digest string) string {
+	return filepath.Join(f.storage, "images", strings.Replace(digest, ":", "-", 1)+".sif")
 }
 
 // jobSIF is the job's own link to it.

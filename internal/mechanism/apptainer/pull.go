@@ -21,10 +21,11 @@ import (
 // FormatSIF is the only image format: a SIF file.
 const FormatSIF = "sif"
 
-// sifName is the stored file name of a reference: one flat name per
-// reference ("127.0.0.1:5443/ci/tiny:latest" is "127.0.0.1+5443_ci_tiny+latest.sif").
+// sifName is the flat file name of a reference's tag record, made with
+// characters no reference contains, so two references never share one
+// ("127.0.0.1:5443/ci/tiny:latest" is "127.0.0.1+5443%ci%tiny+latest.sif").
 func sifName(ref string) string {
-	return strings.NewReplacer("/", "_", ":", "+", "@", "=").Replace(ref) + ".sif"
+	return strings.NewReplacer("/", "%", ":", "+", "@", "=").Replace(ref) + ".sif"
 }
 
 // Pull makes the image available as a SIF in the user's storage, keyed by
@@ -195,20 +196,22 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	if last == "" {
 		last = mechanism.LastLine(tail)
 	}
+	// The FATAL line decides: INFO and WARNING lines before it may contain
+	// the same words harmlessly ("gocryptfs not found").
 	kind := mechanism.PullOther
 	switch {
-	case strings.Contains(tail, "authentication required") || strings.Contains(tail, "unauthorized"):
+	case strings.Contains(last, "authentication required") || strings.Contains(last, "unauthorized"):
 		kind = mechanism.PullAuthRefused
-	case strings.Contains(tail, "manifest unknown") || strings.Contains(tail, "name unknown") || strings.Contains(tail, "not found"):
+	case strings.Contains(last, "manifest unknown") || strings.Contains(last, "name unknown") || strings.Contains(last, "not found"):
 		kind = mechanism.PullNotFound
-	case strings.Contains(tail, "server gave HTTP response to HTTPS client"):
+	case strings.Contains(last, "server gave HTTP response to HTTPS client"):
 		kind = mechanism.PullPlainHTTP
-	case strings.Contains(tail, "x509:") || strings.Contains(tail, "certificate"):
+	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
 		kind = mechanism.PullTLS
-	case strings.Contains(tail, "connection refused") || strings.Contains(tail, "no such host") ||
-		strings.Contains(tail, "i/o timeout") || strings.Contains(tail, "dial tcp"):
+	case strings.Contains(last, "connection refused") || strings.Contains(last, "no such host") ||
+		strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
 		kind = mechanism.PullUnreachable
-	case strings.Contains(tail, "no space left on device"):
+	case strings.Contains(last, "no space left on device"):
 		kind = mechanism.PullStorage
 	default:
 		last = "apptainer pull failed: " + last
@@ -256,12 +259,16 @@ func (r *Runtime) Convert(_ context.Context, img mechanism.Image, _ mechanism.Co
 var jobSIFRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*\.sif$`)
 
 // Release removes the job's own link to the image (jobDir/KEY.sif).
-// Nothing else is ever removed, whatever the state file says.
+// Nothing else is ever removed, whatever the state file says, and nothing
+// in the storage (stored SIFs are named sha256-HEX.sif, which a key could
+// look like).
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
 	var errs []error
+	storage := filepath.Clean(r.storage) + string(filepath.Separator)
 	for _, p := range img.Private {
 		p = filepath.Clean(p)
-		if jobDir == "" || filepath.Dir(p) != filepath.Clean(jobDir) || !jobSIFRE.MatchString(filepath.Base(p)) {
+		if jobDir == "" || filepath.Dir(p) != filepath.Clean(jobDir) || !jobSIFRE.MatchString(filepath.Base(p)) ||
+			strings.HasPrefix(p, storage) {
 			errs = append(errs, fmt.Errorf("not removing %s: not a per-job image path", p))
 			continue
 		}

@@ -1,0 +1,383 @@
+package apptainer
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+)
+
+func TestSifName(t *testing.T) {
+	tests := []struct{ given, want string }{
+		{"127.0.0.1:5443/ci/tiny:latest", "127.0.0.1+5443%ci%tiny+latest.sif"},
+		{"alpine", "docker.io%library%alpine+latest.sif"},
+		{"alpine:3.20", "docker.io%library%alpine+3.20.sif"},
+		{"registry.example.com/group/sub/img:v1.0-RC1", "registry.example.com%group%sub%img+v1.0-RC1.sif"},
+		{"127.0.0.1:5443/ci/tiny@sha256:" + strings.Repeat("ab", 32),
+			"127.0.0.1+5443%ci%tiny=sha256+" + strings.Repeat("ab", 32) + ".sif"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.given, func(t *testing.T) {
+			ref := parsedRef(t, tt.given)
+			name := sifName(ref.Full)
+			assert.Equal(t, tt.want, name)
+			assert.Equal(t, name, filepath.Base(name), "one flat name")
+			assert.NotContains(t, name, ":")
+		})
+	}
+}
+
+// TestSifNameTellsImagesApart: two different references must never share
+// a tag record (tags/NAME), or a job with pull policy if-not-present or
+// never may run the image another reference named.
+func TestSifNameTellsImagesApart(t *testing.T) {
+	pairs := []struct {
+		name string
+		a, b string
+		bug  string
+	}{
+		{"tag and path", "example.com/a:b", "example.com/a/b", ""},
+		{"port and tag", "example.com:5000/a", "example.com/5000/a:latest", ""},
+		{"tag and digest", "example.com/a:latest", "example.com/a@sha256:" + strings.Repeat("0", 64), ""},
+		{"underscore and slash in the path", "example.com/a_b/c:1", "example.com/a/b_c:1", ""},
+	}
+	for _, p := range pairs {
+		t.Run(p.name, func(t *testing.T) {
+			if p.bug != "" {
+				t.Skip("known bug, see the report: " + p.bug)
+			}
+			a, b := parsedRef(t, p.a), parsedRef(t, p.b)
+			require.NotEqual(t, a.Full, b.Full)
+			assert.NotEqual(t, sifName(a.Full), sifName(b.Full))
+		})
+	}
+}
+
+func TestPullArgv(t *testing.T) {
+	sys := mechanism.Info{Programs: map[string]string{"apptainer": "/usr/bin/apptainer"}}
+	app := mechanism.Info{Programs: map[string]string{"apptainer": "/opt/apptainer/bin/apptainer"}}
+	const out = "/var/tmp/ciuser.apptainer/images/sha256-x.sif.pulling-j42-abc-1"
+	digest := "sha256:" + strings.Repeat("d1", 32)
+	pinned := "docker://127.0.0.1:5443/ci/tiny@" + digest
+	tests := []struct {
+		name     string
+		info     mechanism.Info
+		cred     func(*testing.T) auth.Credential
+		insecure bool
+		want     []string
+	}{
+		{"anonymous", sys, anonymous, false,
+			[]string{"/usr/bin/apptainer", "pull", "--force", out, pinned}},
+		{"user credential", sys, aliceCred, false,
+			[]string{"/usr/bin/apptainer", "pull", "--force", out, pinned}},
+		{"job token", sys, tokenCred, false,
+			[]string{"/usr/bin/apptainer", "pull", "--force", out, pinned}},
+		{"insecure registry", sys, aliceCred, true,
+			[]string{"/usr/bin/apptainer", "pull", "--force", "--no-https", out, pinned}},
+		{"application_path", app, anonymous, true,
+			[]string{"/opt/apptainer/bin/apptainer", "pull", "--force", "--no-https", out, pinned}},
+		{"program unknown", mechanism.Info{}, anonymous, false,
+			[]string{"apptainer", "pull", "--force", out, pinned}},
+	}
+	r := runtimeFor(config.Mechanism{}, nil)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ref := parsedRef(t, tinyImage)
+			req := mechanism.PullRequest{Ref: ref, Credential: tt.cred(t), Insecure: tt.insecure, JobKey: jobKey}
+			argv := r.pullArgv(tt.info, req, ref.AtDigest(digest), out)
+			assert.Equal(t, tt.want, argv)
+			assertNoSecret(t, "pull argv", argv...)
+			for _, a := range argv {
+				assert.NotContains(t, a, "alice", "no username on the command line either")
+			}
+		})
+	}
+}
+
+func TestToolEnv(t *testing.T) {
+	host := map[string]string{
+		"https_proxy":        "http://proxy:3128",
+		"HTTP_PROXY":         "http://proxy:3128",
+		"NO_PROXY":           "localhost,127.0.0.1",
+		"SSL_CERT_FILE":      "/etc/ssl/ca.pem",
+		"REQUESTS_CA_BUNDLE": "/etc/ssl/ca.pem",
+	}
+	for k, v := range hostileHostEnv {
+		if _, ok := host[k]; !ok && strings.ToLower(k) != "https_proxy" && k != "NO_PROXY" {
+			host[k] = v
+		}
+	}
+	network := []string{"https_proxy=http://proxy:3128", "HTTP_PROXY=http://proxy:3128", "NO_PROXY=localhost,127.0.0.1",
+		"REQUESTS_CA_BUNDLE=/etc/ssl/ca.pem", "SSL_CERT_FILE=/etc/ssl/ca.pem"}
+	identity := func(path string) []string {
+		return []string{"PATH=" + path, "HOME=/home/ciuser", "USER=ciuser", "LOGNAME=ciuser", "LANG=C.UTF-8"}
+	}
+	dirs := func(cache, tmp string) []string {
+		return []string{"APPTAINER_CACHEDIR=" + cache, "APPTAINER_TMPDIR=" + tmp}
+	}
+	join := func(parts ...[]string) []string {
+		var all []string
+		for _, p := range parts {
+			all = append(all, p...)
+		}
+		return all
+	}
+	inStorage := dirs("/scratch/ciuser.apptainer/cache", "/scratch/ciuser.apptainer/tmp")
+
+	tests := []struct {
+		name    string
+		cfg     config.Mechanism
+		hostEnv map[string]string
+		cred    func(*testing.T) auth.Credential
+		want    []string
+	}{
+		{"anonymous", config.Mechanism{ImageStorageDir: "/scratch"}, host, anonymous,
+			join(identity(toolPath), inStorage, network)},
+		{"user credential", config.Mechanism{ImageStorageDir: "/scratch"}, host, aliceCred,
+			join(identity(toolPath), inStorage, network,
+				[]string{"APPTAINER_DOCKER_USERNAME=alice", "APPTAINER_DOCKER_PASSWORD=" + alicePass})},
+		{"job token", config.Mechanism{ImageStorageDir: "/scratch"}, host, tokenCred,
+			join(identity(toolPath), inStorage, network,
+				[]string{"APPTAINER_DOCKER_USERNAME=gitlab-ci-token", "APPTAINER_DOCKER_PASSWORD=" + tokenValue})},
+		{"default storage", config.Mechanism{}, nil, anonymous,
+			join(identity(toolPath), dirs("/var/tmp/ciuser.apptainer/cache", "/var/tmp/ciuser.apptainer/tmp"))},
+		{"cache_dir and tmp_dir", config.Mechanism{ImageStorageDir: "/scratch", CacheDir: "/cache", TmpDir: "/fast/tmp/"}, nil, anonymous,
+			join(identity(toolPath), dirs("/cache/ciuser", "/fast/tmp/ciuser"))},
+		{"cache_dir only", config.Mechanism{ImageStorageDir: "/scratch", CacheDir: "/cache"}, nil, anonymous,
+			join(identity(toolPath), dirs("/cache/ciuser", "/scratch/ciuser.apptainer/tmp"))},
+		{"application_path first in PATH", config.Mechanism{ImageStorageDir: "/scratch", ApplicationPath: "/opt/apptainer/bin"}, nil, anonymous,
+			join(identity("/opt/apptainer/bin:"+toolPath), inStorage)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cred := tt.cred(t)
+			got := runtimeFor(tt.cfg, tt.hostEnv).toolEnv(cred)
+			assert.Equal(t, tt.want, got)
+			for _, kv := range got {
+				for _, p := range forbiddenEnvPrefixes {
+					assert.False(t, strings.HasPrefix(kv, p), "host variable %s reached apptainer pull", kv)
+				}
+			}
+			var carriers []string
+			for _, kv := range got {
+				if strings.Contains(kv, alicePass) || strings.Contains(kv, tokenValue) {
+					k, _, _ := strings.Cut(kv, "=")
+					carriers = append(carriers, k)
+				}
+			}
+			if cred.Anonymous() {
+				assert.Empty(t, carriers)
+			} else {
+				assert.Equal(t, []string{"APPTAINER_DOCKER_PASSWORD"}, carriers, "the secret travels in exactly one variable")
+			}
+		})
+	}
+}
+
+// FATAL lines as Apptainer 1.5.3 prints them for docker:// pulls.
+const (
+	fatalFetch     = "FATAL:   While making image from oci registry: error fetching image: "
+	tailAuth       = "INFO:    Converting OCI blobs to SIF format\n" + fatalFetch + "failed to get checksum for docker://127.0.0.1:5443/ci/tiny:latest: reading manifest latest in 127.0.0.1:5443/ci/tiny: authentication required\n"
+	tailUnauth     = fatalFetch + "reading manifest latest in 127.0.0.1:5443/ci/tiny: unauthorized: authentication required\n"
+	tailManifest   = fatalFetch + "reading manifest nope in 127.0.0.1:5443/ci/tiny: manifest unknown\n"
+	tailName       = fatalFetch + "reading manifest latest in 127.0.0.1:5443/ci/none: name unknown: repository name not known to registry\n"
+	tailPlainHTTP  = fatalFetch + `failed to get checksum for docker://127.0.0.1:5000/ci/tiny:latest: pinging container registry 127.0.0.1:5000: Get "https://127.0.0.1:5000/v2/": http: server gave HTTP response to HTTPS client` + "\n"
+	tailX509       = fatalFetch + `pinging container registry 127.0.0.1:5443: Get "https://127.0.0.1:5443/v2/": tls: failed to verify certificate: x509: certificate signed by unknown authority` + "\n"
+	tailRefused    = fatalFetch + `pinging container registry 127.0.0.1:5999: Get "https://127.0.0.1:5999/v2/": dial tcp 127.0.0.1:5999: connect: connection refused` + "\n"
+	tailNoHost     = fatalFetch + `pinging container registry registry.invalid: Get "https://registry.invalid/v2/": dial tcp: lookup registry.invalid on 127.0.0.53:53: no such host` + "\n"
+	tailTimeout    = fatalFetch + `pinging container registry 10.0.0.1:5443: Get "https://10.0.0.1:5443/v2/": dial tcp 10.0.0.1:5443: i/o timeout` + "\n"
+	tailNoSpace    = "FATAL:   While making image from oci registry: while building SIF from layers: unable to create new build: write /scratch/ciuser.apptainer/tmp/build-temp-1/rootfs/x: no space left on device\n"
+	tailUnknown    = "INFO:    Converting OCI blobs to SIF format\nFATAL:   While making image from oci registry: something entirely new\n"
+	tailNoFatal    = "INFO:    Converting OCI blobs to SIF format\nKilled\n"
+	storageForTest = "/scratch/ciuser.apptainer"
+)
+
+func TestClassifyPull(t *testing.T) {
+	tests := []struct {
+		name  string
+		cred  func(*testing.T) auth.Credential
+		tail  string
+		class failure.Class
+		want  []string
+	}{
+		{"auth required, user credentials", aliceCred, tailAuth, failure.User,
+			[]string{tinyImage, "APPTAINER_DOCKER_USERNAME/APPTAINER_DOCKER_PASSWORD", "user alice"}},
+		{"auth required, job token", tokenCred, tailAuth, failure.System, []string{tinyImage, "job token", "retry"}},
+		{"auth required, anonymous", anonymous, tailAuth, failure.User,
+			[]string{tinyImage, "image not found", "set APPTAINER_DOCKER_USERNAME and APPTAINER_DOCKER_PASSWORD"}},
+		{"unauthorized, user credentials", aliceCred, tailUnauth, failure.User, []string{"refused the credentials"}},
+		{"unauthorized, job token", tokenCred, tailUnauth, failure.System, []string{"job token"}},
+		{"manifest unknown, anonymous", anonymous, tailManifest, failure.User, []string{tinyImage, "image not found"}},
+		{"manifest unknown, user credentials", aliceCred, tailManifest, failure.User, []string{"image not found"}},
+		{"manifest unknown, job token", tokenCred, tailManifest, failure.User, []string{"job token may read it"}},
+		{"name unknown", anonymous, tailName, failure.User, []string{"image not found"}},
+		{"plain HTTP registry", anonymous, tailPlainHTTP, failure.System,
+			[]string{"plain HTTP", "insecure_registries", "server gave HTTP response to HTTPS client"}},
+		{"plain HTTP registry with credentials", aliceCred, tailPlainHTTP, failure.System, []string{"insecure_registries"}},
+		{"untrusted certificate", anonymous, tailX509, failure.System,
+			[]string{"TLS certificate", "insecure_registries", "x509: certificate signed by unknown authority"}},
+		{"connection refused", aliceCred, tailRefused, failure.System, []string{"unreachable", "connect: connection refused"}},
+		{"no such host", anonymous, tailNoHost, failure.System, []string{"unreachable", "no such host"}},
+		{"timeout", anonymous, tailTimeout, failure.System, []string{"unreachable", "i/o timeout"}},
+		{"disk full", anonymous, tailNoSpace, failure.System, []string{storageForTest, "no space left on device"}},
+		{"unknown FATAL", aliceCred, tailUnknown, failure.System,
+			[]string{tinyImage, "apptainer pull failed: FATAL:   While making image from oci registry: something entirely new"}},
+		{"no FATAL line at all", tokenCred, tailNoFatal, failure.System, []string{"apptainer pull failed: Killed"}},
+		{"empty output", anonymous, "", failure.System, []string{tinyImage, "apptainer pull failed"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := classifyPull(tinyImage, tt.cred(t), tt.tail, storageForTest)
+			require.Error(t, err)
+			assert.Equal(t, tt.class, failure.ClassOf(err), err.Error())
+			for _, s := range tt.want {
+				assert.Contains(t, err.Error(), s)
+			}
+			assertNoSecret(t, "error message", err.Error())
+		})
+	}
+}
+
+// TestClassifyPullReadsTheFatalLine: classification must follow the line
+// that made apptainer fail, not harmless words earlier in its output.
+func TestClassifyPullReadsTheFatalLine(t *testing.T) {
+	tests := []struct {
+		name  string
+		tail  string
+		class failure.Class
+		bug   string
+	}{
+		{"INFO line before a refused connection", "INFO:    gocryptfs not found, will not be able to use gocryptfs\n" + tailRefused,
+			failure.System, ""},
+		{"WARNING about a certificate before a missing manifest", "WARNING: certificate of the keyserver expires soon\n" + tailManifest,
+			failure.User, ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.bug != "" {
+				t.Skip("known bug, see the report: " + tt.bug)
+			}
+			err := classifyPull(tinyImage, auth.Credential{}, tt.tail, storageForTest)
+			assert.Equal(t, tt.class, failure.ClassOf(err), err.Error())
+		})
+	}
+}
+
+func TestReleaseRemovesTheJobLink(t *testing.T) {
+	base := t.TempDir()
+	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
+	images := filepath.Join(r.Storage(), "images")
+	require.NoError(t, os.MkdirAll(images, 0o700))
+	stored := filepath.Join(images, "sha256-"+strings.Repeat("ab", 32)+".sif")
+	require.NoError(t, os.WriteFile(stored, []byte("SIF"), 0o644))
+	jobDir := filepath.Join(base, "job")
+	require.NoError(t, os.Mkdir(jobDir, 0o700))
+	link := filepath.Join(jobDir, jobKey+".sif")
+	require.NoError(t, os.Link(stored, link))
+	other := filepath.Join(jobDir, "j43-other.sif")
+	require.NoError(t, os.WriteFile(other, []byte("SIF"), 0o644))
+
+	img := mechanism.Image{Ref: tinyImage, Handle: link, Format: FormatSIF, Private: []string{link}}
+	require.NoError(t, r.Release(context.Background(), img, jobDir))
+	assert.NoFileExists(t, link)
+	assert.FileExists(t, stored, "the stored image stays")
+	assert.FileExists(t, other, "another key's link stays")
+
+	// Cleanup may run twice.
+	require.NoError(t, r.Release(context.Background(), img, jobDir))
+	require.NoError(t, r.Release(context.Background(), img, jobDir+"/"))
+	// An image without per-job files (no hard link was possible).
+	require.NoError(t, r.Release(context.Background(), mechanism.Image{Handle: stored}, jobDir))
+}
+
+func TestReleaseRefuses(t *testing.T) {
+	base := t.TempDir()
+	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
+	images := filepath.Join(r.Storage(), "images")
+	jobDir := filepath.Join(base, "job")
+	otherJob := filepath.Join(base, "other-job")
+	sub := filepath.Join(jobDir, "sub")
+	for _, d := range []string{images, jobDir, otherJob, sub} {
+		require.NoError(t, os.MkdirAll(d, 0o700))
+	}
+	stored := filepath.Join(images, "sha256-"+strings.Repeat("ab", 32)+".sif")
+	keyLikeInStorage := filepath.Join(images, "j42-abc.sif")
+	precious := []string{
+		stored,
+		keyLikeInStorage,
+		filepath.Join(otherJob, "j42-abc.sif"),
+		filepath.Join(sub, "j42-abc.sif"),
+		filepath.Join(jobDir, "J42-ABC.sif"),
+		filepath.Join(jobDir, "-rf.sif"),
+		filepath.Join(jobDir, "j42_abc.sif"),
+		filepath.Join(jobDir, "j42-abc.sqfs"),
+		filepath.Join(jobDir, "j42-abc.sif.pulling-j42-abc-1"),
+		filepath.Join(jobDir, ".sif"),
+		filepath.Join(jobDir, "state.json"),
+	}
+	plant := func(t *testing.T) {
+		for _, p := range precious {
+			require.NoError(t, os.WriteFile(p, []byte("keep"), 0o644))
+		}
+	}
+
+	tests := []struct {
+		name, jobDir, path string
+		bug                string
+	}{
+		{"the stored image", jobDir, stored, ""},
+		{"the stored image, storage as job dir", images, stored, ""},
+		{"key-like name in the storage", jobDir, keyLikeInStorage, ""},
+		{"another job's dir", jobDir, filepath.Join(otherJob, "j42-abc.sif"), ""},
+		{"dot-dot out of the job dir", jobDir, jobDir + "/../other-job/j42-abc.sif", ""},
+		{"a subdir of the job dir", jobDir, filepath.Join(sub, "j42-abc.sif"), ""},
+		{"uppercase", jobDir, filepath.Join(jobDir, "J42-ABC.sif"), ""},
+		{"leading dash", jobDir, filepath.Join(jobDir, "-rf.sif"), ""},
+		{"underscore", jobDir, filepath.Join(jobDir, "j42_abc.sif"), ""},
+		{"not a .sif", jobDir, filepath.Join(jobDir, "j42-abc.sqfs"), ""},
+		{"a temp pull name", jobDir, filepath.Join(jobDir, "j42-abc.sif.pulling-j42-abc-1"), ""},
+		{"empty key", jobDir, filepath.Join(jobDir, ".sif"), ""},
+		{"the state file", jobDir, filepath.Join(jobDir, "state.json"), ""},
+		{"the job dir itself", jobDir, jobDir, ""},
+		{"empty job dir, relative name", "", "j42-abc.sif", ""},
+		{"empty job dir, absolute name", "", filepath.Join(jobDir, "j42-abc.sif"), ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.bug != "" {
+				t.Skip("known bug, see the report: " + tt.bug)
+			}
+			plant(t)
+			err := r.Release(context.Background(), mechanism.Image{Private: []string{tt.path}}, tt.jobDir)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), "not a per-job image path")
+			for _, p := range precious {
+				assert.FileExists(t, p)
+			}
+			assert.DirExists(t, jobDir)
+		})
+	}
+
+	// A refused path does not keep the real link from going.
+	plant(t)
+	link := filepath.Join(jobDir, jobKey+".sif")
+	require.NoError(t, os.WriteFile(link, []byte("SIF"), 0o644))
+	err := r.Release(context.Background(), mechanism.Image{Private: []string{stored, link}}, jobDir)
+	require.Error(t, err)
+	assert.NoFileExists(t, link)
+	assert.FileExists(t, stored)
+
+	// With an empty job dir nothing at all is removed.
+	require.NoError(t, os.WriteFile(link, []byte("SIF"), 0o644))
+	require.Error(t, r.Release(context.Background(), mechanism.Image{Private: []string{link}}, ""))
+	assert.FileExists(t, link)
+}
