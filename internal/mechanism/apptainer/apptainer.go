@@ -18,7 +18,6 @@ package apptainer
 
 import (
 	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
@@ -35,15 +34,7 @@ const toolPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Runtime is the Apptainer mechanism for one job user.
 type Runtime struct {
-	cfg     config.Mechanism
-	user    config.UserInfo
-	storage string
-	hostEnv map[string]string
-	grace   time.Duration
-
-	probeOnce sync.Once
-	info      mechanism.Info
-	probeErr  error
+	mechanism.Base
 }
 
 var _ mechanism.Runtime = (*Runtime)(nil)
@@ -52,31 +43,19 @@ var _ mechanism.PrepEnver = (*Runtime)(nil)
 // New returns the runtime for the job user. hostEnv is the driver's own
 // environment, consulted only for proxy and CA settings of pulls.
 func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
-	return &Runtime{cfg: cfg, user: user, storage: StorageDir(cfg.ImageStorageDir, user.Name), hostEnv: hostEnv, grace: grace}
+	return &Runtime{Base: mechanism.NewBase(cfg, user, hostEnv, grace, ".apptainer")}
 }
-
-// StorageDir is the user's image storage: <image_storage_dir>/<user>.apptainer,
-// by default under /var/tmp, like Charliecloud's.
-func StorageDir(imageStorageDir, user string) string {
-	if imageStorageDir == "" {
-		imageStorageDir = "/var/tmp"
-	}
-	return filepath.Join(imageStorageDir, user+".apptainer")
-}
-
-// Storage is the user's storage directory.
-func (r *Runtime) Storage() string { return r.storage }
 
 // cacheDir and tmpDir are APPTAINER_CACHEDIR and APPTAINER_TMPDIR: under
 // the admin's cache_dir/tmp_dir (per user), else inside the storage.
-func (r *Runtime) cacheDir() string { return r.userDir(r.cfg.CacheDir, "cache") }
-func (r *Runtime) tmpDir() string   { return r.userDir(r.cfg.TmpDir, "tmp") }
+func (r *Runtime) cacheDir() string { return r.userDir(r.Cfg.CacheDir, "cache") }
+func (r *Runtime) tmpDir() string   { return r.userDir(r.Cfg.TmpDir, "tmp") }
 
 func (r *Runtime) userDir(root, inStorage string) string {
 	if root == "" {
-		return filepath.Join(r.storage, inStorage)
+		return filepath.Join(r.Storage, inStorage)
 	}
-	return filepath.Join(root, r.user.Name)
+	return filepath.Join(root, r.User.Name)
 }
 
 func (r *Runtime) Name() string             { return Name }
@@ -89,16 +68,13 @@ var credentialVariables = auth.VariableNames{Username: "APPTAINER_DOCKER_USERNAM
 func (r *Runtime) CredentialVariables() auth.VariableNames { return credentialVariables }
 
 // PrepEnv tells prep_script where the user's image storage is.
-func (r *Runtime) PrepEnv() []string { return []string{"CI_EXEC_APPTAINER_STORAGE=" + r.storage} }
+func (r *Runtime) PrepEnv() []string { return []string{"CI_EXEC_APPTAINER_STORAGE=" + r.Storage} }
 
 // toolEnv is the environment of `apptainer pull` (see mechanism.ToolEnv).
 func (r *Runtime) toolEnv(cred auth.Credential) []string {
-	path := toolPath
-	if r.cfg.ApplicationPath != "" {
-		path = r.cfg.ApplicationPath + ":" + toolPath
-	}
+	path := r.ToolPath(toolPath)
 	settings := []string{"APPTAINER_CACHEDIR=" + r.cacheDir(), "APPTAINER_TMPDIR=" + r.tmpDir()}
-	return mechanism.ToolEnv(r.user, path, settings, r.hostEnv, false, cred, credentialVariables)
+	return mechanism.ToolEnv(r.User, path, settings, r.HostEnv, false, cred, credentialVariables)
 }
 
 // RunFlags is `apptainer exec`'s option table (1.5.3, cmd/internal/cli).

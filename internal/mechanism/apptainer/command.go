@@ -1,7 +1,6 @@
 package apptainer
 
 import (
-	"errors"
 	"fmt"
 	"strings"
 
@@ -18,11 +17,8 @@ import (
 // container gets the variables in spec.Env as APPTAINERENV_ settings in
 // apptainer's own, explicit environment (never on the command line).
 func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
-	if len(spec.Argv) == 0 {
-		return nil, nil, errors.New("no command to run")
-	}
-	if spec.Image.Handle == "" {
-		return nil, nil, errors.New("no image")
+	if err := mechanism.CheckSpec(spec); err != nil {
+		return nil, nil, err
 	}
 	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv"}
 	for _, b := range spec.Binds {
@@ -52,11 +48,7 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 // refuses APPTAINERENV_HOME), and PATH is left to the image (its ENV
 // settings) and apptainer's default: a host PATH means nothing inside.
 func (r *Runtime) execEnv(containerEnv []string) []string {
-	path := toolPath
-	if r.cfg.ApplicationPath != "" {
-		path = r.cfg.ApplicationPath + ":" + toolPath
-	}
-	env := []string{"PATH=" + path, "HOME=" + r.user.Home, "USER=" + r.user.Name, "LOGNAME=" + r.user.Name, "LANG=C.UTF-8"}
+	env := []string{"PATH=" + r.ToolPath(toolPath), "HOME=" + r.User.Home, "USER=" + r.User.Name, "LOGNAME=" + r.User.Name, "LANG=C.UTF-8"}
 	for _, kv := range containerEnv {
 		k, _, _ := strings.Cut(kv, "=")
 		if k == "HOME" || k == "PATH" {

@@ -22,9 +22,9 @@ func TestIdentityAndStorage(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, StorageDir(tt.root, jobUser))
+			assert.Equal(t, tt.want, mechanism.StorageDir(tt.root, jobUser+".apptainer"))
 			r := runtimeFor(config.Mechanism{ImageStorageDir: tt.root}, nil)
-			assert.Equal(t, tt.want, r.Storage())
+			assert.Equal(t, tt.want, r.Storage)
 			assert.Equal(t, []string{"CI_EXEC_APPTAINER_STORAGE=" + tt.want}, r.PrepEnv())
 		})
 	}

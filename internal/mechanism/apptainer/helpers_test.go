@@ -193,7 +193,7 @@ func installFake(t *testing.T, cfg config.Mechanism, hostEnv map[string]string) 
 	cfg.ApplicationPath = f.app
 	cfg.ImageStorageDir = filepath.Join(root, "images")
 	f.rt = runtimeFor(cfg, hostEnv)
-	f.storage = f.rt.Storage()
+	f.storage = f.rt.Storage
 	return f
 }
 

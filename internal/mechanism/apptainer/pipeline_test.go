@@ -602,7 +602,7 @@ func TestPrepareDirs(t *testing.T) {
 		root := t.TempDir()
 		r := runtimeFor(config.Mechanism{ImageStorageDir: root}, nil)
 		require.NoError(t, r.prepareDirs())
-		for _, d := range []string{r.Storage(), filepath.Join(r.Storage(), "images"), r.cacheDir(), r.tmpDir()} {
+		for _, d := range []string{r.Storage, filepath.Join(r.Storage, "images"), r.cacheDir(), r.tmpDir()} {
 			assert.Equal(t, os.FileMode(0o700), modeOf(t, d), d)
 		}
 		assert.Equal(t, filepath.Join(root, "ciuser.apptainer", "cache"), r.cacheDir())
@@ -620,8 +620,8 @@ func TestPrepareDirs(t *testing.T) {
 		require.NoError(t, r.prepareDirs())
 		assert.Equal(t, os.FileMode(0o700), modeOf(t, filepath.Join(cache, jobUser)))
 		assert.Equal(t, os.FileMode(0o700), modeOf(t, filepath.Join(tmp, jobUser)))
-		assert.NoDirExists(t, filepath.Join(r.Storage(), "cache"))
-		assert.NoDirExists(t, filepath.Join(r.Storage(), "tmp"))
+		assert.NoDirExists(t, filepath.Join(r.Storage, "cache"))
+		assert.NoDirExists(t, filepath.Join(r.Storage, "tmp"))
 		require.NoError(t, r.prepareDirs())
 	})
 

@@ -1,10 +1,8 @@
 package apptainer
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"os/exec"
 	"regexp"
 	"strings"
 	"time"
@@ -26,42 +24,29 @@ const (
 // Probe finds apptainer and asks it for its version and exec options, once
 // per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
-	r.probeOnce.Do(func() { r.info, r.probeErr = r.probe(ctx) })
-	return r.info, r.probeErr
+	return r.Probed(ctx, r.probe)
 }
 
 func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
 	info := mechanism.Info{Features: map[string]bool{}, ReadOnlyBinds: true}
 	var err error
-	if info.Programs, err = mechanism.FindPrograms(Name, r.cfg.ApplicationPath, []string{"apptainer"}, nil); err != nil {
+	if info.Programs, err = mechanism.FindPrograms(Name, r.Cfg.ApplicationPath, []string{"apptainer"}, nil); err != nil {
 		return info, err
 	}
 	bin := info.Programs["apptainer"]
-	out, err := r.probeRun(ctx, bin, "version")
+	out, err := r.Query(ctx, toolPath, bin, "version")
 	if err != nil {
 		return info, failure.Systemf("apptainer: %s version failed: %v: %s", bin, err, mechanism.OneLine(out))
 	}
 	if info.Version, err = ParseVersion(out); err != nil {
 		return info, failure.Systemf("apptainer: %v", err)
 	}
-	help, err := r.probeRun(ctx, bin, "exec", "--help")
+	help, err := r.Query(ctx, toolPath, bin, "exec", "--help")
 	if err != nil {
 		return info, failure.Systemf("apptainer: %s exec --help failed: %v: %s", bin, err, mechanism.OneLine(help))
 	}
 	info.Features[FeatureUnderlay] = strings.Contains(help, "--underlay")
 	return info, nil
-}
-
-// probeRun runs an apptainer query with a minimal environment.
-func (r *Runtime) probeRun(ctx context.Context, argv ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = []string{"PATH=" + toolPath, "USER=" + r.user.Name, "HOME=" + r.user.Home, "LANG=C.UTF-8"}
-	var buf bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &buf, &buf
-	err := cmd.Run()
-	return buf.String(), err
 }
 
 var versionRE = regexp.MustCompile(`(?m)^\s*(?:apptainer version\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[-+~][0-9A-Za-z.+~-]*)?)\s*$`)

@@ -45,7 +45,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err := r.prepareDirs(); err != nil {
 		return img, failure.Systemf("apptainer: %v", err)
 	}
-	tagFile := filepath.Join(r.storage, "tags", sifName(req.Ref.Full))
+	tagFile := filepath.Join(r.Storage, "tags", sifName(req.Ref.Full))
 	digest := req.Ref.Digest
 	if digest == "" && req.Policy != config.PullAlways {
 		digest = r.storedTag(tagFile)
@@ -59,7 +59,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		return img, r.notPresent(req)
 	}
 	img.Digest = digest
-	stored := filepath.Join(r.storage, "images", strings.ReplaceAll(digest, ":", "-")+".sif")
+	stored := filepath.Join(r.Storage, "images", strings.ReplaceAll(digest, ":", "-")+".sif")
 	switch {
 	case isFile(stored):
 		req.Log.Printf("Image %s@%s is already in the storage: not pulled (pull policy %s).", req.Ref.Full, digest, req.Policy)
@@ -92,7 +92,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 
 func (r *Runtime) notPresent(req mechanism.PullRequest) error {
 	return failure.Userf("image %s is not in your image storage %s and the pull policy is %q; ask the admin, or pull it once in a job with another policy",
-		req.Ref.Full, r.storage, req.Policy)
+		req.Ref.Full, r.Storage, req.Policy)
 }
 
 // storedTag is the digest the last pull of a tag got ("" if unknown or its
@@ -100,7 +100,7 @@ func (r *Runtime) notPresent(req mechanism.PullRequest) error {
 func (r *Runtime) storedTag(tagFile string) string {
 	b, err := os.ReadFile(tagFile)
 	d := strings.TrimSpace(string(b))
-	if err != nil || !digestRE.MatchString(d) || !isFile(filepath.Join(r.storage, "images", strings.ReplaceAll(d, ":", "-")+".sif")) {
+	if err != nil || !digestRE.MatchString(d) || !isFile(filepath.Join(r.Storage, "images", strings.ReplaceAll(d, ":", "-")+".sif")) {
 		return ""
 	}
 	return d
@@ -136,13 +136,13 @@ func writeFileAtomic(path, content string) error {
 // prepareDirs makes the user's storage, cache and tmp dirs, checking those
 // in admin-chosen (possibly shared) parents.
 func (r *Runtime) prepareDirs() error {
-	if err := mechanism.EnsureUserDir(r.storage); err != nil {
+	if err := mechanism.EnsureUserDir(r.Storage); err != nil {
 		return fmt.Errorf("image storage: %w", err)
 	}
-	if err := os.MkdirAll(filepath.Join(r.storage, "images"), 0o700); err != nil {
+	if err := os.MkdirAll(filepath.Join(r.Storage, "images"), 0o700); err != nil {
 		return err
 	}
-	for _, d := range []struct{ key, root, dir string }{{"cache_dir", r.cfg.CacheDir, r.cacheDir()}, {"tmp_dir", r.cfg.TmpDir, r.tmpDir()}} {
+	for _, d := range []struct{ key, root, dir string }{{"cache_dir", r.Cfg.CacheDir, r.cacheDir()}, {"tmp_dir", r.Cfg.TmpDir, r.tmpDir()}} {
 		var err error
 		if d.root == "" {
 			err = os.MkdirAll(d.dir, 0o700)
@@ -164,14 +164,14 @@ func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.P
 	defer os.Remove(tmp)
 	end := req.Log.Section("apptainer_pull", "apptainer pull "+req.Ref.Full, false)
 	w := req.Log.Writer()
-	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.pullArgv(info, req, source, tmp), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.grace})
+	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.pullArgv(info, req, source, tmp), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.Grace})
 	w.Close()
 	end()
 	if err != nil {
 		return failure.Systemf("apptainer: apptainer pull %s: %v", req.Ref.Full, err)
 	}
 	if res.ExitCode != 0 {
-		return classifyPull(req.Ref.Full, req.Credential, res.Tail, r.storage)
+		return classifyPull(req.Ref.Full, req.Credential, res.Tail, r.Storage)
 	}
 	if err := os.Rename(tmp, stored); err != nil {
 		return failure.Systemf("apptainer: store the pulled image: %v", err)
@@ -229,7 +229,7 @@ const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then ec
 func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, sif string, req mechanism.PullRequest) (string, error) {
 	var out strings.Builder
 	argv := []string{info.Program("apptainer"), "exec", "--cleanenv", sif, "/bin/sh", "-c", shellProbe}
-	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: argv, Env: r.execEnv(nil), Dir: req.Dir, Output: &out, Grace: r.grace})
+	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: argv, Env: r.execEnv(nil), Dir: req.Dir, Output: &out, Grace: r.Grace})
 	if err != nil {
 		return "", failure.Systemf("apptainer: run %s: %v", req.Ref.Full, err)
 	}
@@ -264,7 +264,7 @@ var jobSIFRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*\.sif$`)
 // look like).
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
 	var errs []error
-	storage := filepath.Clean(r.storage) + string(filepath.Separator)
+	storage := filepath.Clean(r.Storage) + string(filepath.Separator)
 	for _, p := range img.Private {
 		p = filepath.Clean(p)
 		if jobDir == "" || filepath.Dir(p) != filepath.Clean(jobDir) || !jobSIFRE.MatchString(filepath.Base(p)) ||

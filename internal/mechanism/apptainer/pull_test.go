@@ -275,7 +275,7 @@ func TestClassifyPullReadsTheFatalLine(t *testing.T) {
 func TestReleaseRemovesTheJobLink(t *testing.T) {
 	base := t.TempDir()
 	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
-	images := filepath.Join(r.Storage(), "images")
+	images := filepath.Join(r.Storage, "images")
 	require.NoError(t, os.MkdirAll(images, 0o700))
 	stored := filepath.Join(images, "sha256-"+strings.Repeat("ab", 32)+".sif")
 	require.NoError(t, os.WriteFile(stored, []byte("SIF"), 0o644))
@@ -302,7 +302,7 @@ func TestReleaseRemovesTheJobLink(t *testing.T) {
 func TestReleaseRefuses(t *testing.T) {
 	base := t.TempDir()
 	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
-	images := filepath.Join(r.Storage(), "images")
+	images := filepath.Join(r.Storage, "images")
 	jobDir := filepath.Join(base, "job")
 	otherJob := filepath.Join(base, "other-job")
 	sub := filepath.Join(jobDir, "sub")

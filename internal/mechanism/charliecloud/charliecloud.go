@@ -23,8 +23,6 @@
 package charliecloud
 
 import (
-	"path/filepath"
-	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
@@ -46,15 +44,7 @@ const toolPath = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Runtime is the Charliecloud mechanism for one job user.
 type Runtime struct {
-	cfg     config.Mechanism
-	user    config.UserInfo
-	storage string
-	hostEnv map[string]string
-	grace   time.Duration
-
-	probeOnce sync.Once
-	info      mechanism.Info
-	probeErr  error
+	mechanism.Base
 }
 
 var _ mechanism.Runtime = (*Runtime)(nil)
@@ -64,20 +54,8 @@ var _ mechanism.PrepEnver = (*Runtime)(nil)
 // environment (without CUSTOM_ENV_), consulted only for proxy and CA
 // settings that ch-image's downloads need.
 func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
-	return &Runtime{cfg: cfg, user: user, storage: StorageDir(cfg.ImageStorageDir, user.Name), hostEnv: hostEnv, grace: grace}
+	return &Runtime{Base: mechanism.NewBase(cfg, user, hostEnv, grace, ".ch")}
 }
-
-// StorageDir is the user's ch-image storage: <image_storage_dir>/<user>.ch,
-// by default /var/tmp/<user>.ch as Charliecloud itself would choose.
-func StorageDir(imageStorageDir, user string) string {
-	if imageStorageDir == "" {
-		imageStorageDir = "/var/tmp"
-	}
-	return filepath.Join(imageStorageDir, user+".ch")
-}
-
-// Storage is the user's storage directory.
-func (r *Runtime) Storage() string { return r.storage }
 
 func (r *Runtime) Name() string             { return Name }
 func (r *Runtime) UserArgsVariable() string { return "JACAMAR_CI_CHARLIECLOUD_ARGS" }
@@ -88,7 +66,7 @@ var credentialVariables = auth.VariableNames{Username: "CH_IMAGE_USERNAME", Pass
 func (r *Runtime) CredentialVariables() auth.VariableNames { return credentialVariables }
 
 // PrepEnv tells prep_script where the user's image storage is.
-func (r *Runtime) PrepEnv() []string { return []string{"CH_IMAGE_STORAGE=" + r.storage} }
+func (r *Runtime) PrepEnv() []string { return []string{"CH_IMAGE_STORAGE=" + r.Storage} }
 
 // RunFlags is ch-run's option table (0.31 plus the newer --write-fake,
 // --seccomp and friends, so that they are recognised and refused rather
@@ -139,15 +117,12 @@ func (r *Runtime) DefaultUserArgs() []string {
 // toolEnv is the environment of ch-image and ch-convert (see
 // mechanism.ToolEnv).
 func (r *Runtime) toolEnv(cred auth.Credential, insecure bool) []string {
-	path := toolPath
-	if r.cfg.ApplicationPath != "" {
-		path = r.cfg.ApplicationPath + ":" + toolPath
-	}
+	path := r.ToolPath(toolPath)
 	settings := []string{
 		// The build cache needs a git identity and brings nothing to pulls.
 		"CH_IMAGE_CACHE=disabled",
 		// ch-convert has no -s option: it asks ch-image, which reads this.
-		"CH_IMAGE_STORAGE=" + r.storage,
+		"CH_IMAGE_STORAGE=" + r.Storage,
 	}
-	return mechanism.ToolEnv(r.user, path, settings, r.hostEnv, insecure, cred, credentialVariables)
+	return mechanism.ToolEnv(r.User, path, settings, r.HostEnv, insecure, cred, credentialVariables)
 }

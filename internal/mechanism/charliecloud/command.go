@@ -21,15 +21,12 @@ import (
 // the container, so this list is exactly what the container sees (plus the
 // image's ENV with --set-env and ch-run's CH_RUNNING).
 func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
-	if len(spec.Argv) == 0 {
-		return nil, nil, errors.New("no command to run")
-	}
-	if spec.Image.Handle == "" {
-		return nil, nil, errors.New("no image")
+	if err := mechanism.CheckSpec(spec); err != nil {
+		return nil, nil, err
 	}
 	argv = []string{spec.Info.Program("ch-run")}
 	if spec.Image.Format == FormatStorage {
-		argv = append(argv, "-s", r.storage)
+		argv = append(argv, "-s", r.Storage)
 	}
 	if spec.Info.Features[FeatureWriteFake] {
 		// A writable tmpfs over the image: jobs may write outside the binds

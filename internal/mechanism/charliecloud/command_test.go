@@ -22,9 +22,9 @@ func TestStorageDir(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, StorageDir(tt.storageDir, testUser))
+			assert.Equal(t, tt.want, mechanism.StorageDir(tt.storageDir, testUser+".ch"))
 			r := newRuntime(config.Mechanism{ImageStorageDir: tt.storageDir}, nil)
-			assert.Equal(t, tt.want, r.Storage())
+			assert.Equal(t, tt.want, r.Storage)
 			assert.Equal(t, []string{"CH_IMAGE_STORAGE=" + tt.want}, r.PrepEnv())
 		})
 	}

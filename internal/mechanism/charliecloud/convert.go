@@ -25,7 +25,7 @@ func (r *Runtime) Convert(ctx context.Context, img mechanism.Image, req mechanis
 		return img, err
 	}
 	if _, ok := info.Programs["ch-convert"]; !ok {
-		return img, failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert", strings.Join(mechanism.ProgramDirs(r.cfg.ApplicationPath), ":"))
+		return img, failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert", strings.Join(mechanism.ProgramDirs(r.Cfg.ApplicationPath), ":"))
 	}
 	key := strings.TrimPrefix(img.Handle, jobImageRepo+":")
 	out := filepath.Join(req.Dir, key+".sqfs")
@@ -39,7 +39,7 @@ func (r *Runtime) Convert(ctx context.Context, img mechanism.Image, req mechanis
 	end := req.Log.Section("ch_convert", "ch-convert "+img.Ref+" to SquashFS", false)
 	w := req.Log.Writer()
 	start := time.Now()
-	res, err := r.runBusy(ctx, mechanism.Tool{Argv: argv, Env: r.toolEnv(auth.Credential{}, false), Dir: req.Dir, Output: w, Grace: r.grace},
+	res, err := r.runBusy(ctx, mechanism.Tool{Argv: argv, Env: r.toolEnv(auth.Credential{}, false), Dir: req.Dir, Output: w, Grace: r.Grace},
 		mechanism.PullRequest{Log: req.Log})
 	w.Close()
 	end()
@@ -69,10 +69,10 @@ func (r *Runtime) Convert(ctx context.Context, img mechanism.Image, req mechanis
 // convertTmp is ch-convert's scratch dir: <tmp_dir>/<user>, or "" for
 // ch-convert's default (/var/tmp).
 func (r *Runtime) convertTmp() string {
-	if r.cfg.TmpDir == "" {
+	if r.Cfg.TmpDir == "" {
 		return ""
 	}
-	return filepath.Join(r.cfg.TmpDir, r.user.Name)
+	return filepath.Join(r.Cfg.TmpDir, r.User.Name)
 }
 
 // convertArgv is the ch-convert command line (pure). ch-convert has no -s:

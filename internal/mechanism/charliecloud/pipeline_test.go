@@ -66,7 +66,7 @@ for last; do :; done
 echo squash > "$last"
 `, 0o755)
 	f.r = newRuntime(config.Mechanism{ApplicationPath: f.app, ImageStorageDir: filepath.Join(base, "images")}, hostEnv)
-	f.storage = f.r.Storage()
+	f.storage = f.r.Storage
 	return f
 }
 

@@ -1,10 +1,8 @@
 package charliecloud
 
 import (
-	"bytes"
 	"context"
 	"fmt"
-	"os/exec"
 	"regexp"
 	"time"
 
@@ -25,26 +23,25 @@ const probeTimeout = 30 * time.Second
 // Probe finds ch-run, ch-image and ch-convert and asks ch-run for its
 // version and options, once per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
-	r.probeOnce.Do(func() { r.info, r.probeErr = r.probe(ctx) })
-	return r.info, r.probeErr
+	return r.Probed(ctx, r.probe)
 }
 
 func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
 	info := mechanism.Info{Features: map[string]bool{}}
 	var err error
 	// ch-convert is needed only for conversions; Convert says so.
-	if info.Programs, err = mechanism.FindPrograms(Name, r.cfg.ApplicationPath, []string{"ch-run", "ch-image"}, []string{"ch-convert"}); err != nil {
+	if info.Programs, err = mechanism.FindPrograms(Name, r.Cfg.ApplicationPath, []string{"ch-run", "ch-image"}, []string{"ch-convert"}); err != nil {
 		return info, err
 	}
 	chRun := info.Programs["ch-run"]
-	out, err := r.probeRun(ctx, chRun, "--version")
+	out, err := r.Query(ctx, toolPath, chRun, "--version")
 	if err != nil {
 		return info, failure.Systemf("charliecloud: %s --version failed: %v: %s", chRun, err, mechanism.OneLine(out))
 	}
 	if info.Version, err = ParseVersion(out); err != nil {
 		return info, failure.Systemf("charliecloud: %v", err)
 	}
-	help, err := r.probeRun(ctx, chRun, "--help")
+	help, err := r.Query(ctx, toolPath, chRun, "--help")
 	if err != nil {
 		return info, failure.Systemf("charliecloud: %s --help failed: %v: %s", chRun, err, mechanism.OneLine(help))
 	}
@@ -54,20 +51,6 @@ func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
 	// No ch-run release can bind read-only (-b takes SRC[:DST] only).
 	info.ReadOnlyBinds = false
 	return info, nil
-}
-
-// probeRun runs a ch-run query with $USER set (ch-run refuses to start
-// without it, even for --version) and returns stdout and stderr together:
-// ch-run prints its version on stderr.
-func (r *Runtime) probeRun(ctx context.Context, argv ...string) (string, error) {
-	ctx, cancel := context.WithTimeout(ctx, probeTimeout)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, argv[0], argv[1:]...)
-	cmd.Env = []string{"PATH=" + toolPath, "USER=" + r.user.Name, "HOME=" + r.user.Home, "LANG=C.UTF-8"}
-	var buf bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &buf, &buf
-	err := cmd.Run()
-	return buf.String(), err
 }
 
 var versionRE = regexp.MustCompile(`(?m)^\s*(?:ch-run\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[~+.-][0-9A-Za-z.+~-]*)?)\s*$`)

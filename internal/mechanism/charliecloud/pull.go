@@ -41,18 +41,18 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err != nil {
 		return img, err
 	}
-	if err := checkStorage(r.storage); err != nil {
+	if err := checkStorage(r.Storage); err != nil {
 		return img, failure.Systemf("charliecloud: %v", err)
 	}
 	name := req.Ref.Familiar
 	present := func() bool {
-		_, err := os.Stat(filepath.Join(r.storage, "img", forPath(name), "ch"))
+		_, err := os.Stat(filepath.Join(r.Storage, "img", forPath(name), "ch"))
 		return err == nil
 	}
 	switch {
 	case req.Policy == config.PullNever && !present():
 		return img, failure.Userf("image %s is not in your image storage %s and the pull policy is %q; ask the admin, or pull it once in a job with another policy",
-			req.Ref.Full, r.storage, config.PullNever)
+			req.Ref.Full, r.Storage, config.PullNever)
 	case req.Policy == config.PullIfNotPresent && present():
 		req.Log.Printf("Image %s is already in the storage (pull policy %s).", req.Ref.Full, req.Policy)
 	case req.Policy == config.PullNever:
@@ -63,9 +63,9 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	}
 
 	img.Handle = jobImageRepo + ":" + req.JobKey
-	copyDir := filepath.Join(r.storage, "img", forPath(img.Handle))
+	copyDir := filepath.Join(r.Storage, "img", forPath(img.Handle))
 	img.Private = []string{copyDir}
-	lock, err := lockStorage(r.storage, time.Now().Add(busyWait))
+	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
 	if err != nil {
 		return img, failure.Systemf("charliecloud: %v", err)
 	}
@@ -104,7 +104,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 // storage lock, so no ch-image changes the original meanwhile) and reads
 // its digest.
 func (r *Runtime) copyForJob(name, copyDir string, img *mechanism.Image, ref mechanism.Ref) error {
-	orig := filepath.Join(r.storage, "img", forPath(name))
+	orig := filepath.Join(r.Storage, "img", forPath(name))
 	if _, err := os.Stat(filepath.Join(orig, "ch")); err != nil {
 		return failure.Systemf("charliecloud: image %s is not in the storage after the pull (%v)", ref.Full, err)
 	}
@@ -117,7 +117,7 @@ func (r *Runtime) copyForJob(name, copyDir string, img *mechanism.Image, ref mec
 	}
 	img.Digest = ref.Digest
 	if img.Digest == "" {
-		img.Digest = storedDigest(r.storage, name)
+		img.Digest = storedDigest(r.Storage, name)
 	}
 	return nil
 }
@@ -144,12 +144,12 @@ func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.P
 	defer end()
 	w := req.Log.Writer()
 	defer w.Close()
-	res, err := r.runBusy(ctx, mechanism.Tool{Argv: argv, Env: r.toolEnv(req.Credential, req.Insecure), Dir: req.Dir, Output: w, Grace: r.grace}, req)
+	res, err := r.runBusy(ctx, mechanism.Tool{Argv: argv, Env: r.toolEnv(req.Credential, req.Insecure), Dir: req.Dir, Output: w, Grace: r.Grace}, req)
 	if err != nil {
 		return failure.Systemf("charliecloud: ch-image pull %s: %v", req.Ref.Full, err)
 	}
 	if res.ExitCode != 0 {
-		return classifyPull(req.Ref.Full, req.Credential, res.Tail, r.storage)
+		return classifyPull(req.Ref.Full, req.Credential, res.Tail, r.Storage)
 	}
 	return nil
 }
@@ -166,7 +166,7 @@ func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest) []str
 	if req.Insecure {
 		argv = append(argv, "--tls-no-verify")
 	}
-	return append(argv, "-s", r.storage, "pull", req.Ref.Familiar)
+	return append(argv, "-s", r.Storage, "pull", req.Ref.Familiar)
 }
 
 // runBusy runs a ch-image based tool and repeats it while the storage is
@@ -179,7 +179,7 @@ func (r *Runtime) runBusy(ctx context.Context, t mechanism.Tool, req mechanism.P
 			return res, err
 		}
 		if time.Now().After(deadline) {
-			return res, fmt.Errorf("the image storage %s stayed busy (another ch-image) for %s", r.storage, busyWait)
+			return res, fmt.Errorf("the image storage %s stayed busy (another ch-image) for %s", r.Storage, busyWait)
 		}
 		if req.Log != nil {
 			req.Log.Printf("The image storage is busy (another job of yours is pulling); retrying in %s.", delay)
@@ -229,7 +229,7 @@ var jobKeyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
 // file says.
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
 	var errs []error
-	imgDir := filepath.Join(r.storage, "img")
+	imgDir := filepath.Join(r.Storage, "img")
 	for _, p := range img.Private {
 		p = filepath.Clean(p)
 		dir, base := filepath.Split(p)

@@ -213,7 +213,7 @@ func TestClassifyPull(t *testing.T) {
 func TestReleaseRemovesPerJobPaths(t *testing.T) {
 	base := t.TempDir()
 	r := newRuntime(config.Mechanism{ImageStorageDir: base}, nil)
-	storage := r.Storage()
+	storage := r.Storage
 	copyDir := filepath.Join(storage, "img", "ci-exec-job+j42-build")
 	makeTree(t, copyDir, []entry{
 		file("bin/sh", "#!", 0o755),
@@ -245,7 +245,7 @@ func TestReleaseRemovesPerJobPaths(t *testing.T) {
 func TestReleaseRefusesOtherPaths(t *testing.T) {
 	base := t.TempDir()
 	r := newRuntime(config.Mechanism{ImageStorageDir: base}, nil)
-	storage := r.Storage()
+	storage := r.Storage
 	shared := filepath.Join(storage, "img", "127.0.0.1+5443%ci%tiny+latest")
 	makeTree(t, shared, []entry{file("bin/sh", "#!", 0o755)})
 	jobCopy := filepath.Join(storage, "img", "ci-exec-job+k1")
