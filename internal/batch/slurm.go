@@ -369,6 +369,9 @@ type follower struct {
 	part   []byte
 	done   bool
 	rc     int
+	// blank is an empty line held back: the marker is printed after a
+	// newline of its own, which is not the job's output.
+	blank bool
 }
 
 // poll copies what was added since the last call.
@@ -402,11 +405,19 @@ func (f *follower) emit(line []byte) {
 	text := strings.TrimRight(string(line), "\n")
 	if rest, ok := strings.CutPrefix(text, f.marker); ok {
 		if rc, err := strconv.Atoi(rest); err == nil {
-			f.done, f.rc = true, rc
+			f.done, f.rc, f.blank = true, rc, false
 			return
 		}
 	}
 	if f.done {
+		return
+	}
+	if f.blank {
+		_, _ = f.out.Write([]byte("\n"))
+		f.blank = false
+	}
+	if text == "" {
+		f.blank = true
 		return
 	}
 	_, _ = f.out.Write(line)
@@ -424,7 +435,14 @@ func (f *follower) drain(limit time.Duration) {
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
-	if len(f.part) > 0 && !f.done {
+	if f.done {
+		return
+	}
+	if f.blank {
+		_, _ = f.out.Write([]byte("\n"))
+		f.blank = false
+	}
+	if len(f.part) > 0 {
 		_, _ = f.out.Write(append(f.part, '\n'))
 		f.part = nil
 	}

@@ -20,5 +20,8 @@ func runPrepare(ctx context.Context, st *Stage) error {
 	if err := st.Layout.Create(); err != nil {
 		return failure.AsSystem(err)
 	}
+	if err := prepareBatch(st); err != nil {
+		return err
+	}
 	return prepareMechanism(ctx, st)
 }

@@ -45,6 +45,9 @@ func runStage(ctx context.Context, st *Stage, scriptPath, stage string) error {
 	if err != nil {
 		return err
 	}
+	if st.Cfg.IsBatch() && isBatchStage(stage) {
+		return executeBatch(ctx, st, stage, plan)
+	}
 	return execute(ctx, st, stage, plan)
 }
 
