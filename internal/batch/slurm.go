@@ -153,81 +153,118 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 	s.Logf("Submitted Slurm job %s (%s); output is streamed below.", id, j.Spec.JobName)
 
 	tail := &follower{path: j.Spec.Output, out: j.Out, marker: markerPrefix + " " + nonce + " rc="}
-	start := time.Now()
-	var pendingSince, unknownSince time.Time
-	pendingLogged := false
-	tick := time.NewTicker(s.Poll)
+	w := watch{s: s, id: id, tail: tail, start: time.Now()}
+	// The output file is read often (cheap, and the end marker makes the
+	// end visible at once); Slurm is asked every Poll, and often again
+	// once the marker has shown up, to see the job leave.
+	fast := min(tailInterval, s.Poll)
+	tick := time.NewTicker(fast)
 	defer tick.Stop()
+	var nextState time.Time
 	for {
 		tail.poll()
-		st, err := s.state(id)
-		now := time.Now()
-		switch {
-		case err != nil:
-			// Not known (any more), or scontrol failed: give it time.
-			if unknownSince.IsZero() {
-				unknownSince = now
-			}
-			if tail.done {
-				res.State, res.ExitCode, res.Marker = "COMPLETED", tail.rc, true
-				if tail.rc != 0 {
-					res.State = "FAILED"
-				}
-				return res, nil
-			}
-			if now.Sub(unknownSince) > s.UnknownLimit {
-				res.State = "VANISHED"
-				return res, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
-			}
-		case isFinal(st.State):
-			tail.drain(2 * time.Second)
-			res.State = st.State
-			res.ExitCode = st.ExitCode
-			if tail.done {
-				res.ExitCode, res.Marker = tail.rc, true
-			}
-			return res, nil
-		default:
-			unknownSince = time.Time{}
-			if st.State == "PENDING" {
-				if pendingSince.IsZero() {
-					pendingSince = now
-				}
-				if !pendingLogged && now.Sub(start) > 5*time.Second {
-					s.Logf("Slurm job %s is pending (reason: %s).", id, st.Reason)
-					pendingLogged = true
-				}
-				if s.PendingLimit > 0 && now.Sub(pendingSince) > s.PendingLimit {
-					res.PendingReason = st.Reason
-					s.cancel(id, nil)
-					s.waitGone(id, s.Grace+10*time.Second)
-					res.State = "CANCELLED"
-					return res, ErrPendingLimit
-				}
-			} else {
-				pendingSince = time.Time{}
+		if now := time.Now(); tail.done || !now.Before(nextState) {
+			nextState = now.Add(s.Poll)
+			if end, err := w.check(&res); end {
+				return res, err
 			}
 		}
 		select {
 		case <-ctx.Done():
-			res.Stopped = true
-			s.Logf("Cancelling Slurm job %s (scancel).", id)
-			s.cancel(id, nil)
-			final := s.waitGone(id, s.Grace)
-			if final == "" {
-				s.Logf("Slurm job %s did not end within %s: sending SIGKILL.", id, s.Grace)
-				s.cancel(id, []string{"--signal=KILL", "--full"})
-				final = s.waitGone(id, 10*time.Second)
-			}
-			tail.drain(time.Second)
-			res.State = final
-			if tail.done {
-				res.ExitCode, res.Marker = tail.rc, true
-			}
-			return res, nil
+			return w.stop(res), nil
 		case <-tick.C:
 		}
 	}
+}
+
+// tailInterval is how often the output file is read.
+const tailInterval = 50 * time.Millisecond
+
+// watch is the state of following one job.
+type watch struct {
+	s     *Slurm
+	id    string
+	tail  *follower
+	start time.Time
+
+	pendingSince, unknownSince time.Time
+	pendingLogged              bool
+}
+
+// check asks Slurm about the job once; end is true when Run is over.
+func (w *watch) check(res *Result) (end bool, err error) {
+	s, id, tail := w.s, w.id, w.tail
+	st, err := s.state(id)
+	now := time.Now()
+	switch {
+	case err != nil:
+		// Not known (any more), or scontrol failed: give it time.
+		if w.unknownSince.IsZero() {
+			w.unknownSince = now
+		}
+		if tail.done {
+			res.State, res.ExitCode, res.Marker = "COMPLETED", tail.rc, true
+			if tail.rc != 0 {
+				res.State = "FAILED"
+			}
+			return true, nil
+		}
+		if now.Sub(w.unknownSince) > s.UnknownLimit {
+			res.State = "VANISHED"
+			return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
+		}
+	case isFinal(st.State):
+		tail.drain(2 * time.Second)
+		res.State = st.State
+		res.ExitCode = st.ExitCode
+		if tail.done {
+			res.ExitCode, res.Marker = tail.rc, true
+		}
+		return true, nil
+	default:
+		w.unknownSince = time.Time{}
+		if st.State != "PENDING" {
+			w.pendingSince = time.Time{}
+			return false, nil
+		}
+		if w.pendingSince.IsZero() {
+			w.pendingSince = now
+		}
+		if !w.pendingLogged && now.Sub(w.start) > 5*time.Second {
+			s.Logf("Slurm job %s is pending (reason: %s).", id, st.Reason)
+			w.pendingLogged = true
+		}
+		if s.PendingLimit > 0 && now.Sub(w.pendingSince) > s.PendingLimit {
+			res.PendingReason = st.Reason
+			s.cancel(id, nil)
+			s.waitGone(id, s.Grace+10*time.Second)
+			res.State = "CANCELLED"
+			return true, ErrPendingLimit
+		}
+	}
+	return false, nil
+}
+
+// stop scancels the job (pending or running: Slurm sends SIGTERM to all
+// its processes, so the job's traps run), waits Grace for it to end, then
+// kills it, and reports what it wrote.
+func (w *watch) stop(res Result) Result {
+	s, id := w.s, w.id
+	res.Stopped = true
+	s.Logf("Cancelling Slurm job %s (scancel).", id)
+	s.cancel(id, nil)
+	final := s.waitGone(id, s.Grace)
+	if final == "" {
+		s.Logf("Slurm job %s did not end within %s: sending SIGKILL.", id, s.Grace)
+		s.cancel(id, []string{"--signal=KILL", "--full"})
+		final = s.waitGone(id, 10*time.Second)
+	}
+	w.tail.drain(time.Second)
+	res.State = final
+	if w.tail.done {
+		res.ExitCode, res.Marker = w.tail.rc, true
+	}
+	return res
 }
 
 // submit runs sbatch --parsable with the batch script as its argument.
