@@ -243,7 +243,8 @@ func canonicalSet(key string, flags []string) (map[string]bool, error) {
 }
 
 // UserArgs splits the users' scheduler parameters without a shell (quotes
-// and backslashes work as in a shell; nothing is expanded) and checks every
+// and backslashes work as in a shell, except that inside double quotes a
+// backslash escapes any character; nothing is expanded) and checks every
 // option against the policy. raw maps each arguments variable to its value;
 // order gives the variables' order. A *ArgError is the user's to fix; any
 // other error is the admin's (a bad flag list in the config).
@@ -313,7 +314,8 @@ func names(set map[string]bool) string {
 type SubmitSpec struct {
 	// JobName is the Slurm job name (see JobName).
 	JobName string
-	// Output is the output file; "%j" expands to the job id.
+	// Output is the output file, a literal path (no "%j": Run follows it
+	// before the job id is known).
 	Output string
 	// Chdir is the batch script's working directory on the compute node.
 	Chdir string
@@ -323,8 +325,8 @@ type SubmitSpec struct {
 	UserArgs []string
 }
 
-// SbatchArgs builds sbatch's arguments (without the program). The batch
-// script goes to sbatch's stdin, so no script path appears. Order matters
+// SbatchArgs builds sbatch's options (without the program and the batch
+// script, which Run adds last). Order matters
 // because for a repeated option sbatch keeps the last one:
 //
 //  1. ci-exec's defaults that the admin or user may change: --no-requeue,

@@ -297,15 +297,16 @@ var jobIDRE = regexp.MustCompile(`^[0-9]+$`)
 // classifySubmit tells a request Slurm refuses (the user's to fix) from
 // Slurm being unavailable.
 func classifySubmit(msg string) error {
+	msg = strings.TrimSpace(msg)
 	last := msg
-	if i := strings.LastIndex(strings.TrimSpace(msg), "\n"); i >= 0 {
+	if i := strings.LastIndex(msg, "\n"); i >= 0 {
 		last = strings.TrimSpace(msg[i+1:])
 	}
 	unavailable := []string{"Unable to contact slurm controller", "Socket timed out", "Connection refused",
 		"Slurm backup controller in standby mode", "Zero Bytes were transmitted", "Communication connection failure",
 		"Unable to allocate resources: Slurm temporarily unable", "executable file not found", "no such file or directory"}
 	for _, u := range unavailable {
-		if strings.Contains(msg, u) {
+		if strings.Contains(last, u) {
 			return &SubmitError{Msg: last}
 		}
 	}

@@ -114,16 +114,21 @@ func Classify(err error) Failure {
 			return NotFound
 		}
 	}
+	// For loopback and private addresses the library tries https:// and
+	// http:// and reports both failures together; the https one decides
+	// (httpsOnly's refusal of the http:// attempt says nothing), so TLS and
+	// network failures are checked first: a real plain-HTTP registry's
+	// https error mentions neither.
 	msg := err.Error()
 	switch {
-	case errors.Is(err, errPlainHTTP) || strings.Contains(msg, "server gave HTTP response to HTTPS client"):
-		return PlainHTTP
 	case strings.Contains(msg, "x509:") || strings.Contains(msg, "tls:"):
 		return TLS
 	case strings.Contains(msg, "connection refused") || strings.Contains(msg, "no such host") ||
 		strings.Contains(msg, "i/o timeout") || strings.Contains(msg, "context deadline exceeded") ||
 		strings.Contains(msg, "network is unreachable"):
 		return Unreachable
+	case errors.Is(err, errPlainHTTP) || strings.Contains(msg, "server gave HTTP response to HTTPS client"):
+		return PlainHTTP
 	}
 	return Other
 }

@@ -1,0 +1,464 @@
+package batch
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+)
+
+// The fake Slurm keeps its state in files next to the programs ($d):
+//
+//	sbatch.args     sbatch's arguments, one a line
+//	sbatch.stderr   if present: sbatch prints it to stderr and exits 1
+//	sbatch.stdout   if present: sbatch prints it instead of "42"
+//	hold            if present: the job is never started (PENDING)
+//	state           scontrol's answer once the job ended or was cancelled
+//	scontrol.fail   if present: scontrol fails like for an unknown job
+//	scontrol.calls  scontrol's arguments, one call a line
+//	scancel.calls   scancel's arguments, one call a line
+//	scancel.ignore  if present: a plain scancel does not end the job
+//	job.pid         the batch script's process (group) id
+const fakeSbatch = `#!/bin/sh
+d=$(dirname "$0")
+printf '%s\n' "$@" > "$d/sbatch.args"
+if [ -f "$d/sbatch.stderr" ]; then cat "$d/sbatch.stderr" >&2; exit 1; fi
+out= script=
+for a in "$@"; do
+	case "$a" in --output=*) out=${a#--output=} ;; esac
+	script=$a
+done
+[ -n "$out" ] || { echo "sbatch: error: fake: no --output" >&2; exit 1; }
+if [ ! -f "$d/hold" ]; then
+	(
+		setsid /bin/sh "$script" > "$out" 2>&1 &
+		echo $! > "$d/job.pid"
+		wait $!
+		rc=$?
+		if [ ! -f "$d/state" ]; then
+			st=COMPLETED; [ "$rc" = 0 ] || st=FAILED
+			echo "JobId=42 JobName=x UserId=ci(1000) JobState=$st Reason=None Dependency=(null) ExitCode=$rc:0 RunTime=00:00:01" > "$d/state.tmp"
+			mv "$d/state.tmp" "$d/state"
+		fi
+	) </dev/null >/dev/null 2>&1 &
+fi
+if [ -f "$d/sbatch.stdout" ]; then cat "$d/sbatch.stdout"; else echo 42; fi
+`
+
+const fakeScontrol = `#!/bin/sh
+d=$(dirname "$0")
+echo "$*" >> "$d/scontrol.calls"
+if [ "$*" != "show job -o 42" ]; then echo "fake scontrol: unexpected arguments: $*" >&2; exit 2; fi
+if [ -f "$d/scontrol.fail" ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi
+if [ -f "$d/state" ]; then cat "$d/state"; exit 0; fi
+if [ -f "$d/hold" ]; then
+	echo "JobId=42 JobName=x UserId=ci(1000) Priority=0 JobState=PENDING Reason=JobHeldUser Dependency=(null) ExitCode=0:0"
+	exit 0
+fi
+echo "JobId=42 JobName=x UserId=ci(1000) JobState=RUNNING Reason=None Dependency=(null) ExitCode=0:0 RunTime=00:00:01"
+`
+
+const fakeScancel = `#!/bin/sh
+d=$(dirname "$0")
+echo "$*" >> "$d/scancel.calls"
+case "$*" in
+*--signal=KILL*) sig=KILL ;;
+*) sig=TERM; [ -f "$d/scancel.ignore" ] && exit 0 ;;
+esac
+echo "JobId=42 JobName=x UserId=ci(1000) JobState=CANCELLED Reason=None Dependency=(null) ExitCode=0:15" > "$d/state.tmp"
+mv "$d/state.tmp" "$d/state"
+[ -f "$d/job.pid" ] && kill -$sig -- -$(cat "$d/job.pid") 2>/dev/null
+exit 0
+`
+
+// syncBuffer is a Job.Out that may be read while Run writes to it.
+type syncBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *syncBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+func (b *syncBuffer) String() string {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.String()
+}
+
+type fakeSlurm struct {
+	t    *testing.T
+	bin  string // the programs and their state
+	work string // the job's directory
+	logs syncBuffer
+}
+
+func newFakeSlurm(t *testing.T) *fakeSlurm {
+	f := &fakeSlurm{t: t, bin: t.TempDir(), work: t.TempDir()}
+	for name, text := range map[string]string{"sbatch": fakeSbatch, "scontrol": fakeScontrol, "scancel": fakeScancel} {
+		require.NoError(t, os.WriteFile(filepath.Join(f.bin, name), []byte(text), 0o755))
+	}
+	t.Cleanup(func() {
+		// End a batch script a failed test left running.
+		if b, err := os.ReadFile(filepath.Join(f.bin, "job.pid")); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
+				_ = syscall.Kill(-pid, syscall.SIGKILL)
+			}
+		}
+	})
+	return f
+}
+
+func (f *fakeSlurm) slurm() *Slurm {
+	return &Slurm{
+		Bin:          f.bin,
+		Poll:         20 * time.Millisecond,
+		UnknownLimit: 2 * time.Second,
+		Grace:        2 * time.Second,
+		Logf: func(format string, args ...any) {
+			fmt.Fprintf(&f.logs, format+"\n", args...)
+		},
+	}
+}
+
+func (f *fakeSlurm) job(out *syncBuffer, argv ...string) Job {
+	return Job{
+		Spec: SubmitSpec{
+			JobName:  "ci-7-build_script",
+			Output:   filepath.Join(f.work, "build.slurm.out"),
+			Chdir:    f.work,
+			UserArgs: []string{"-N", "1"},
+		},
+		Argv:   argv,
+		Env:    os.Environ(),
+		Script: filepath.Join(f.work, "build.slurm.sh"),
+		Out:    out,
+	}
+}
+
+func (f *fakeSlurm) touch(name, content string) {
+	require.NoError(f.t, os.WriteFile(filepath.Join(f.bin, name), []byte(content), 0o644))
+}
+
+func (f *fakeSlurm) lines(name string) []string {
+	b, err := os.ReadFile(filepath.Join(f.bin, name))
+	if err != nil {
+		return nil
+	}
+	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
+}
+
+func runCtx(t *testing.T, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func TestRunStreamsOutputAndExitCode(t *testing.T) {
+	tests := map[string]struct {
+		cmd   string
+		out   string
+		rc    int
+		state string
+	}{
+		"success": {cmd: "echo hello; sleep 0.1; echo world", out: "hello\nworld\n", rc: 0, state: "COMPLETED"},
+		"exit 7":  {cmd: "echo before; sleep 0.1; printf 'partial'; exit 7", out: "before\npartial\n", rc: 7, state: "FAILED"},
+		"words":   {cmd: `printf '[%s]\n' "$@"`, out: "[a b]\n[it's]\n[$(touch x)]\n[]\n", rc: 0, state: "COMPLETED"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			f := newFakeSlurm(t)
+			var out syncBuffer
+			j := f.job(&out, "/bin/sh", "-c", tc.cmd, "sh", "a b", "it's", "$(touch x)", "")
+			require.NoError(t, os.WriteFile(j.Spec.Output, []byte("stale output of an earlier attempt\n"), 0o600))
+
+			res, err := f.slurm().Run(runCtx(t, 20*time.Second), j)
+			require.NoError(t, err)
+			assert.Equal(t, tc.out, out.String())
+			assert.Equal(t, Result{JobID: "42", State: tc.state, ExitCode: tc.rc, Marker: true}, res)
+			assert.NoFileExists(t, filepath.Join(f.work, "x"))
+
+			args := f.lines("sbatch.args")
+			want := append(SbatchArgs(j.Spec), j.Script)
+			assert.Equal(t, want, args, "sbatch gets the spec's arguments and the script")
+			script, err := os.ReadFile(j.Script)
+			require.NoError(t, err)
+			assert.True(t, strings.HasPrefix(string(script), "#!/bin/sh\n# ci-exec batch script for ci-7-build_script\n"))
+			assert.Contains(t, f.logs.String(), "Submitted Slurm job 42 (ci-7-build_script)")
+			assert.Empty(t, f.lines("scancel.calls"))
+		})
+	}
+}
+
+func TestRunStreamsWhileRunning(t *testing.T) {
+	f := newFakeSlurm(t)
+	var out syncBuffer
+	j := f.job(&out, "/bin/sh", "-c", `echo first; while [ ! -f "$1" ]; do sleep 0.02; done; echo second`, "sh", filepath.Join(f.work, "go-on"))
+	type ret struct {
+		res Result
+		err error
+	}
+	done := make(chan ret, 1)
+	go func() {
+		res, err := f.slurm().Run(runCtx(t, 20*time.Second), j)
+		done <- ret{res, err}
+	}()
+	require.Eventually(t, func() bool { return out.String() == "first\n" }, 10*time.Second, 10*time.Millisecond,
+		"the first line is streamed while the job runs")
+	require.NoError(t, os.WriteFile(filepath.Join(f.work, "go-on"), nil, 0o600))
+	r := <-done
+	require.NoError(t, r.err)
+	assert.Equal(t, "first\nsecond\n", out.String())
+	assert.Equal(t, 0, r.res.ExitCode)
+	assert.True(t, r.res.Marker)
+}
+
+func TestRunMarkerBeatsScontrolExitCode(t *testing.T) {
+	f := newFakeSlurm(t)
+	// Slurm says the job failed with 1 (say, an epilog); the marker says 0.
+	require.NoError(t, os.WriteFile(filepath.Join(f.bin, "scontrol"), []byte(strings.Replace(fakeScontrol,
+		`if [ -f "$d/state" ]; then cat "$d/state"; exit 0; fi`,
+		`if [ -f "$d/state" ]; then echo "JobId=42 JobState=FAILED Reason=NonZeroExitCode ExitCode=1:0"; exit 0; fi`, 1)), 0o755))
+	var out syncBuffer
+	res, err := f.slurm().Run(runCtx(t, 20*time.Second), f.job(&out, "/bin/sh", "-c", "echo ok"))
+	require.NoError(t, err)
+	assert.Equal(t, Result{JobID: "42", State: "FAILED", ExitCode: 0, Marker: true}, res)
+	assert.Equal(t, "ok\n", out.String())
+}
+
+func TestRunSubmitRefused(t *testing.T) {
+	tests := map[string]struct {
+		stderr string
+		user   bool
+	}{
+		"bad partition":   {stderr: "sbatch: error: Batch job submission failed: Invalid partition name specified\n", user: true},
+		"controller down": {stderr: "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)\n"},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			f := newFakeSlurm(t)
+			f.touch("sbatch.stderr", tc.stderr)
+			var out syncBuffer
+			res, err := f.slurm().Run(runCtx(t, 20*time.Second), f.job(&out, "true"))
+			var se *SubmitError
+			require.True(t, errors.As(err, &se), "want *SubmitError, got %T: %v", err, err)
+			assert.Equal(t, strings.TrimSpace(tc.stderr), se.Msg)
+			assert.Equal(t, tc.user, se.User)
+			assert.Empty(t, res.JobID)
+			assert.Empty(t, f.lines("scontrol.calls"), "nothing to follow")
+		})
+	}
+
+	t.Run("no job id printed", func(t *testing.T) {
+		f := newFakeSlurm(t)
+		f.touch("hold", "")
+		f.touch("sbatch.stdout", "Submitted batch job 42\n")
+		_, err := f.slurm().Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+		var se *SubmitError
+		require.True(t, errors.As(err, &se), "%T: %v", err, err)
+		assert.Contains(t, se.Msg, "sbatch printed no job id")
+		assert.False(t, se.User)
+	})
+
+	t.Run("job id with cluster", func(t *testing.T) {
+		f := newFakeSlurm(t)
+		f.touch("sbatch.stdout", "42;cluster1\n")
+		res, err := f.slurm().Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+		require.NoError(t, err)
+		assert.Equal(t, "42", res.JobID)
+	})
+
+	t.Run("no sbatch installed", func(t *testing.T) {
+		f := newFakeSlurm(t)
+		require.NoError(t, os.Remove(filepath.Join(f.bin, "sbatch")))
+		_, err := f.slurm().Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+		var se *SubmitError
+		require.True(t, errors.As(err, &se), "%T: %v", err, err)
+		assert.False(t, se.User, "a missing sbatch is not the user's fault: %v", se)
+	})
+
+	t.Run("script cannot be written", func(t *testing.T) {
+		f := newFakeSlurm(t)
+		j := f.job(&syncBuffer{}, "true")
+		j.Script = filepath.Join(f.work, "missing-dir", "s.sh")
+		_, err := f.slurm().Run(runCtx(t, 20*time.Second), j)
+		require.Error(t, err)
+		assert.Contains(t, err.Error(), "write the batch script")
+		assert.Nil(t, f.lines("sbatch.args"))
+	})
+}
+
+func TestRunCancelled(t *testing.T) {
+	f := newFakeSlurm(t)
+	var out syncBuffer
+	j := f.job(&out, "/bin/sh", "-c", "echo started; exec sleep 30")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	type ret struct {
+		res Result
+		err error
+	}
+	done := make(chan ret, 1)
+	start := time.Now()
+	go func() {
+		res, err := f.slurm().Run(ctx, j)
+		done <- ret{res, err}
+	}()
+	require.Eventually(t, func() bool { return out.String() == "started\n" }, 10*time.Second, 10*time.Millisecond)
+	cancel()
+	var r ret
+	select {
+	case r = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return after the context was cancelled")
+	}
+	require.NoError(t, r.err)
+	assert.True(t, r.res.Stopped)
+	assert.Equal(t, "CANCELLED", r.res.State)
+	assert.Equal(t, "42", r.res.JobID)
+	assert.False(t, r.res.Marker, "the killed script wrote no marker")
+	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"))
+	assert.Equal(t, "started\n", out.String())
+	assert.Contains(t, f.logs.String(), "Cancelling Slurm job 42 (scancel).")
+	assert.Less(t, time.Since(start), 10*time.Second)
+}
+
+func TestRunCancelledKillAfterGrace(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("scancel.ignore", "")
+	var out syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := f.slurm()
+	s.Grace = 100 * time.Millisecond
+	done := make(chan Result, 1)
+	go func() {
+		res, err := s.Run(ctx, f.job(&out, "/bin/sh", "-c", "echo started; exec sleep 30"))
+		assert.NoError(t, err)
+		done <- res
+	}()
+	require.Eventually(t, func() bool { return out.String() == "started\n" }, 10*time.Second, 10*time.Millisecond)
+	cancel()
+	var res Result
+	select {
+	case res = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	assert.True(t, res.Stopped)
+	assert.Equal(t, "CANCELLED", res.State)
+	assert.Equal(t, []string{"42", "--signal=KILL --full 42"}, f.lines("scancel.calls"))
+	assert.Contains(t, f.logs.String(), "did not end within 100ms: sending SIGKILL")
+}
+
+func TestRunCancelledWhilePending(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	res, err := f.slurm().Run(ctx, f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err)
+	assert.True(t, res.Stopped)
+	assert.Equal(t, "CANCELLED", res.State)
+	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"))
+}
+
+func TestRunPendingLimit(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	s := f.slurm()
+	s.PendingLimit = 150 * time.Millisecond
+	start := time.Now()
+	res, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+	require.ErrorIs(t, err, ErrPendingLimit)
+	assert.Equal(t, "JobHeldUser", res.PendingReason)
+	assert.Equal(t, "CANCELLED", res.State)
+	assert.Equal(t, "42", res.JobID)
+	assert.False(t, res.Stopped)
+	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"))
+	assert.GreaterOrEqual(t, time.Since(start), 150*time.Millisecond)
+	assert.Less(t, time.Since(start), 10*time.Second)
+}
+
+func TestRunNoPendingLimit(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	ctx, cancel := context.WithTimeout(context.Background(), 400*time.Millisecond)
+	defer cancel()
+	res, err := f.slurm().Run(ctx, f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err, "PendingLimit 0 means no limit")
+	assert.True(t, res.Stopped)
+	assert.Empty(t, res.PendingReason)
+}
+
+func TestRunVanished(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("hold", "") // never runs, so no marker
+	f.touch("scontrol.fail", "")
+	s := f.slurm()
+	s.UnknownLimit = 150 * time.Millisecond
+	start := time.Now()
+	res, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+	require.ErrorIs(t, err, ErrVanished)
+	assert.Contains(t, err.Error(), "Slurm has not known job 42 for 150ms")
+	assert.Contains(t, err.Error(), "Invalid job id specified")
+	assert.Equal(t, "VANISHED", res.State)
+	assert.False(t, res.Marker)
+	assert.GreaterOrEqual(t, time.Since(start), 150*time.Millisecond)
+	assert.Empty(t, f.lines("scancel.calls"))
+}
+
+func TestRunUnknownToScontrolButMarker(t *testing.T) {
+	// The job ended and Slurm already forgot it (MinJobAge passed): the
+	// marker decides.
+	for _, rc := range []int{0, 3} {
+		t.Run(strconv.Itoa(rc), func(t *testing.T) {
+			f := newFakeSlurm(t)
+			f.touch("scontrol.fail", "")
+			s := f.slurm()
+			s.UnknownLimit = 10 * time.Second
+			var out syncBuffer
+			start := time.Now()
+			res, err := s.Run(runCtx(t, 20*time.Second), f.job(&out, "/bin/sh", "-c", "echo bye; exit "+strconv.Itoa(rc)))
+			require.NoError(t, err)
+			want := Result{JobID: "42", State: "COMPLETED", ExitCode: rc, Marker: true}
+			if rc != 0 {
+				want.State = "FAILED"
+			}
+			assert.Equal(t, want, res)
+			assert.Equal(t, "bye\n", out.String())
+			assert.Less(t, time.Since(start), 5*time.Second, "the marker ends the wait, not UnknownLimit")
+		})
+	}
+}
+
+func TestRunFinalWithoutMarker(t *testing.T) {
+	// The job ended (say, TIMEOUT) before the script wrote its marker: the
+	// state and exit code come from scontrol, and the output is flushed.
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	f.touch("state", "JobId=42 JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15\n")
+	var out syncBuffer
+	j := f.job(&out, "true")
+	// Run removes a stale output file first, so write it once sbatch ran.
+	require.NoError(t, os.WriteFile(filepath.Join(f.bin, "sbatch"), []byte(strings.Replace(fakeSbatch,
+		`if [ -f "$d/sbatch.stdout" ]`, `printf 'working\nkilled mid-li' > "$out"; if [ -f "$d/sbatch.stdout" ]`, 1)), 0o755))
+	res, err := f.slurm().Run(runCtx(t, 20*time.Second), j)
+	require.NoError(t, err)
+	assert.Equal(t, Result{JobID: "42", State: "TIMEOUT", ExitCode: 0}, res)
+	assert.Equal(t, "working\nkilled mid-li\n", out.String())
+}
