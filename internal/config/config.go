@@ -167,6 +167,47 @@ type Mechanism struct {
 	// TmpDir is the runtime's scratch dir (APPTAINER_TMPDIR, ch-convert
 	// --tmp); "/<user>" is appended. Default: inside the per-user storage dir.
 	TmpDir string `toml:"tmp_dir"`
+	// CacheMaxSize bounds each user's store of converted images (SquashFS,
+	// SIF); least recently used images not in use are evicted beyond it.
+	// "0" or "": no limit.
+	CacheMaxSize ByteSize `toml:"cache_max_size"`
+	// CacheMaxAge evicts converted images unused for longer (0: never).
+	CacheMaxAge Duration `toml:"cache_max_age"`
+	// MaxConcurrentBuilds caps a user's concurrent image pulls and
+	// conversions (default 2).
+	MaxConcurrentBuilds int `toml:"max_concurrent_builds"`
+}
+
+// ByteSize is a size such as "512M", "20G" or a number of bytes.
+type ByteSize struct{ Bytes int64 }
+
+// UnmarshalText parses a size with an optional K, M, G or T suffix
+// (powers of 1024).
+func (b *ByteSize) UnmarshalText(text []byte) error {
+	s := strings.TrimSpace(strings.ToUpper(string(text)))
+	s = strings.TrimSuffix(strings.TrimSuffix(s, "IB"), "B")
+	mult := int64(1)
+	if n := len(s); n > 0 {
+		switch s[n-1] {
+		case 'K':
+			mult = 1 << 10
+		case 'M':
+			mult = 1 << 20
+		case 'G':
+			mult = 1 << 30
+		case 'T':
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			s = s[:n-1]
+		}
+	}
+	var v int64
+	if _, err := fmt.Sscanf(s, "%d", &v); err != nil || v < 0 || fmt.Sprint(v) != s {
+		return fmt.Errorf("not a size (use e.g. \"512M\", \"20G\" or a number of bytes): %q", string(text))
+	}
+	b.Bytes = v * mult
+	return nil
 }
 
 // Batch is the `[batch]` table (scheduler settings; see docs/config.md).
@@ -516,6 +557,12 @@ func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
 		if !envGlob.MatchString(p) {
 			add("%s.pass_env: %q is not a variable name or glob", prefix, p)
 		}
+	}
+	if m.MaxConcurrentBuilds < 0 {
+		add("%s.max_concurrent_builds must be positive, got %d", prefix, m.MaxConcurrentBuilds)
+	}
+	if m.CacheMaxAge.Duration < 0 {
+		add("%s.cache_max_age must be positive, got %s", prefix, m.CacheMaxAge.Duration)
 	}
 	for _, r := range m.InsecureRegistries {
 		if r == "" || strings.ContainsAny(r, "/ \t") {

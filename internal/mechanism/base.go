@@ -3,20 +3,29 @@ package mechanism
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 )
 
 // Base is what every runtime keeps about one job user: its table of the
-// configuration, the user, the user's image storage, the driver's own
-// environment (consulted only for proxy and CA settings of pulls), the
-// grace period of tools, and the probe result, computed once per process.
+// configuration, the user, the user's image storage and store of converted
+// images, the driver's own environment (consulted only for proxy and CA
+// settings of pulls), the grace period of tools, and the probe result,
+// computed once per process (and remembered in the store while the
+// runtime's programs do not change).
 type Base struct {
+	Name    string
 	Cfg     config.Mechanism
 	User    config.UserInfo
 	Storage string
@@ -24,6 +33,7 @@ type Base struct {
 	Grace   time.Duration
 
 	probe *probeOnce
+	store *storeOnce
 }
 
 type probeOnce struct {
@@ -32,10 +42,17 @@ type probeOnce struct {
 	err  error
 }
 
-// NewBase returns the base for a runtime whose per-user storage directory
-// is named <user><suffix> (".ch", ".apptainer").
-func NewBase(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration, suffix string) Base {
-	return Base{Cfg: cfg, User: user, Storage: StorageDir(cfg.ImageStorageDir, user.Name+suffix), HostEnv: hostEnv, Grace: grace, probe: &probeOnce{}}
+type storeOnce struct {
+	once  sync.Once
+	store *imagecache.Store
+	err   error
+}
+
+// NewBase returns the base for runtime name, whose per-user storage
+// directory is named <user><suffix> (".ch", ".apptainer").
+func NewBase(name string, cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration, suffix string) Base {
+	return Base{Name: name, Cfg: cfg, User: user, Storage: StorageDir(cfg.ImageStorageDir, user.Name+suffix),
+		HostEnv: hostEnv, Grace: grace, probe: &probeOnce{}, store: &storeOnce{}}
 }
 
 // StorageDir is a user's image storage: <image_storage_dir>/<name>, by
@@ -47,10 +64,80 @@ func StorageDir(imageStorageDir, name string) string {
 	return filepath.Join(imageStorageDir, name)
 }
 
-// Probed runs probe once per process and returns its result ever after.
-func (b *Base) Probed(ctx context.Context, probe func(context.Context) (Info, error)) (Info, error) {
-	b.probe.once.Do(func() { b.probe.info, b.probe.err = probe(ctx) })
+// StoreRoot is the user's store of converted images for this runtime:
+// <image_storage_dir>/<user>.ci-exec/<runtime>.
+func (b *Base) StoreRoot() string {
+	return filepath.Join(StorageDir(b.Cfg.ImageStorageDir, b.User.Name+".ci-exec"), b.Name)
+}
+
+// Store opens the user's store (once per process).
+func (b *Base) Store() (*imagecache.Store, error) {
+	b.store.once.Do(func() {
+		top := filepath.Dir(b.StoreRoot())
+		if err := EnsureUserDir(top); err != nil {
+			b.store.err = fmt.Errorf("image store: %w", err)
+			return
+		}
+		b.store.store, b.store.err = imagecache.Open(b.StoreRoot(), imagecache.Limits{
+			MaxBytes: b.Cfg.CacheMaxSize.Bytes, MaxAge: b.Cfg.CacheMaxAge.Duration, MaxBuilds: b.Cfg.MaxConcurrentBuilds,
+		})
+	})
+	return b.store.store, b.store.err
+}
+
+// Probed returns the runtime's Info: found programs (required and
+// optional), and what probe learns from them. It is computed once per
+// process and remembered in the store, keyed by the programs' paths, sizes
+// and modification times, so that a prepare on a warm image does not run
+// the runtime's own start-up again.
+func (b *Base) Probed(ctx context.Context, required, optional []string, probe func(context.Context, Info) (Info, error)) (Info, error) {
+	b.probe.once.Do(func() { b.probe.info, b.probe.err = b.probeCached(ctx, required, optional, probe) })
 	return b.probe.info, b.probe.err
+}
+
+func (b *Base) probeCached(ctx context.Context, required, optional []string, probe func(context.Context, Info) (Info, error)) (Info, error) {
+	programs, err := FindPrograms(b.Name, b.Cfg.ApplicationPath, required, optional)
+	if err != nil {
+		return Info{}, err
+	}
+	key := programsKey(programs)
+	var cacheFile string
+	if st, err := b.Store(); err == nil {
+		cacheFile = filepath.Join(st.Root, "probe.json")
+		var cached struct {
+			Key  string `json:"key"`
+			Info Info   `json:"info"`
+		}
+		if data, err := os.ReadFile(cacheFile); err == nil && json.Unmarshal(data, &cached) == nil && cached.Key == key {
+			return cached.Info, nil
+		}
+	}
+	info, err := probe(ctx, Info{Programs: programs, Features: map[string]bool{}})
+	if err != nil || cacheFile == "" {
+		return info, err
+	}
+	if data, err := json.Marshal(map[string]any{"key": key, "info": info}); err == nil {
+		tmp := fmt.Sprintf("%s.%d", cacheFile, os.Getpid())
+		if os.WriteFile(tmp, data, 0o600) == nil {
+			_ = os.Rename(tmp, cacheFile)
+		}
+	}
+	return info, nil
+}
+
+// programsKey identifies the installed programs: a changed binary (an
+// upgrade) means a new probe.
+func programsKey(programs map[string]string) string {
+	var parts []string
+	for name, p := range programs {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return ""
+		}
+		parts = append(parts, fmt.Sprintf("%s=%s:%d:%d", name, p, fi.Size(), fi.ModTime().UnixNano()))
+	}
+	sort.Strings(parts)
+	return strings.Join(parts, ";")
 }
 
 // ToolPath is PATH for the runtime's own programs: application_path, when
@@ -80,6 +167,27 @@ func (b *Base) Query(ctx context.Context, path string, argv ...string) (string, 
 	cmd.Stdout, cmd.Stderr = &buf, &buf
 	err := cmd.Run()
 	return buf.String(), err
+}
+
+// ReleaseLease ends the job's lease on a store entry, if it has one.
+func (b *Base) ReleaseLease(img Image) error {
+	if img.Lease == "" {
+		return nil
+	}
+	st, err := b.Store()
+	if err != nil {
+		return err
+	}
+	return st.Release(img.Lease)
+}
+
+// Evict applies the admin's size and age limits to the user's store.
+func (b *Base) Evict(ctx context.Context) ([]imagecache.Evicted, error) {
+	st, err := b.Store()
+	if err != nil {
+		return nil, err
+	}
+	return st.Evict(ctx, time.Now())
 }
 
 // CheckSpec rejects a RunSpec no runtime can build a command from.

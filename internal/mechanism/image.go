@@ -140,3 +140,13 @@ func (r Ref) AtDigest(digest string) string {
 	}
 	return reference.TrimNamed(named).String() + "@" + digest
 }
+
+// FamiliarAtDigest is the short form pinned to digest, as runtimes' own
+// parsers expect it ("alpine@sha256:...", "127.0.0.1:5443/ci/tiny@sha256:...").
+func (r Ref) FamiliarAtDigest(digest string) string {
+	named, err := reference.ParseNormalizedNamed(r.Full)
+	if err != nil {
+		return r.Full
+	}
+	return reference.FamiliarString(reference.TrimNamed(named)) + "@" + digest
+}

@@ -12,6 +12,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/job"
 	"github.com/ci-exec/ci-exec/internal/joblog"
 	"github.com/ci-exec/ci-exec/internal/proc"
@@ -49,6 +50,12 @@ func (s Setup) Placement(st *State) PlacementPolicy {
 		HasRunnerImage: st != nil && st.Runner != nil,
 		StepScriptOnly: s.Cfg.StepScriptOnly,
 	}
+}
+
+// Evicter is implemented by runtimes with a store of converted images
+// (see Base.Evict): prepare applies the admin's limits after each pull.
+type Evicter interface {
+	Evict(ctx context.Context) ([]imagecache.Evicted, error)
 }
 
 // PrepEnver is implemented by runtimes that give prep_script extra
@@ -178,25 +185,21 @@ func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, 
 		JobKey:      s.jobKey() + role,
 		MountPoints: mounts,
 		Dir:         s.Layout.ScriptsDir,
+		SingleFile:  (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert,
 		Log:         s.Log,
 	})
 	if err != nil {
 		return nil, err
 	}
-	digest := img.Digest
-	if digest == "" {
-		digest = "unknown"
-	}
-	s.Log.Printf("Image %s ready in %.2fs (digest %s)", ref.Full, img.PullTime.Seconds(), digest)
-	if (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert {
-		pulled := img.Format
-		if img, err = rt.Convert(ctx, img, ConvertRequest{Dir: s.Layout.ScriptsDir, Log: s.Log}); err != nil {
-			return nil, err
+	s.Log.Printf("Image %s: %s", ref.Full, Readiness(img))
+	if ev, ok := rt.(Evicter); ok {
+		// The job's own image has its lease already: it is never evicted.
+		removed, err := ev.Evict(ctx)
+		if err != nil {
+			s.Log.Warnf("image store eviction: %v", err)
 		}
-		if img.Format == pulled {
-			s.Log.Printf("%s is already a single %s file: nothing to convert", ref.Full, img.Format)
-		} else {
-			s.Log.Printf("Converted %s to a %s file in %.2fs", ref.Full, img.Format, img.ConvertTime.Seconds())
+		for _, e := range removed {
+			s.Log.Printf("Evicted %s from your image store (%.1f MiB, %s).", e.Key, float64(e.Size)/(1<<20), e.Reason)
 		}
 	}
 	if filepath.Base(img.Shell) != "bash" {
@@ -205,10 +208,10 @@ func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, 
 	return &img, nil
 }
 
-// mountPoints are the container paths binds need: the same-path dirs and
-// the user volumes' destinations.
+// mountPoints are the container paths binds need: the data dir and the
+// user volumes' destinations.
 func (s Setup) mountPoints(vols []Bind) []string {
-	out := []string{s.Layout.BuildsDir, s.Layout.CacheDir, s.Layout.ScriptsDir}
+	out := []string{s.Layout.DataDir}
 	for _, v := range vols {
 		out = append(out, v.Dst)
 	}
@@ -274,4 +277,29 @@ func MatchRegistry(list []string, registry string) bool {
 		}
 	}
 	return false
+}
+
+// Readiness is the job-log summary of how an image became ready: the
+// store's hit or miss, the digest, the format, and the time spent pulling
+// and converting.
+func Readiness(img Image) string {
+	digest := img.Digest
+	if digest == "" {
+		digest = "unknown"
+	}
+	msg := fmt.Sprintf("digest %s, %s", digest, img.Format)
+	switch img.Cache {
+	case "":
+	case "miss":
+		msg += ", cache miss"
+	default:
+		msg += ", cache " + img.Cache
+	}
+	if img.PullTime > 0 {
+		msg += fmt.Sprintf(", pulled in %.2fs", img.PullTime.Seconds())
+	}
+	if img.ConvertTime > 0 {
+		msg += fmt.Sprintf(", converted in %.2fs", img.ConvertTime.Seconds())
+	}
+	return msg + fmt.Sprintf(", ready in %.2fs", img.ReadyTime.Seconds())
 }

@@ -1,8 +1,11 @@
 package mechanism
 
 import (
+	"errors"
+
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
@@ -81,4 +84,24 @@ func DigestError(err error, ref string, cred auth.Credential, names auth.Variabl
 		registry.Unreachable: PullUnreachable,
 	}[registry.Classify(err)]
 	return PullError(kind, ref, cred, names, "", "resolving the tag: "+OneLine(err.Error()))
+}
+
+// StoreError classifies an error from the image store: a pull's own error
+// keeps its class; the store's (locks, disk) is a system failure.
+func StoreError(err error) error {
+	if errors.As(err, new(*failure.Error)) {
+		return err
+	}
+	return failure.Systemf("image store: %v", err)
+}
+
+// CacheState is the job-log word for how the store served an image.
+func CacheState(res imagecache.Result) string {
+	switch {
+	case res.Hit && res.Waited:
+		return "hit after waiting (another job built it)"
+	case res.Hit:
+		return "hit"
+	}
+	return "miss"
 }

@@ -52,14 +52,14 @@ type Runtime interface {
 	// Probe finds the runtime's programs and reports its version and
 	// features. Implementations cache the answer for the process.
 	Probe(ctx context.Context) (Info, error)
-	// Pull makes the image available to this job: fetches it (by the
-	// request's policy), gives the job its own copy where the runtime needs
-	// one, creates the bind mount points inside it, and finds its shell.
+	// Pull makes the image available to this job: resolves its digest (by
+	// the request's policy), fetches it into the user's store unless that
+	// digest is there already, converts it to a single file when the
+	// request asks (SquashFS, SIF: batch jobs, or the admin's convert),
+	// gives the job its own copy or a lease on the shared entry, creates
+	// the bind mount points where the runtime needs them, and finds the
+	// image's shell.
 	Pull(ctx context.Context, req PullRequest) (Image, error)
-	// Convert turns a pulled image into a single file (SquashFS, SIF) in
-	// req.Dir, for batch jobs or when the admin asks. A runtime whose pull
-	// already gives a single file returns img unchanged.
-	Convert(ctx context.Context, img Image, req ConvertRequest) (Image, error)
 	// Command builds the argv and environment that run spec.Argv in the
 	// image. It must not do I/O: everything it needs is in spec.
 	Command(spec RunSpec) (argv, env []string, err error)
@@ -123,12 +123,20 @@ type Image struct {
 	// RunOptions are image-specific run options the runtime chose at
 	// prepare time (e.g. ch-run --set-env to load the image's environment).
 	RunOptions []string `json:"run_options,omitempty"`
-	// Private lists per-job paths (copies, converted files) that Release
+	// Private lists per-job paths (copies, mount points) that Release
 	// removes.
 	Private []string `json:"private,omitempty"`
-	// PullTime and ConvertTime are for the job log and benchmarks.
-	PullTime    time.Duration `json:"pull_time"`
+	// Lease is the job's use marker on a shared store entry (see package
+	// imagecache); Release ends it.
+	Lease string `json:"lease,omitempty"`
+	// Cache says how the store served the image: "hit", "hit after
+	// waiting" (another job built it meanwhile) or "miss".
+	Cache string `json:"cache,omitempty"`
+	// PullTime and ConvertTime are the time spent pulling and converting
+	// (0 when the store had the image); ReadyTime is the whole of Pull.
+	PullTime    time.Duration `json:"pull_time,omitempty"`
 	ConvertTime time.Duration `json:"convert_time,omitempty"`
+	ReadyTime   time.Duration `json:"ready_time"`
 }
 
 // PullRequest is one image to make available.
@@ -151,15 +159,10 @@ type PullRequest struct {
 	MountPoints []string
 	// Dir is the job's private scripts dir.
 	Dir string
-	Log *joblog.Logger
-}
-
-// ConvertRequest is a conversion to a single file.
-type ConvertRequest struct {
-	// Dir is where the file goes (the job's scripts dir for now; a shared
-	// digest-keyed cache later).
-	Dir string
-	Log *joblog.Logger
+	// SingleFile asks for the image as one file (batch executors, the
+	// admin's convert), unless the runtime's pull gives one anyway.
+	SingleFile bool
+	Log        *joblog.Logger
 }
 
 // RunSpec is one stage's container command, as plain data.

@@ -32,8 +32,10 @@ type StagePlan struct {
 }
 
 // StageCommand places stage and, for a container, builds its command: the
-// job's builds, cache and scripts dirs bound at the same paths (the runner's
-// scripts use absolute host paths), the user's volumes (job image only),
+// job user's data dir, which holds the job's builds, cache and scripts
+// dirs, bound at the same path (the runner's scripts use absolute host
+// paths; one bind keeps the image's mount points the same for every job of
+// the user, so a converted image serves them all), the user's volumes (job image only),
 // the admin's options for that image, the user's checked arguments (job
 // image only), a clean environment and the image's shell running script.
 func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
@@ -50,9 +52,7 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 	spec := RunSpec{
 		Info:  st.Info,
 		Image: *plan.Image,
-		Binds: []Bind{
-			SamePath(s.Layout.BuildsDir), SamePath(s.Layout.CacheDir), SamePath(s.Layout.ScriptsDir),
-		},
+		Binds:   []Bind{SamePath(s.Layout.DataDir)},
 		Workdir: s.workdir(),
 		Env:     s.containerEnv(),
 		Argv:    []string{plan.Image.Shell, script},

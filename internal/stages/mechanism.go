@@ -20,11 +20,17 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 		return nil, nil
 	}
 	grace := st.Cfg.General.KillTimeout.Duration
+	mc := *m
+	if st.Cfg.IsBatch() && mc.ImageStorageDir == "" {
+		// Compute nodes must read the converted images: by default they
+		// live in the data dir, which a batch executor needs shared anyway.
+		mc.ImageStorageDir = st.Layout.DataDir
+	}
 	switch st.Cfg.General.RunMechanism {
 	case config.MechanismCharliecloud:
-		return charliecloud.New(*m, st.User, st.Job.Host, grace), nil
+		return charliecloud.New(mc, st.User, st.Job.Host, grace), nil
 	case config.MechanismApptainer:
-		return apptainer.New(*m, st.User, st.Job.Host, grace), nil
+		return apptainer.New(mc, st.User, st.Job.Host, grace), nil
 	}
 	return nil, failure.Systemf("general.run_mechanism %q is not supported by this build of ci-exec", st.Cfg.General.RunMechanism)
 }

@@ -43,7 +43,7 @@ var _ mechanism.PrepEnver = (*Runtime)(nil)
 // New returns the runtime for the job user. hostEnv is the driver's own
 // environment, consulted only for proxy and CA settings of pulls.
 func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
-	return &Runtime{Base: mechanism.NewBase(cfg, user, hostEnv, grace, ".apptainer")}
+	return &Runtime{Base: mechanism.NewBase(Name, cfg, user, hostEnv, grace, ".apptainer")}
 }
 
 // cacheDir and tmpDir are APPTAINER_CACHEDIR and APPTAINER_TMPDIR: under

@@ -24,15 +24,11 @@ const (
 // Probe finds apptainer and asks it for its version and exec options, once
 // per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
-	return r.Probed(ctx, r.probe)
+	return r.Probed(ctx, []string{"apptainer"}, nil, r.probe)
 }
 
-func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
-	info := mechanism.Info{Features: map[string]bool{}, ReadOnlyBinds: true}
-	var err error
-	if info.Programs, err = mechanism.FindPrograms(Name, r.Cfg.ApplicationPath, []string{"apptainer"}, nil); err != nil {
-		return info, err
-	}
+func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Info, error) {
+	info.ReadOnlyBinds = true
 	bin := info.Programs["apptainer"]
 	out, err := r.Query(ctx, toolPath, bin, "version")
 	if err != nil {

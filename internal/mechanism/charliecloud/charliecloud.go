@@ -54,7 +54,7 @@ var _ mechanism.PrepEnver = (*Runtime)(nil)
 // environment (without CUSTOM_ENV_), consulted only for proxy and CA
 // settings that ch-image's downloads need.
 func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
-	return &Runtime{Base: mechanism.NewBase(cfg, user, hostEnv, grace, ".ch")}
+	return &Runtime{Base: mechanism.NewBase(Name, cfg, user, hostEnv, grace, ".ch")}
 }
 
 func (r *Runtime) Name() string             { return Name }

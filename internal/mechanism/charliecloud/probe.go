@@ -23,16 +23,11 @@ const probeTimeout = 30 * time.Second
 // Probe finds ch-run, ch-image and ch-convert and asks ch-run for its
 // version and options, once per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
-	return r.Probed(ctx, r.probe)
+	// ch-convert is needed only for conversions; Pull says so.
+	return r.Probed(ctx, []string{"ch-run", "ch-image"}, []string{"ch-convert"}, r.probe)
 }
 
-func (r *Runtime) probe(ctx context.Context) (mechanism.Info, error) {
-	info := mechanism.Info{Features: map[string]bool{}}
-	var err error
-	// ch-convert is needed only for conversions; Convert says so.
-	if info.Programs, err = mechanism.FindPrograms(Name, r.Cfg.ApplicationPath, []string{"ch-run", "ch-image"}, []string{"ch-convert"}); err != nil {
-		return info, err
-	}
+func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Info, error) {
 	chRun := info.Programs["ch-run"]
 	out, err := r.Query(ctx, toolPath, chRun, "--version")
 	if err != nil {

@@ -10,13 +10,15 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
-	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
 // Image formats.
@@ -31,12 +33,21 @@ const (
 // user's storage (a concurrent job of the same user pulling).
 var busyWait = 10 * time.Minute
 
-// Pull fetches the image into the user's storage (per the pull policy),
-// gives the job its own hard-linked copy under a per-job name, creates the
-// bind mount points in that copy and finds the copy's shell.
+// Pull makes the image available to the job:
+//
+//  1. its digest is resolved by the pull policy (mechanism.ResolveDigest);
+//  2. that exact digest is pulled into the user's ch-image storage
+//     (stored as NAME@sha256+HEX) unless it is there already; concurrent
+//     jobs of the user pull it once;
+//  3. with req.SingleFile, it is converted once per digest (and mount-point
+//     set) to SquashFS in the user's store (imagecache), and the job takes a
+//     lease on that file; else the job gets its own hard-linked copy in the
+//     storage. Either way the bind mount points are created in the image
+//     (Charliecloud 0.31 cannot bind to a path the image lacks), and its
+//     shell is found.
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
-	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatStorage}
+	img := mechanism.Image{Ref: req.Ref.Full}
 	info, err := r.Probe(ctx)
 	if err != nil {
 		return img, err
@@ -44,103 +55,180 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err := checkStorage(r.Storage); err != nil {
 		return img, failure.Systemf("charliecloud: %v", err)
 	}
-	name := req.Ref.Familiar
-	present := func() bool {
-		_, err := os.Stat(filepath.Join(r.Storage, "img", forPath(name), "ch"))
-		return err == nil
-	}
-	switch {
-	case req.Policy == config.PullNever && !present():
-		return img, failure.Userf("image %s is not in your image storage %s and the pull policy is %q; ask the admin, or pull it once in a job with another policy",
-			req.Ref.Full, r.Storage, config.PullNever)
-	case req.Policy == config.PullIfNotPresent && present():
-		req.Log.Printf("Image %s is already in the storage (pull policy %s).", req.Ref.Full, req.Policy)
-	case req.Policy == config.PullNever:
-	default:
-		if err := r.pull(ctx, info, req); err != nil {
-			return img, err
-		}
-	}
-
-	img.Handle = jobImageRepo + ":" + req.JobKey
-	copyDir := filepath.Join(r.Storage, "img", forPath(img.Handle))
-	img.Private = []string{copyDir}
-	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
+	st, err := r.Store()
 	if err != nil {
 		return img, failure.Systemf("charliecloud: %v", err)
 	}
-	err = r.copyForJob(name, copyDir, &img, req.Ref)
-	lock.Unlock()
+	present := func(d string) bool { return r.inStorage(req.Ref.FamiliarAtDigest(d)) }
+	if req.SingleFile {
+		present = func(d string) bool { return imagecache.ValidSquashFS(st.Path(squashKey(d, req.MountPoints))) == nil }
+	}
+	img.Digest, err = mechanism.ResolveDigest(ctx, st, req, credentialVariables, registry.Options{SkipVerify: req.Insecure}, present)
 	if err != nil {
-		_ = removeTree(copyDir)
 		return img, err
 	}
-	for _, m := range req.MountPoints {
-		if err := mkdirInImage(copyDir, m); err != nil {
-			_ = removeTree(copyDir)
-			var sym *errSymlinkInImage
-			if errors.As(err, &sym) {
-				return img, failure.Userf("image %s cannot be used: %v; use an image without that symlink", req.Ref.Full, err)
-			}
-			return img, failure.Systemf("charliecloud: %v", err)
-		}
+	if req.SingleFile {
+		err = r.squashForJob(ctx, info, st, req, &img)
+	} else {
+		err = r.copyForJob(ctx, info, st, req, &img)
 	}
-	shell, ok := findShell(copyDir)
-	if !ok {
-		_ = removeTree(copyDir)
-		return img, failure.Userf("image %s has neither bash nor sh (looked for /bin/bash, /usr/bin/bash, /bin/sh, /usr/bin/sh); use an image with a POSIX shell", req.Ref.Full)
+	if err != nil {
+		return img, err
 	}
-	img.Shell = shell
-	if hasEnvironment(copyDir) {
-		// Load the image's ENV settings (PATH and friends), as other
-		// container runtimes do.
-		img.RunOptions = append(img.RunOptions, "--set-env")
+	if err := st.SetTag(req.Ref.Full, img.Digest); err != nil {
+		req.Log.Warnf("could not record the digest of %s: %v", req.Ref.Full, err)
 	}
-	img.PullTime = time.Since(start)
+	img.ReadyTime = time.Since(start)
 	return img, nil
 }
 
-// copyForJob makes the job's copy of the stored image (the caller holds the
-// storage lock, so no ch-image changes the original meanwhile) and reads
-// its digest.
-func (r *Runtime) copyForJob(name, copyDir string, img *mechanism.Image, ref mechanism.Ref) error {
-	orig := filepath.Join(r.Storage, "img", forPath(name))
-	if _, err := os.Stat(filepath.Join(orig, "ch")); err != nil {
-		return failure.Systemf("charliecloud: image %s is not in the storage after the pull (%v)", ref.Full, err)
+// inStorage reports whether the ch-image storage holds image name.
+func (r *Runtime) inStorage(name string) bool {
+	_, err := os.Stat(filepath.Join(r.Storage, "img", forPath(name), "ch"))
+	return err == nil
+}
+
+// ensurePulled puts the image's digest into the storage unless it is
+// there. Jobs of the same user that need it at once wait for one another
+// (the store's lock), so it is pulled once.
+func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, digest string) (pulled bool, err error) {
+	name := req.Ref.FamiliarAtDigest(digest)
+	if r.inStorage(name) {
+		return false, nil
 	}
+	unlock, err := st.Lock(ctx, "pull-"+strings.ReplaceAll(digest, ":", "-"))
+	if err != nil {
+		return false, failure.Systemf("charliecloud: %v", err)
+	}
+	defer unlock()
+	if r.inStorage(name) {
+		return false, nil
+	}
+	return true, r.pull(ctx, info, req, name)
+}
+
+// copyForJob gives the job its own copy of the stored image (hard links,
+// under a per-job name), with the mount points, and finds its shell.
+func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, img *mechanism.Image) error {
+	t := time.Now()
+	pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
+	if err != nil {
+		return err
+	}
+	img.Cache = "hit"
+	if pulled {
+		img.Cache, img.PullTime = "miss", time.Since(t)
+	}
+	img.Format = FormatStorage
+	img.Handle = jobImageRepo + ":" + req.JobKey
+	copyDir := filepath.Join(r.Storage, "img", forPath(img.Handle))
+	img.Private = []string{copyDir}
 	// A copy left by an earlier attempt of this job (prepare is retried).
 	if err := removeTree(copyDir); err != nil {
 		return failure.Systemf("charliecloud: remove the old job copy %s: %v", copyDir, err)
 	}
-	if err := linkTree(orig, copyDir); err != nil {
-		return failure.Systemf("charliecloud: copy image %s for the job: %v", ref.Full, err)
+	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
+	if err != nil {
+		return failure.Systemf("charliecloud: %v", err)
 	}
-	img.Digest = ref.Digest
-	if img.Digest == "" {
-		img.Digest = storedDigest(r.Storage, name)
+	err = linkTree(filepath.Join(r.Storage, "img", forPath(req.Ref.FamiliarAtDigest(img.Digest))), copyDir)
+	lock.Unlock()
+	if err == nil {
+		img.Shell, img.RunOptions, err = prepareTree(copyDir, req)
+	}
+	if err != nil {
+		_ = removeTree(copyDir)
+		return mechanism.StoreError(err)
 	}
 	return nil
 }
 
-// storedDigest is the digest of the manifest ch-image downloaded for name:
-// the sha256 of the file as the registry served it, which is the digest the
-// registry reports for the tag ("" when unknown).
-func storedDigest(storage, name string) string {
-	for _, f := range []string{forPath(name) + ".fat.json", forPath(name) + "%skinny.manifest.json"} {
-		b, err := os.ReadFile(filepath.Join(storage, "dlcache", f))
-		if err == nil {
-			sum := sha256.Sum256(b)
-			return "sha256:" + hex.EncodeToString(sum[:])
-		}
-	}
-	return ""
+// squashKey names a SquashFS entry in the store: the digest and the set of
+// mount points made inside it (the same for every job of a user with the
+// same data dir and volumes).
+func squashKey(digest string, mounts []string) string {
+	m := append([]string(nil), mounts...)
+	sort.Strings(m)
+	h := sha256.Sum256([]byte(strings.Join(m, "\n")))
+	return strings.ReplaceAll(digest, ":", "-") + "-" + hex.EncodeToString(h[:6]) + ".sqfs"
 }
 
-// pull runs ch-image pull, waiting while another ch-image holds the
-// storage.
-func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest) error {
-	argv := r.pullArgv(info, req)
-	end := req.Log.Section("ch_image_pull", "ch-image pull "+req.Ref.Full, false)
+// squashForJob makes sure the store has the image as SquashFS with the
+// job's mount points, converting it once per digest (pulling first if
+// needed), and gives the job a lease on it and a mount point of its own.
+func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, img *mechanism.Image) error {
+	if _, ok := info.Programs["ch-convert"]; !ok {
+		return failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert",
+			strings.Join(mechanism.ProgramDirs(r.Cfg.ApplicationPath), ":"))
+	}
+	key := squashKey(img.Digest, req.MountPoints)
+	res, err := st.Ensure(ctx, key, imagecache.ValidSquashFS, func(ctx context.Context, tmp string) error {
+		t := time.Now()
+		pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
+		if pulled {
+			img.PullTime = time.Since(t)
+		}
+		if err != nil {
+			return err
+		}
+		t = time.Now()
+		defer func() { img.ConvertTime = time.Since(t) }()
+		return r.convert(ctx, info, st, req, img.Digest, key, tmp)
+	})
+	if err != nil {
+		return mechanism.StoreError(err)
+	}
+	img.Cache = mechanism.CacheState(res)
+	img.Format = FormatSquash
+	img.Handle = res.Path
+	img.Shell = st.Meta(key, "shell")
+	if img.Shell == "" {
+		return failure.Systemf("charliecloud: the store entry %s has no recorded shell; remove it, it will be rebuilt", res.Path)
+	}
+	mnt := filepath.Join(req.Dir, req.JobKey+".mnt")
+	if err := os.Mkdir(mnt, 0o700); err != nil && !os.IsExist(err) {
+		return failure.Systemf("charliecloud: create the SquashFS mount point %s: %v", mnt, err)
+	}
+	img.Private = []string{mnt}
+	img.RunOptions = []string{"--mount=" + mnt}
+	if st.Meta(key, "setenv") == "yes" {
+		img.RunOptions = append(img.RunOptions, "--set-env")
+	}
+	if img.Lease, err = st.Use(key, req.JobKey); err != nil {
+		return failure.Systemf("charliecloud: %v", err)
+	}
+	return nil
+}
+
+// prepareTree creates the mount points in an image directory and reads
+// its shell and run options.
+func prepareTree(dir string, req mechanism.PullRequest) (shell string, runOptions []string, err error) {
+	for _, m := range req.MountPoints {
+		if err := mkdirInImage(dir, m); err != nil {
+			var sym *errSymlinkInImage
+			if errors.As(err, &sym) {
+				return "", nil, failure.Userf("image %s cannot be used: %v; use an image without that symlink", req.Ref.Full, err)
+			}
+			return "", nil, failure.Systemf("charliecloud: %v", err)
+		}
+	}
+	shell, ok := findShell(dir)
+	if !ok {
+		return "", nil, failure.Userf("image %s has neither bash nor sh (looked for /bin/bash, /usr/bin/bash, /bin/sh, /usr/bin/sh); use an image with a POSIX shell", req.Ref.Full)
+	}
+	if hasEnvironment(dir) {
+		// Load the image's ENV settings (PATH and friends), as other
+		// container runtimes do.
+		runOptions = []string{"--set-env"}
+	}
+	return shell, runOptions, nil
+}
+
+// pull runs ch-image pull of name (the reference at its digest), waiting
+// while another ch-image holds the storage.
+func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, name string) error {
+	argv := r.pullArgv(info, req, name)
+	end := req.Log.Section("ch_image_pull", "ch-image pull "+name, false)
 	defer end()
 	w := req.Log.Writer()
 	defer w.Close()
@@ -156,7 +244,7 @@ func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.P
 
 // pullArgv is the ch-image pull command line (pure). No credential is ever
 // part of it: they travel in the environment (toolEnv).
-func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest) []string {
+func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest, name string) []string {
 	argv := []string{info.Program("ch-image")}
 	if !req.Credential.Anonymous() {
 		// Credentials are used only in authenticated mode; without
@@ -166,7 +254,7 @@ func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest) []str
 	if req.Insecure {
 		argv = append(argv, "--tls-no-verify")
 	}
-	return append(argv, "-s", r.Storage, "pull", req.Ref.Familiar)
+	return append(argv, "-s", r.Storage, "pull", name)
 }
 
 // runBusy runs a ch-image based tool and repeats it while the storage is
@@ -223,12 +311,12 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 // jobKeyRE is the form of a per-job key (mechanism.PullRequest.JobKey).
 var jobKeyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
 
-// Release removes the job's copies of img: its directory in the storage
-// (img/ci-exec-job+KEY) or its converted file and mount point in jobDir
-// (KEY.sqfs, KEY.mnt). Nothing else is ever removed, whatever the state
-// file says.
+// Release ends the job's lease on a stored SquashFS file and removes its
+// own copies: its directory in the storage (img/ci-exec-job+KEY) or its
+// mount point in jobDir (KEY.mnt). Nothing else is ever removed, whatever
+// the state file says.
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
-	var errs []error
+	errs := []error{r.ReleaseLease(img)}
 	imgDir := filepath.Join(r.Storage, "img")
 	for _, p := range img.Private {
 		p = filepath.Clean(p)
@@ -241,7 +329,7 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 			if err := removeTree(p); err != nil {
 				errs = append(errs, err)
 			}
-		case jobDir != "" && dir == filepath.Clean(jobDir) && (ext == ".sqfs" || ext == ".mnt") && jobKeyRE.MatchString(strings.TrimSuffix(base, ext)):
+		case jobDir != "" && dir == filepath.Clean(jobDir) && ext == ".mnt" && jobKeyRE.MatchString(strings.TrimSuffix(base, ext)):
 			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, err)
 			}
