@@ -50,8 +50,8 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 		plan.Image = st.Runner
 	}
 	spec := RunSpec{
-		Info:  st.Info,
-		Image: *plan.Image,
+		Info:    st.Info,
+		Image:   *plan.Image,
 		Binds:   []Bind{SamePath(s.Layout.DataDir)},
 		Workdir: s.workdir(),
 		Env:     s.containerEnv(),

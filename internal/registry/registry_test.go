@@ -298,7 +298,6 @@ func insecureTransport() http.RoundTripper {
 	return t
 }
 
-
 func TestDigestUntrustedTLS(t *testing.T) {
 	t.Run("127.0.0.2 (no plain-HTTP fallback)", func(t *testing.T) {
 		var rec recorder

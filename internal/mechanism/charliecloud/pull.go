@@ -15,8 +15,8 @@ import (
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
-	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
