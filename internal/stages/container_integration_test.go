@@ -47,6 +47,9 @@ type runtimeFixture struct {
 	// plainHTTP: the runtime can pull from a plain-HTTP registry the admin
 	// lists in insecure_registries.
 	plainHTTP bool
+	// pullSection starts the job-log section of one pull; buildLine is a
+	// line the runtime prints while building a store entry.
+	pullSection, buildLine string
 }
 
 var charliecloudFixture = runtimeFixture{
@@ -58,7 +61,9 @@ var charliecloudFixture = runtimeFixture{
 	deniedArgs:    []string{"-b /etc:/mnt/0", "--bind=/:/mnt/1", "--uid=0", "-w", "--storage=/tmp", "--write-fake", "--join", "-u0"},
 	allowedEnvArg: "--set-env=CI_EXEC_ARG_TEST=from-user-args",
 	failingArg:    "--cd=/no/such/dir",
-	convertLog:    `Converted \S+ to a squashfs file in [0-9.]+s`,
+	convertLog:    `squashfs, cache miss, pulled in [0-9.]+s, converted in [0-9.]+s`,
+	pullSection:   "ch-image pull ",
+	buildLine:     "input:   dir",
 }
 
 var apptainerFixture = runtimeFixture{
@@ -73,8 +78,10 @@ var apptainerFixture = runtimeFixture{
 	allowedEnvArg: "--env=CI_EXEC_ARG_TEST=from-user-args",
 	failingArg:    "--pwd=/no/such/dir",
 	readOnlyBinds: true,
-	convertLog:    `is already a single sif file`,
+	convertLog:    `sif, cache miss, pulled in [0-9.]+s, ready in`,
 	plainHTTP:     true,
+	pullSection:   "apptainer pull ",
+	buildLine:     "INFO:    Starting build...",
 }
 
 // runtimes are the mechanisms under test.
