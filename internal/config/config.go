@@ -185,6 +185,10 @@ type ByteSize struct{ Bytes int64 }
 // (powers of 1024).
 func (b *ByteSize) UnmarshalText(text []byte) error {
 	s := strings.TrimSpace(strings.ToUpper(string(text)))
+	if s == "" {
+		b.Bytes = 0 // no limit
+		return nil
+	}
 	s = strings.TrimSuffix(strings.TrimSuffix(s, "IB"), "B")
 	mult := int64(1)
 	if n := len(s); n > 0 {
@@ -253,8 +257,12 @@ const (
 // Duration is a TOML duration string such as "30s" or "2m".
 type Duration struct{ time.Duration }
 
-// UnmarshalText parses a Go duration string.
+// UnmarshalText parses a Go duration string; "" is the key's default.
 func (d *Duration) UnmarshalText(b []byte) error {
+	if strings.TrimSpace(string(b)) == "" {
+		d.Duration = 0
+		return nil
+	}
 	v, err := time.ParseDuration(string(b))
 	if err != nil {
 		return fmt.Errorf("not a duration (use e.g. \"30s\" or \"2m\"): %q", string(b))

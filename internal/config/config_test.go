@@ -160,3 +160,24 @@ func FuzzParse(f *testing.F) {
 		}
 	})
 }
+
+func TestByteSize(t *testing.T) {
+	for in, want := range map[string]int64{"": 0, "0": 0, "1": 1, "512M": 512 << 20, "20G": 20 << 30, "20GB": 20 << 30, "3GiB": 3 << 30, "1t": 1 << 40, "64k": 64 << 10} {
+		var b ByteSize
+		require.NoError(t, b.UnmarshalText([]byte(in)), in)
+		assert.Equal(t, want, b.Bytes, in)
+	}
+	for _, in := range []string{"-1", "1.5G", "G", "20X", "ten"} {
+		var b ByteSize
+		assert.Error(t, b.UnmarshalText([]byte(in)), in)
+	}
+	_, err := Parse("[general]\ndata_dir = \"/d\"\n[general.charliecloud]\ncache_max_size = \"lots\"\n", UserInfo{Name: "u", Home: "/h"})
+	assert.ErrorContains(t, err, "not a size")
+	cfg, err := Parse("[general]\ndata_dir = \"/d\"\n[general.apptainer]\ncache_max_size = \"2G\"\ncache_max_age = \"48h\"\nmax_concurrent_builds = 3\n", UserInfo{Name: "u", Home: "/h"})
+	require.NoError(t, err)
+	assert.Equal(t, int64(2<<30), cfg.General.Apptainer.CacheMaxSize.Bytes)
+	assert.Equal(t, 48*time.Hour, cfg.General.Apptainer.CacheMaxAge.Duration)
+	assert.Equal(t, 3, cfg.General.Apptainer.MaxConcurrentBuilds)
+	_, err = Parse("[general]\ndata_dir = \"/d\"\n[general.apptainer]\nmax_concurrent_builds = -1\n", UserInfo{Name: "u", Home: "/h"})
+	assert.ErrorContains(t, err, "max_concurrent_builds must be positive")
+}
