@@ -121,6 +121,8 @@ func (s *Store) Path(key string) string { return filepath.Join(s.Root, "entries"
 // Result says how Ensure found the entry.
 type Result struct {
 	Path string
+	// Lease is the job's use marker on the entry (see Use).
+	Lease string
 	// Hit is true when the entry was there already; Waited when another
 	// job built it while this one waited for the lock.
 	Hit, Waited bool
@@ -128,17 +130,46 @@ type Result struct {
 	BuildTime time.Duration
 }
 
-// Ensure returns the valid entry key, building it when missing or damaged.
-// Only one job builds a key at a time; the others wait for its lock and
-// then find it built. build writes the complete file to tmp (in the
-// store, so the rename that publishes it is atomic); valid checks an
-// existing entry (a truncated file, say, is rebuilt).
-func (s *Store) Ensure(ctx context.Context, key string, valid func(path string) error, build func(ctx context.Context, tmp string) error) (Result, error) {
-	res := Result{Path: s.Path(key)}
+// Ensure returns the valid entry key with a lease for job on it, building
+// the entry when missing or damaged. Only one job builds a key at a time;
+// the others wait for its lock and then find it built. build writes the
+// complete file to tmp (in the store, so the rename that publishes it is
+// atomic); valid checks an existing entry (a truncated file, say, is
+// rebuilt).
+//
+// The lease is taken first, and an existing entry is checked under a
+// shared lock on the key, which eviction (holding it exclusively while it
+// removes an entry that has no lease) cannot share: so an entry Ensure
+// returns cannot be evicted under the job.
+func (s *Store) Ensure(ctx context.Context, key, job string, valid func(path string) error, build func(ctx context.Context, tmp string) error) (res Result, err error) {
+	res = Result{Path: s.Path(key)}
 	if err := CheckKey(key); err != nil {
 		return res, err
 	}
-	if valid(res.Path) == nil {
+	if res.Lease, err = s.Use(key, job); err != nil {
+		return res, err
+	}
+	defer func() {
+		if err != nil {
+			_ = s.Release(res.Lease)
+			res.Lease = ""
+		}
+	}()
+	shared := flock.New(filepath.Join(s.Root, "locks", "key-"+key+".lock"), flock.SetPermissions(0o600))
+	ok, lerr := shared.TryRLock()
+	if lerr == nil && !ok {
+		res.Waited = true // a build of this key is running
+		ok, lerr = shared.TryRLockContext(ctx, lockRetry)
+	}
+	if lerr != nil || !ok {
+		if lerr == nil {
+			lerr = ctx.Err()
+		}
+		return res, fmt.Errorf("lock %s: %w", key, lerr)
+	}
+	hit := valid(res.Path) == nil
+	_ = shared.Unlock()
+	if hit {
 		res.Hit = true
 		s.touch(res.Path)
 		return res, nil
@@ -148,6 +179,7 @@ func (s *Store) Ensure(ctx context.Context, key string, valid func(path string) 
 		return res, err
 	}
 	defer unlock()
+	waited = waited || res.Waited
 	if err := valid(res.Path); err == nil {
 		res.Hit, res.Waited = true, waited
 		s.touch(res.Path)
@@ -170,9 +202,11 @@ func (s *Store) Ensure(ctx context.Context, key string, valid func(path string) 
 	tmp := filepath.Join(s.Root, "tmp", fmt.Sprintf("%s.%d.tmp", key, os.Getpid()))
 	defer os.RemoveAll(tmp)
 	if err := build(ctx, tmp); err != nil {
+		_ = os.Remove(res.Path + ".meta")
 		return res, err
 	}
 	if err := valid(tmp); err != nil {
+		_ = os.Remove(res.Path + ".meta")
 		return res, fmt.Errorf("the built image is not valid: %w", err)
 	}
 	if err := syncFile(tmp); err != nil {

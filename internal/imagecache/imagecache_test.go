@@ -67,13 +67,13 @@ func TestEnsureBuildsOnceThenHits(t *testing.T) {
 	st := open(t, Limits{})
 	builds := 0
 	build := func(_ context.Context, tmp string) error { builds++; return squash(tmp, 4096) }
-	res, err := st.Ensure(context.Background(), "k1.sqfs", ValidSquashFS, build)
+	res, err := st.Ensure(context.Background(), "k1.sqfs", "j1", ValidSquashFS, build)
 	require.NoError(t, err)
 	assert.False(t, res.Hit)
 	assert.Equal(t, st.Path("k1.sqfs"), res.Path)
 	assert.NoError(t, ValidSquashFS(res.Path))
 
-	res, err = st.Ensure(context.Background(), "k1.sqfs", ValidSquashFS, build)
+	res, err = st.Ensure(context.Background(), "k1.sqfs", "j1", ValidSquashFS, build)
 	require.NoError(t, err)
 	assert.True(t, res.Hit)
 	assert.False(t, res.Waited)
@@ -84,14 +84,14 @@ func TestEnsureBuildsOnceThenHits(t *testing.T) {
 
 func TestEnsureFailedBuildPublishesNothing(t *testing.T) {
 	st := open(t, Limits{})
-	_, err := st.Ensure(context.Background(), "k1.sqfs", ValidSquashFS, func(_ context.Context, tmp string) error {
+	_, err := st.Ensure(context.Background(), "k1.sqfs", "j1", ValidSquashFS, func(_ context.Context, tmp string) error {
 		_ = os.WriteFile(tmp, []byte("hsqs half"), 0o644)
 		return errors.New("pull failed")
 	})
 	assert.ErrorContains(t, err, "pull failed")
 	assert.NoFileExists(t, st.Path("k1.sqfs"))
 
-	_, err = st.Ensure(context.Background(), "k1.sqfs", ValidSquashFS, func(_ context.Context, tmp string) error {
+	_, err = st.Ensure(context.Background(), "k1.sqfs", "j1", ValidSquashFS, func(_ context.Context, tmp string) error {
 		return os.WriteFile(tmp, []byte("not an image at all, long enough to read a header from....................................................."), 0o644)
 	})
 	assert.ErrorContains(t, err, "not valid")
@@ -110,7 +110,7 @@ func TestEnsureSingleFlight(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			results[i], errs[i] = st.Ensure(context.Background(), "cold.sqfs", ValidSquashFS, func(_ context.Context, tmp string) error {
+			results[i], errs[i] = st.Ensure(context.Background(), "cold.sqfs", "j1", ValidSquashFS, func(_ context.Context, tmp string) error {
 				builds.Add(1)
 				time.Sleep(300 * time.Millisecond)
 				return squash(tmp, 8192)
@@ -135,12 +135,12 @@ func TestEnsureSingleFlight(t *testing.T) {
 func TestEnsureRebuildsDamagedEntry(t *testing.T) {
 	st := open(t, Limits{})
 	build := func(_ context.Context, tmp string) error { return squash(tmp, 8192) }
-	_, err := st.Ensure(context.Background(), "k.sqfs", ValidSquashFS, build)
+	_, err := st.Ensure(context.Background(), "k.sqfs", "j1", ValidSquashFS, build)
 	require.NoError(t, err)
 	require.NoError(t, os.Truncate(st.Path("k.sqfs"), 4096))
 	assert.ErrorContains(t, ValidSquashFS(st.Path("k.sqfs")), "truncated")
 
-	res, err := st.Ensure(context.Background(), "k.sqfs", ValidSquashFS, build)
+	res, err := st.Ensure(context.Background(), "k.sqfs", "j1", ValidSquashFS, build)
 	require.NoError(t, err)
 	assert.False(t, res.Hit, "a truncated entry is a miss")
 	assert.NoError(t, ValidSquashFS(res.Path))
@@ -154,7 +154,7 @@ func TestBuildSlotsCapConcurrency(t *testing.T) {
 		wg.Add(1)
 		go func(i int) {
 			defer wg.Done()
-			_, err := st.Ensure(context.Background(), fmt.Sprintf("k%d.sqfs", i), ValidSquashFS, func(_ context.Context, tmp string) error {
+			_, err := st.Ensure(context.Background(), fmt.Sprintf("k%d.sqfs", i), "j1", ValidSquashFS, func(_ context.Context, tmp string) error {
 				n := running.Add(1)
 				for {
 					m := most.Load()
@@ -180,7 +180,7 @@ func TestEnsureGivesUpWithTheContext(t *testing.T) {
 	defer unlock()
 	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
 	defer cancel()
-	_, err = st.Ensure(ctx, "busy.sqfs", ValidSquashFS, func(context.Context, string) error { return nil })
+	_, err = st.Ensure(ctx, "busy.sqfs", "j1", ValidSquashFS, func(context.Context, string) error { return nil })
 	assert.ErrorIs(t, err, context.DeadlineExceeded)
 }
 
@@ -204,7 +204,7 @@ func TestKilledBuilderLeavesNothingUsable(t *testing.T) {
 	assert.NoFileExists(t, st.Path("k.sqfs"), "nothing was published")
 	left, _ := filepath.Glob(filepath.Join(root, "tmp", "k.sqfs.*"))
 	assert.NotEmpty(t, left, "the killed build left its temporary file")
-	res, err := st.Ensure(context.Background(), "k.sqfs", ValidSquashFS, func(_ context.Context, tmp string) error { return squash(tmp, 4096) })
+	res, err := st.Ensure(context.Background(), "k.sqfs", "j1", ValidSquashFS, func(_ context.Context, tmp string) error { return squash(tmp, 4096) })
 	require.NoError(t, err)
 	assert.False(t, res.Hit)
 	left, _ = filepath.Glob(filepath.Join(root, "tmp", "k.sqfs.*"))
@@ -223,7 +223,7 @@ func TestMain(m *testing.M) {
 	if err != nil {
 		os.Exit(3)
 	}
-	_, _ = st.Ensure(context.Background(), "k.sqfs", ValidSquashFS, func(_ context.Context, tmp string) error {
+	_, _ = st.Ensure(context.Background(), "k.sqfs", "j1", ValidSquashFS, func(_ context.Context, tmp string) error {
 		_ = os.WriteFile(tmp, []byte("hsqs, half"), 0o644)
 		_ = os.WriteFile(os.Getenv("IMAGECACHE_HELPER_STARTED"), nil, 0o644)
 		time.Sleep(time.Minute)
@@ -355,4 +355,47 @@ func TestValidFormats(t *testing.T) {
 	assert.ErrorContains(t, ValidSIF(p), "truncated")
 	assert.ErrorContains(t, ValidSquashFS(p), "bad magic")
 	assert.ErrorContains(t, ValidSquashFS(dir), "not a regular file")
+}
+
+func TestEnsureLeases(t *testing.T) {
+	st := open(t, Limits{MaxBytes: 1})
+	build := func(_ context.Context, tmp string) error { return squash(tmp, 8192) }
+	res, err := st.Ensure(context.Background(), "k.sqfs", "j1-a", ValidSquashFS, build)
+	require.NoError(t, err)
+	require.NotEmpty(t, res.Lease)
+	out, err := st.Evict(context.Background(), time.Now())
+	require.NoError(t, err)
+	assert.Empty(t, out, "the entry Ensure returned is leased")
+	require.NoError(t, st.Release(res.Lease))
+
+	// A failed build leaves no lease (and no meta) behind.
+	_, err = st.Ensure(context.Background(), "bad.sqfs", "j1-b", ValidSquashFS, func(_ context.Context, tmp string) error {
+		_ = st.SetMeta("bad.sqfs", "shell", "/bin/sh")
+		return errors.New("boom")
+	})
+	require.Error(t, err)
+	assert.False(t, st.inUse("bad.sqfs", time.Now()))
+	assert.NoFileExists(t, st.Path("bad.sqfs")+".meta")
+
+	// While an eviction holds an entry's lock, a job waits rather than
+	// taking a path that is about to disappear.
+	unlock, _, err := st.lock(context.Background(), "key-k.sqfs")
+	require.NoError(t, err)
+	got := make(chan Result, 1)
+	go func() {
+		r, err := st.Ensure(context.Background(), "k.sqfs", "j1-c", ValidSquashFS, build)
+		assert.NoError(t, err)
+		got <- r
+	}()
+	select {
+	case <-got:
+		t.Fatal("Ensure did not wait for the key's lock")
+	case <-time.After(300 * time.Millisecond):
+	}
+	require.NoError(t, os.Remove(st.Path("k.sqfs"))) // what the evictor did
+	unlock()
+	r := <-got
+	assert.False(t, r.Hit, "the evicted entry is rebuilt")
+	assert.True(t, r.Waited)
+	assert.NoError(t, ValidSquashFS(r.Path))
 }

@@ -1,7 +1,6 @@
 package apptainer
 
 import (
-	"context"
 	"strings"
 	"testing"
 
@@ -33,13 +32,6 @@ func TestIdentityAndStorage(t *testing.T) {
 	assert.Equal(t, "JACAMAR_CI_APPTAINER_ARGS", r.UserArgsVariable())
 	assert.Equal(t, "APPTAINER_DOCKER_USERNAME", r.CredentialVariables().Username)
 	assert.Equal(t, "APPTAINER_DOCKER_PASSWORD", r.CredentialVariables().Password)
-}
-
-func TestConvertKeepsTheSIF(t *testing.T) {
-	img := mechanism.Image{Ref: tinyImage, Handle: "/job/j42-abc.sif", Format: FormatSIF, Shell: "/bin/sh", Private: []string{"/job/j42-abc.sif"}}
-	got, err := runtimeFor(config.Mechanism{}, nil).Convert(context.Background(), img, mechanism.ConvertRequest{Dir: "/elsewhere"})
-	require.NoError(t, err)
-	assert.Equal(t, img, got)
 }
 
 // TestDefaultUserArgs checks that the default user flags are all exec

@@ -1,6 +1,7 @@
 package apptainer
 
 import (
+	"encoding/binary"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/job"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
@@ -107,7 +109,8 @@ func assertNoSecret(t *testing.T, what string, ss ...string) {
 
 // fakeApptainerScript stands in for apptainer 1.5.3. Its behaviour is set
 // by files in the record dir R (version, help, image, pull-fail,
-// pull-nowrite, exec-fail) and it records what it was given there.
+// pull-nowrite, exec-fail) and it records what it was given there. The
+// shell probe answers by the words in the SIF: "nosh" (no /bin/sh), "bash".
 const fakeApptainerScript = `#!/bin/sh
 R=@RECORD@
 case "$1" in
@@ -117,17 +120,20 @@ version)
 	exit 0 ;;
 exec)
 	if [ "$2" = --help ]; then cat "$R/help" || exit 1; exit 0; fi
+	echo exec >> "$R/execs"
 	printf '%s\n' "$@" > "$R/exec-argv"
 	env > "$R/exec-env"
 	if [ "$2" != --cleanenv ] || [ "$4" != /bin/sh ] || [ "$5" != -c ]; then
 		echo "FATAL:   fake apptainer: unexpected exec $*" >&2; exit 255
 	fi
 	if [ -f "$R/exec-fail" ]; then cat "$R/exec-fail" >&2; exit 255; fi
-	case "$(cat "$3")" in
-	*nosh*) echo 'FATAL:   stat /bin/sh: no such file or directory' >&2; exit 255 ;;
-	*bash*) echo /bin/bash ;;
-	*) echo /bin/sh ;;
-	esac ;;
+	if grep -q nosh "$3"; then
+		echo 'FATAL:   stat /bin/sh: no such file or directory' >&2; exit 255
+	elif grep -q bash "$3"; then
+		echo /bin/bash
+	else
+		echo /bin/sh
+	fi ;;
 pull)
 	echo pull >> "$R/pulls"
 	printf '%s\n' "$@" > "$R/pull-argv"
@@ -135,6 +141,7 @@ pull)
 	readlink "/proc/$$/fd/0" > "$R/pull-stdin"
 	prev=
 	for a in "$@"; do out=$prev; prev=$a; done
+	[ -f "$R/pull-sleep" ] && sleep "$(cat "$R/pull-sleep")"
 	echo 'INFO:    Converting OCI blobs to SIF format'
 	if [ -f "$R/pull-fail" ]; then
 		printf 'half a SIF' > "$out"
@@ -148,6 +155,29 @@ pull)
 	echo "FATAL:   fake apptainer: unknown command $1" >&2; exit 255 ;;
 esac
 `
+
+// sifHeaderSize is the size of a SIF global header.
+const sifHeaderSize = 128
+
+// sifFile is a file imagecache.ValidSIF accepts: a global header with the
+// magic, announcing text as its data, and the text.
+func sifFile(text string) []byte {
+	b := make([]byte, sifHeaderSize)
+	copy(b, "#!/usr/bin/env run-singularity\n")
+	copy(b[32:], "SIF_MAGIC")
+	binary.LittleEndian.PutUint64(b[112:120], sifHeaderSize)
+	binary.LittleEndian.PutUint64(b[120:128], uint64(len(text)))
+	return append(b, text...)
+}
+
+// sifText is the data of a SIF written by sifFile.
+func sifText(t *testing.T, path string) string {
+	t.Helper()
+	b, err := os.ReadFile(path)
+	require.NoError(t, err)
+	require.NoError(t, imagecache.ValidSIF(path))
+	return string(b[sifHeaderSize:])
+}
 
 // helpWithUnderlay is an excerpt of `apptainer exec --help` (1.5.3).
 const helpWithUnderlay = `Run a command within a container
@@ -168,6 +198,7 @@ type fakeApptainer struct {
 	app     string // application_path
 	rec     string // behaviour and record files
 	jobDir  string // the job's scripts dir
+	images  string // image_storage_dir
 	storage string
 	rt      *Runtime
 }
@@ -181,17 +212,18 @@ func installFake(t *testing.T, cfg config.Mechanism, hostEnv map[string]string) 
 		app:    filepath.Join(root, "bin"),
 		rec:    filepath.Join(root, "rec"),
 		jobDir: filepath.Join(root, "job"),
+		images: filepath.Join(root, "images"),
 	}
-	for _, d := range []string{f.app, f.rec, f.jobDir, filepath.Join(root, "images")} {
+	for _, d := range []string{f.app, f.rec, f.jobDir, f.images} {
 		require.NoError(t, os.Mkdir(d, 0o755))
 	}
 	script := strings.ReplaceAll(fakeApptainerScript, "@RECORD@", "'"+f.rec+"'")
 	require.NoError(t, os.WriteFile(filepath.Join(f.app, "apptainer"), []byte(script), 0o755))
 	f.set(t, "version", "apptainer version 1.5.3\n")
 	f.set(t, "help", helpWithUnderlay)
-	f.set(t, "image", "SIF image with bash\n")
+	f.setImage(t, "SIF image with bash\n")
 	cfg.ApplicationPath = f.app
-	cfg.ImageStorageDir = filepath.Join(root, "images")
+	cfg.ImageStorageDir = f.images
 	f.rt = runtimeFor(cfg, hostEnv)
 	f.storage = f.rt.Storage
 	return f
@@ -201,6 +233,12 @@ func installFake(t *testing.T, cfg config.Mechanism, hostEnv map[string]string) 
 func (f *fakeApptainer) set(t *testing.T, name, content string) {
 	t.Helper()
 	require.NoError(t, os.WriteFile(filepath.Join(f.rec, name), []byte(content), 0o644))
+}
+
+// setImage makes the SIF the fake pulls hold text.
+func (f *fakeApptainer) setImage(t *testing.T, text string) {
+	t.Helper()
+	f.set(t, "image", string(sifFile(text)))
 }
 
 // unset removes a behaviour or record file.
@@ -217,14 +255,20 @@ func (f *fakeApptainer) lines(t *testing.T, name string) []string {
 	return strings.Split(strings.TrimSuffix(string(b), "\n"), "\n")
 }
 
-// pulls is how often apptainer pull ran.
-func (f *fakeApptainer) pulls(t *testing.T) int {
+// count is how many lines a record file has (0 when missing).
+func (f *fakeApptainer) count(t *testing.T, name string) int {
 	t.Helper()
-	if _, err := os.Stat(filepath.Join(f.rec, "pulls")); os.IsNotExist(err) {
+	if _, err := os.Stat(filepath.Join(f.rec, name)); os.IsNotExist(err) {
 		return 0
 	}
-	return len(f.lines(t, "pulls"))
+	return len(f.lines(t, name))
 }
+
+// pulls is how often apptainer pull ran.
+func (f *fakeApptainer) pulls(t *testing.T) int { return f.count(t, "pulls") }
+
+// execs is how often the image was run (the shell probe).
+func (f *fakeApptainer) execs(t *testing.T) int { return f.count(t, "execs") }
 
 // recordedEnv is a recorded environment without what the shell itself adds.
 func (f *fakeApptainer) recordedEnv(t *testing.T, name string) []string {
@@ -240,11 +284,62 @@ func (f *fakeApptainer) recordedEnv(t *testing.T, name string) []string {
 	return env
 }
 
-// storedSIF is the path of an image in the user's storage: keyed by its
-// manifest digest.
-func (f *fakeApptainer) storedSIF(digest string) string {
-	return filepath.Join(f.storage, "images", strings.Replace(digest, ":", "-", 1)+".sif")
+// storeRoot is the user's store of images for Apptainer.
+func (f *fakeApptainer) storeRoot() string {
+	return filepath.Join(f.images, jobUser+".ci-exec", "apptainer")
 }
 
-// jobSIF is the job's own link to it.
-func (f *fakeApptainer) jobSIF(key string) string { return filepath.Join(f.jobDir, key+".sif") }
+// store opens the user's store as the runtime does.
+func (f *fakeApptainer) store(t *testing.T) *imagecache.Store {
+	t.Helper()
+	st, err := f.rt.Store()
+	require.NoError(t, err)
+	require.Equal(t, f.storeRoot(), st.Root)
+	return st
+}
+
+// sifKey is the store key of an image: its manifest digest.
+func sifKey(digest string) string { return strings.Replace(digest, ":", "-", 1) + ".sif" }
+
+// storedSIF is the path of an image in the user's store.
+func (f *fakeApptainer) storedSIF(digest string) string {
+	return filepath.Join(f.storeRoot(), "entries", sifKey(digest))
+}
+
+// lease is where a job's lease on an image is.
+func (f *fakeApptainer) lease(digest, key string) string {
+	return filepath.Join(f.storeRoot(), "refs", sifKey(digest), key)
+}
+
+// tagRecord is the store's record of the digest of ref's last pull
+// (imagecache's layout).
+func (f *fakeApptainer) tagRecord(ref mechanism.Ref) string {
+	return filepath.Join(f.storeRoot(), "tags", strings.NewReplacer("/", "%", ":", "+", "@", "=").Replace(ref.Full))
+}
+
+// ls lists a directory's names (none when it does not exist).
+func ls(t *testing.T, dir string) []string {
+	t.Helper()
+	ents, err := os.ReadDir(dir)
+	if os.IsNotExist(err) {
+		return nil
+	}
+	require.NoError(t, err)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	return names
+}
+
+// entries are the store's published images (without their .meta files).
+func (f *fakeApptainer) entries(t *testing.T) []string {
+	t.Helper()
+	var out []string
+	for _, n := range ls(t, filepath.Join(f.storeRoot(), "entries")) {
+		if !strings.HasSuffix(n, ".meta") {
+			out = append(out, n)
+		}
+	}
+	return out
+}

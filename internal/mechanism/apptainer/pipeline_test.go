@@ -126,23 +126,6 @@ func (f *fakeApptainer) pullReq(ref mechanism.Ref, key, policy string, cred auth
 	}
 }
 
-// tagRecord is where the digest of the last pull of ref is kept.
-func (f *fakeApptainer) tagRecord(ref mechanism.Ref) string {
-	return filepath.Join(f.storage, "tags", sifName(ref.Full))
-}
-
-// imagesDir lists the storage's images dir.
-func (f *fakeApptainer) imagesDir(t *testing.T) []string {
-	t.Helper()
-	entries, err := os.ReadDir(filepath.Join(f.storage, "images"))
-	require.NoError(t, err)
-	var names []string
-	for _, e := range entries {
-		names = append(names, e.Name())
-	}
-	return names
-}
-
 func readString(t *testing.T, path string) string {
 	t.Helper()
 	b, err := os.ReadFile(path)
@@ -150,13 +133,13 @@ func readString(t *testing.T, path string) string {
 	return string(b)
 }
 
-func sameFile(t *testing.T, a, b string) bool {
+// assertStoreClean checks that a failed pull left nothing in the store: no
+// image, no temporary file, no lease.
+func (f *fakeApptainer) assertStoreClean(t *testing.T) {
 	t.Helper()
-	fa, err := os.Stat(a)
-	require.NoError(t, err)
-	fb, err := os.Stat(b)
-	require.NoError(t, err)
-	return os.SameFile(fa, fb)
+	assert.Empty(t, f.entries(t), "no stored image")
+	assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "tmp")), "no temporary pull file")
+	assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "refs")), "no lease")
 }
 
 func TestPullAlways(t *testing.T) {
@@ -176,17 +159,19 @@ func TestPullAlways(t *testing.T) {
 	assert.Equal(t, 1, f.pulls(t))
 
 	// apptainer pulled exactly the resolved digest, into a temporary name
-	// next to the stored SIF.
+	// in the store, published when complete.
 	stored := f.storedSIF(digest1)
 	argv := f.lines(t, "pull-argv")
 	require.Len(t, argv, 5, argv)
 	assert.Equal(t, []string{"pull", "--force", "--no-https"}, argv[:3])
 	assert.Equal(t, "docker://"+g.host+"/ci/tiny@"+digest1, argv[4])
-	assert.Equal(t, filepath.Dir(stored), filepath.Dir(argv[3]))
-	assert.True(t, strings.HasPrefix(filepath.Base(argv[3]), filepath.Base(stored)+".pulling-"+jobKey+"-"), argv[3])
+	assert.Equal(t, filepath.Join(f.storeRoot(), "tmp"), filepath.Dir(argv[3]))
+	assert.True(t, strings.HasPrefix(filepath.Base(argv[3]), sifKey(digest1)+"."), argv[3])
 	assert.NoFileExists(t, argv[3])
-	assert.Equal(t, []string{filepath.Base(stored)}, f.imagesDir(t), "only the stored SIF is left")
-	assert.Equal(t, digest1+"\n", readString(t, f.tagRecord(ref)))
+	assert.Equal(t, []string{sifKey(digest1)}, f.entries(t), "only the stored SIF")
+	assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "tmp")))
+	assert.Equal(t, "SIF image with bash\n", sifText(t, stored))
+	assert.Equal(t, digest1, f.store(t).Tag(ref.Full))
 	assertNoSecret(t, "pull argv", argv...)
 
 	// Credentials and settings only through the environment.
@@ -206,49 +191,63 @@ func TestPullAlways(t *testing.T) {
 	}
 	assert.Equal(t, []string{"/dev/null"}, f.lines(t, "pull-stdin"))
 
-	// The shell was looked for in the job's own link, without credentials.
-	link := f.jobSIF(jobKey)
-	assert.Equal(t, []string{"exec", "--cleanenv", link, "/bin/sh", "-c", shellProbe}, f.lines(t, "exec-argv"))
+	// The shell was looked for in the stored SIF, without credentials, and
+	// recorded with it.
+	assert.Equal(t, []string{"exec", "--cleanenv", stored, "/bin/sh", "-c", shellProbe}, f.lines(t, "exec-argv"))
 	assert.ElementsMatch(t, []string{"PATH=" + f.app + ":" + toolPath, "HOME=/home/ciuser", "USER=ciuser", "LOGNAME=ciuser", "LANG=C.UTF-8"},
 		f.recordedEnv(t, "exec-env"))
+	assert.Equal(t, "/bin/bash", f.store(t).Meta(sifKey(digest1), "shell"))
 
-	assert.True(t, sameFile(t, stored, link), "the job's SIF is a hard link to the stored one")
+	// The job runs the stored SIF under a lease.
 	assert.Positive(t, img.PullTime)
-	assert.Equal(t, mechanism.Image{Ref: ref.Full, Handle: link, Format: FormatSIF, Digest: digest1, Shell: "/bin/bash",
-		Private: []string{link}, PullTime: img.PullTime}, img)
-	assert.Contains(t, logBuf.String(), "apptainer pull "+ref.Full)
+	assert.Positive(t, img.ReadyTime)
+	assert.Equal(t, mechanism.Image{Ref: ref.Full, Handle: stored, Format: FormatSIF, Digest: digest1, Shell: "/bin/bash",
+		Lease: f.lease(digest1, jobKey), Cache: "miss", PullTime: img.PullTime, ReadyTime: img.ReadyTime}, img)
+	assert.FileExists(t, img.Lease)
+	assert.Empty(t, ls(t, f.jobDir), "nothing per-job in the scripts dir")
+	assert.Contains(t, logBuf.String(), "apptainer pull "+ref.AtDigest(digest1))
 	assert.Contains(t, logBuf.String(), "Converting OCI blobs to SIF format")
 	assertNoSecret(t, "job log", logBuf.String())
 
-	// Same digest for the next job: resolved again, not pulled again.
+	// Same digest for the next job: resolved again, neither pulled nor run
+	// again (the shell is recorded).
 	logBuf.Reset()
 	img2, err := f.rt.Pull(ctx, f.pullReq(ref, "j43-def", config.PullAlways, cred, &logBuf))
 	require.NoError(t, err)
 	assert.Equal(t, 2, g.resolved())
 	assert.Equal(t, 1, f.pulls(t))
-	assert.Contains(t, logBuf.String(), "already in the storage")
-	assert.Equal(t, digest1, img2.Digest)
-	assert.True(t, sameFile(t, stored, img2.Handle))
+	assert.Equal(t, 1, f.execs(t))
+	assert.NotContains(t, logBuf.String(), "apptainer pull")
+	assert.Equal(t, mechanism.Image{Ref: ref.Full, Handle: stored, Format: FormatSIF, Digest: digest1, Shell: "/bin/bash",
+		Lease: f.lease(digest1, "j43-def"), Cache: "hit", ReadyTime: img2.ReadyTime}, img2)
 
-	// The tag moves: the next job pulls the new image, the first keeps the
-	// one it started with.
+	// The tag moves: the next job pulls the new image; the first ones keep
+	// theirs.
 	g.set("ci/tiny:latest", digest2)
-	f.set(t, "image", "SIF v2 with sh only\n")
+	f.setImage(t, "SIF v2 with sh only\n")
 	img3, err := f.rt.Pull(ctx, f.pullReq(ref, "j44-ghi", config.PullAlways, cred, io.Discard))
 	require.NoError(t, err)
 	assert.Equal(t, 2, f.pulls(t))
 	assert.Equal(t, digest2, img3.Digest)
+	assert.Equal(t, "miss", img3.Cache)
 	assert.Equal(t, "/bin/sh", img3.Shell)
-	assert.Equal(t, "SIF image with bash\n", readString(t, link))
-	assert.Equal(t, "SIF v2 with sh only\n", readString(t, f.jobSIF("j44-ghi")))
-	assert.True(t, sameFile(t, f.storedSIF(digest2), f.jobSIF("j44-ghi")))
-	assert.Equal(t, digest2+"\n", readString(t, f.tagRecord(ref)))
+	assert.Equal(t, f.storedSIF(digest2), img3.Handle)
+	assert.Equal(t, "SIF image with bash\n", sifText(t, stored))
+	assert.Equal(t, "SIF v2 with sh only\n", sifText(t, img3.Handle))
+	assert.Equal(t, digest2, f.store(t).Tag(ref.Full))
+	assert.ElementsMatch(t, []string{sifKey(digest1), sifKey(digest2)}, f.entries(t))
 
-	// Cleanup removes the job's link only.
+	// Cleanup ends the job's lease only.
 	require.NoError(t, f.rt.Release(ctx, img, f.jobDir))
-	assert.NoFileExists(t, link)
-	assert.FileExists(t, f.jobSIF("j43-def"))
+	assert.NoFileExists(t, img.Lease)
+	assert.FileExists(t, img2.Lease)
+	assert.FileExists(t, img3.Lease)
 	assert.FileExists(t, stored)
+	require.NoError(t, f.rt.Release(ctx, img, f.jobDir), "cleanup may run twice")
+	require.NoError(t, f.rt.Release(ctx, img2, f.jobDir))
+	require.NoError(t, f.rt.Release(ctx, img3, f.jobDir))
+	assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "refs")))
+	assert.ElementsMatch(t, []string{sifKey(digest1), sifKey(digest2)}, f.entries(t))
 }
 
 func TestPullVariants(t *testing.T) {
@@ -262,6 +261,7 @@ func TestPullVariants(t *testing.T) {
 		assert.Contains(t, env, "APPTAINER_DOCKER_USERNAME=gitlab-ci-token")
 		assert.Contains(t, env, "APPTAINER_DOCKER_PASSWORD="+tokenValue)
 		assertNoSecret(t, "pull argv", f.lines(t, "pull-argv")...)
+		assertNoSecret(t, "exec env", f.lines(t, "exec-env")...)
 	})
 	t.Run("anonymous has no credential variables", func(t *testing.T) {
 		g := startRegistry(t)
@@ -282,7 +282,22 @@ func TestPullVariants(t *testing.T) {
 		assert.Equal(t, digest1, img.Digest)
 		assert.Equal(t, []string{"pull", "--force"}, f.lines(t, "pull-argv")[:2])
 		assert.Equal(t, "docker://"+ref.Full, f.lines(t, "pull-argv")[3])
-		assert.True(t, sameFile(t, f.storedSIF(digest1), img.Handle))
+		assert.Equal(t, f.storedSIF(digest1), img.Handle)
+	})
+	t.Run("single file: the SIF as it is", func(t *testing.T) {
+		f := installFake(t, config.Mechanism{}, nil)
+		ref := parsedRef(t, closedPort(t)+"/ci/tiny@"+digest1)
+		req := f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, io.Discard)
+		req.SingleFile = true
+		img, err := f.rt.Pull(context.Background(), req)
+		require.NoError(t, err)
+		assert.Equal(t, FormatSIF, img.Format)
+		assert.Equal(t, f.storedSIF(digest1), img.Handle)
+		assert.Empty(t, img.RunOptions)
+		assert.Empty(t, img.Private)
+		assert.Zero(t, img.ConvertTime)
+		assert.Equal(t, 1, f.pulls(t))
+		assert.Equal(t, []string{sifKey(digest1)}, f.entries(t))
 	})
 	t.Run("cache_dir and tmp_dir", func(t *testing.T) {
 		shared := t.TempDir()
@@ -299,31 +314,61 @@ func TestPullVariants(t *testing.T) {
 		assert.DirExists(t, filepath.Join(cache, jobUser))
 		assert.DirExists(t, filepath.Join(tmp, jobUser))
 	})
-	t.Run("stale link of an earlier attempt is replaced", func(t *testing.T) {
+	t.Run("retried prepare: the same lease", func(t *testing.T) {
 		f := installFake(t, config.Mechanism{}, nil)
-		require.NoError(t, os.WriteFile(f.jobSIF(jobKey), []byte("stale"), 0o644))
 		ref := parsedRef(t, "127.0.0.1:5443/ci/tiny@"+digest1)
-		img, err := f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, io.Discard))
+		img1, err := f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, io.Discard))
 		require.NoError(t, err)
-		assert.Equal(t, f.jobSIF(jobKey), img.Handle)
-		assert.True(t, sameFile(t, f.storedSIF(digest1), f.jobSIF(jobKey)))
+		img2, err := f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, io.Discard))
+		require.NoError(t, err)
+		assert.Equal(t, img1.Lease, img2.Lease)
+		assert.Equal(t, 1, f.pulls(t))
+		require.NoError(t, f.rt.Release(context.Background(), img2, f.jobDir))
+		assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "refs")))
 	})
-	t.Run("no hard link possible: the stored SIF in place", func(t *testing.T) {
+	t.Run("damaged stored SIF: pulled again", func(t *testing.T) {
 		f := installFake(t, config.Mechanism{}, nil)
-		// A non-empty directory where the link should go.
-		require.NoError(t, os.MkdirAll(filepath.Join(f.jobSIF(jobKey), "x"), 0o755))
-		var logBuf bytes.Buffer
 		ref := parsedRef(t, "127.0.0.1:5443/ci/tiny@"+digest1)
-		img, err := f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, &logBuf))
+		img, err := f.rt.Pull(context.Background(), f.pullReq(ref, "j1-first", config.PullAlways, auth.Credential{}, io.Discard))
 		require.NoError(t, err)
-		stored := f.storedSIF(digest1)
-		assert.Equal(t, stored, img.Handle)
-		assert.Empty(t, img.Private, "nothing per-job to release")
-		assert.Contains(t, logBuf.String(), "in place")
-		assert.Equal(t, stored, f.lines(t, "exec-argv")[2])
-		require.NoError(t, f.rt.Release(context.Background(), img, f.jobDir))
-		assert.FileExists(t, stored)
+		require.NoError(t, os.Truncate(img.Handle, sifHeaderSize+3))
+		img, err = f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, io.Discard))
+		require.NoError(t, err)
+		assert.Equal(t, 2, f.pulls(t))
+		assert.Equal(t, "miss", img.Cache)
+		assert.Equal(t, "SIF image with bash\n", sifText(t, img.Handle))
 	})
+}
+
+// TestConcurrentJobsPullOnce: jobs of the same user that need the same
+// image at once run apptainer pull once.
+func TestConcurrentJobsPullOnce(t *testing.T) {
+	g := startRegistry(t)
+	f := installFake(t, config.Mechanism{}, nil)
+	f.set(t, "pull-sleep", "0.5")
+	ref := g.ref(t)
+	keys := []string{"j1-a", "j2-b", "j3-c"}
+	imgs := make([]mechanism.Image, len(keys))
+	errs := make([]error, len(keys))
+	var wg sync.WaitGroup
+	for i, k := range keys {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			imgs[i], errs[i] = f.rt.Pull(context.Background(), f.pullReq(ref, k, config.PullAlways, auth.Credential{}, io.Discard))
+		}()
+	}
+	wg.Wait()
+	var caches []string
+	for i, k := range keys {
+		require.NoError(t, errs[i])
+		assert.Equal(t, f.storedSIF(digest1), imgs[i].Handle)
+		assert.Equal(t, "/bin/bash", imgs[i].Shell)
+		assert.Equal(t, f.lease(digest1, k), imgs[i].Lease)
+		caches = append(caches, imgs[i].Cache)
+	}
+	assert.Equal(t, 1, f.pulls(t))
+	assert.ElementsMatch(t, []string{"miss", "hit after waiting (another job built it)", "hit after waiting (another job built it)"}, caches)
 }
 
 func TestPullIfNotPresent(t *testing.T) {
@@ -331,36 +376,36 @@ func TestPullIfNotPresent(t *testing.T) {
 	f := installFake(t, config.Mechanism{}, nil)
 	ref := g.ref(t)
 	ctx := context.Background()
-	var logBuf bytes.Buffer
 
-	_, err := f.rt.Pull(ctx, f.pullReq(ref, jobKey, config.PullIfNotPresent, auth.Credential{}, &logBuf))
+	img, err := f.rt.Pull(ctx, f.pullReq(ref, jobKey, config.PullIfNotPresent, auth.Credential{}, io.Discard))
 	require.NoError(t, err)
 	assert.Equal(t, 1, g.resolved(), "absent: resolved")
 	assert.Equal(t, 1, f.pulls(t), "absent: pulled")
-	assert.NotContains(t, logBuf.String(), "already in the storage")
+	assert.Equal(t, "miss", img.Cache)
 
 	// The tag moves in the registry; the stored image is used as is.
 	g.set("ci/tiny:latest", digest2)
-	f.set(t, "image", "a newer SIF\n")
-	img, err := f.rt.Pull(ctx, f.pullReq(ref, "j43-def", config.PullIfNotPresent, auth.Credential{}, &logBuf))
+	f.setImage(t, "a newer SIF\n")
+	img, err = f.rt.Pull(ctx, f.pullReq(ref, "j43-def", config.PullIfNotPresent, auth.Credential{}, io.Discard))
 	require.NoError(t, err)
 	assert.Equal(t, 1, g.resolved(), "present: the registry is not asked")
 	assert.Equal(t, 1, f.pulls(t), "present: not pulled again")
-	assert.Contains(t, logBuf.String(), "already in the storage")
-	assert.Equal(t, f.jobSIF("j43-def"), img.Handle)
+	assert.Equal(t, "hit", img.Cache)
+	assert.Equal(t, f.storedSIF(digest1), img.Handle)
 	assert.Equal(t, digest1, img.Digest)
-	assert.True(t, sameFile(t, f.storedSIF(digest1), img.Handle))
-	assert.Equal(t, "SIF image with bash\n", readString(t, img.Handle))
+	assert.Equal(t, "SIF image with bash\n", sifText(t, img.Handle))
 	assert.Equal(t, "/bin/bash", img.Shell)
 
-	// The recorded SIF is gone (removed by hand): resolved and pulled anew.
+	// The recorded SIF is gone (evicted, removed by hand): resolved and
+	// pulled anew.
 	require.NoError(t, os.Remove(f.storedSIF(digest1)))
 	img, err = f.rt.Pull(ctx, f.pullReq(ref, "j44-ghi", config.PullIfNotPresent, auth.Credential{}, io.Discard))
 	require.NoError(t, err)
 	assert.Equal(t, 2, g.resolved())
 	assert.Equal(t, 2, f.pulls(t))
 	assert.Equal(t, digest2, img.Digest)
-	assert.Equal(t, "a newer SIF\n", readString(t, img.Handle))
+	assert.Equal(t, "a newer SIF\n", sifText(t, img.Handle))
+	assert.Equal(t, digest2, f.store(t).Tag(ref.Full))
 }
 
 func TestPullNever(t *testing.T) {
@@ -370,13 +415,14 @@ func TestPullNever(t *testing.T) {
 		img, err := f.rt.Pull(context.Background(), f.pullReq(g.ref(t), jobKey, config.PullNever, aliceCred(t), io.Discard))
 		require.Error(t, err)
 		assert.Equal(t, failure.User, failure.ClassOf(err))
-		assert.Contains(t, err.Error(), "not in your image storage")
+		assert.Contains(t, err.Error(), "not in your image store")
 		assert.Contains(t, err.Error(), g.ref(t).Full)
 		assert.Empty(t, img.Handle)
 		assert.Zero(t, g.resolved(), "never: the registry is not asked")
 		assert.Zero(t, f.pulls(t))
-		assert.NoFileExists(t, f.jobSIF(jobKey))
-		assert.NoFileExists(t, filepath.Join(f.rec, "exec-argv"), "nothing run")
+		assert.Zero(t, f.execs(t), "nothing run")
+		assert.NoFileExists(t, f.tagRecord(g.ref(t)))
+		f.assertStoreClean(t)
 	})
 	t.Run("present", func(t *testing.T) {
 		g := startRegistry(t)
@@ -388,8 +434,9 @@ func TestPullNever(t *testing.T) {
 		assert.Equal(t, 1, g.resolved())
 		assert.Equal(t, 1, f.pulls(t))
 		assert.Equal(t, digest1, img.Digest)
-		assert.True(t, sameFile(t, f.storedSIF(digest1), img.Handle))
-		assert.Equal(t, []string{f.jobSIF(jobKey)}, img.Private)
+		assert.Equal(t, "hit", img.Cache)
+		assert.Equal(t, f.storedSIF(digest1), img.Handle)
+		assert.Equal(t, f.lease(digest1, jobKey), img.Lease)
 	})
 	t.Run("pinned digest present", func(t *testing.T) {
 		f := installFake(t, config.Mechanism{}, nil)
@@ -399,7 +446,7 @@ func TestPullNever(t *testing.T) {
 		img, err := f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullNever, auth.Credential{}, io.Discard))
 		require.NoError(t, err)
 		assert.Equal(t, 1, f.pulls(t))
-		assert.True(t, sameFile(t, f.storedSIF(digest1), img.Handle))
+		assert.Equal(t, f.storedSIF(digest1), img.Handle)
 	})
 
 	refused := []struct {
@@ -408,17 +455,22 @@ func TestPullNever(t *testing.T) {
 	}{
 		{"pinned digest absent", nil},
 		{"tag record without its SIF", func(t *testing.T, f *fakeApptainer, ref mechanism.Ref) {
-			require.NoError(t, os.MkdirAll(filepath.Dir(f.tagRecord(ref)), 0o700))
-			require.NoError(t, os.WriteFile(f.tagRecord(ref), []byte(digest1+"\n"), 0o600))
+			require.NoError(t, f.store(t).SetTag(ref.Full, digest1))
 		}},
 		{"a directory is not an image", func(t *testing.T, f *fakeApptainer, ref mechanism.Ref) {
-			require.NoError(t, os.MkdirAll(filepath.Dir(f.tagRecord(ref)), 0o700))
-			require.NoError(t, os.WriteFile(f.tagRecord(ref), []byte(digest1+"\n"), 0o600))
+			require.NoError(t, f.store(t).SetTag(ref.Full, digest1))
 			require.NoError(t, os.MkdirAll(f.storedSIF(digest1), 0o700))
 		}},
+		{"a truncated SIF is not an image", func(t *testing.T, f *fakeApptainer, ref mechanism.Ref) {
+			require.NoError(t, f.store(t).SetTag(ref.Full, digest1))
+			require.NoError(t, os.WriteFile(f.storedSIF(digest1), sifFile("SIF image with bash\n")[:sifHeaderSize+4], 0o600))
+		}},
 		{"a tag record that is not a digest", func(t *testing.T, f *fakeApptainer, ref mechanism.Ref) {
-			require.NoError(t, os.MkdirAll(filepath.Dir(f.tagRecord(ref)), 0o700))
+			st := f.store(t)
+			require.NoError(t, st.SetTag(ref.Full, digest1))
+			require.FileExists(t, f.tagRecord(ref), "the test plants the record where the store keeps it")
 			require.NoError(t, os.WriteFile(f.tagRecord(ref), []byte("sha256:../../../etc/passwd\n"), 0o600))
+			require.Empty(t, st.Tag(ref.Full))
 		}},
 	}
 	for _, tt := range refused {
@@ -428,15 +480,15 @@ func TestPullNever(t *testing.T) {
 			if tt.setup == nil {
 				ref = parsedRef(t, "127.0.0.1:5443/ci/tiny@"+digest1)
 			} else {
-				require.NoError(t, f.rt.prepareDirs())
 				tt.setup(t, f, ref)
 			}
 			_, err := f.rt.Pull(context.Background(), f.pullReq(ref, jobKey, config.PullNever, auth.Credential{}, io.Discard))
 			require.Error(t, err)
 			assert.Equal(t, failure.User, failure.ClassOf(err), err.Error())
-			assert.Contains(t, err.Error(), "not in your image storage")
+			assert.Contains(t, err.Error(), "not in your image store")
 			assert.Zero(t, f.pulls(t))
-			assert.NoFileExists(t, f.jobSIF(jobKey))
+			assert.Zero(t, f.execs(t))
+			assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "refs")), "no lease")
 		})
 	}
 }
@@ -492,9 +544,8 @@ func TestPullResolveFailures(t *testing.T) {
 			assertNoSecret(t, "error", err.Error())
 			assert.NotContains(t, err.Error(), "wrong-password-1")
 			assert.Zero(t, f.pulls(t), "apptainer pull not run")
-			assert.Empty(t, f.imagesDir(t))
 			assert.NoFileExists(t, f.tagRecord(ref))
-			assert.NoFileExists(t, f.jobSIF(jobKey))
+			f.assertStoreClean(t)
 		})
 	}
 }
@@ -521,8 +572,14 @@ func TestPullFailures(t *testing.T) {
 		{"registry down", func(t *testing.T, f *fakeApptainer) { f.set(t, "pull-fail", tailRefused) },
 			aliceCred, failure.System, "connection refused", false},
 		{"exit 0 without a SIF", func(t *testing.T, f *fakeApptainer) { f.set(t, "pull-nowrite", "") },
-			anonymous, failure.System, "store the pulled image", false},
-		{"image without /bin/sh", func(t *testing.T, f *fakeApptainer) { f.set(t, "image", "nosh\n") },
+			anonymous, failure.System, "not valid", false},
+		{"exit 0 with a truncated SIF", func(t *testing.T, f *fakeApptainer) {
+			f.set(t, "image", string(sifFile("SIF image with bash\n")[:sifHeaderSize+5]))
+		}, anonymous, failure.System, "truncated SIF file", false},
+		{"exit 0 with something else", func(t *testing.T, f *fakeApptainer) {
+			f.set(t, "image", strings.Repeat("<html>not found</html>\n", 10))
+		}, anonymous, failure.System, "not a SIF file", false},
+		{"image without /bin/sh", func(t *testing.T, f *fakeApptainer) { f.setImage(t, "nosh\n") },
 			aliceCred, failure.User, "has no /bin/sh", true},
 		{"image that apptainer cannot run", func(t *testing.T, f *fakeApptainer) {
 			f.set(t, "exec-fail", "FATAL:   container creation failed: failed to mount squashfs filesystem: input/output error\n")
@@ -531,6 +588,11 @@ func TestPullFailures(t *testing.T) {
 			elsewhere := filepath.Join(filepath.Dir(f.app), "elsewhere")
 			require.NoError(t, os.Mkdir(elsewhere, 0o700))
 			require.NoError(t, os.Symlink(elsewhere, f.storage))
+		}, anonymous, failure.System, "symlink", false},
+		{"store is a symlink", func(t *testing.T, f *fakeApptainer) {
+			elsewhere := filepath.Join(filepath.Dir(f.app), "elsewhere")
+			require.NoError(t, os.Mkdir(elsewhere, 0o700))
+			require.NoError(t, os.Symlink(elsewhere, filepath.Dir(f.storeRoot())))
 		}, anonymous, failure.System, "symlink", false},
 		{"no apptainer", func(t *testing.T, f *fakeApptainer) {
 			require.NoError(t, os.Remove(filepath.Join(f.app, "apptainer")))
@@ -548,17 +610,15 @@ func TestPullFailures(t *testing.T) {
 			assert.Contains(t, err.Error(), tt.wantErr)
 			assertNoSecret(t, "error", err.Error())
 			assertNoSecret(t, "job log", logBuf.String())
-			assert.NoFileExists(t, f.jobSIF(jobKey), "no job link left behind")
+			assert.Empty(t, ls(t, f.jobDir), "nothing left in the job dir")
+			assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "refs")), "no lease left")
+			assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "tmp")), "no temporary pull file left")
 			if tt.stored {
-				assert.FileExists(t, f.storedSIF(digest1))
+				assert.Equal(t, []string{sifKey(digest1)}, f.entries(t))
+				assert.Empty(t, f.store(t).Meta(sifKey(digest1), "shell"), "no shell recorded")
 			} else {
-				assert.NoFileExists(t, f.storedSIF(digest1))
+				assert.Empty(t, ls(t, filepath.Join(f.storeRoot(), "entries")), "nothing stored")
 				assert.NoFileExists(t, f.tagRecord(ref), "no tag record for a failed pull")
-			}
-			if entries, err := os.ReadDir(filepath.Join(f.storage, "images")); err == nil {
-				for _, e := range entries {
-					assert.NotContains(t, e.Name(), ".pulling-", "temporary pull file left behind")
-				}
 			}
 		})
 	}
@@ -579,10 +639,10 @@ func TestFailedPullKeepsTheStoredImage(t *testing.T) {
 	f.set(t, "pull-fail", tailRefused)
 	_, err = f.rt.Pull(ctx, f.pullReq(ref, jobKey, config.PullAlways, auth.Credential{}, io.Discard))
 	require.Error(t, err)
-	assert.Equal(t, []string{filepath.Base(f.storedSIF(digest1))}, f.imagesDir(t))
-	assert.Equal(t, "SIF image with bash\n", readString(t, f.storedSIF(digest1)))
-	assert.Equal(t, digest1+"\n", readString(t, f.tagRecord(ref)))
-	assert.NoFileExists(t, f.jobSIF(jobKey))
+	assert.Equal(t, []string{sifKey(digest1)}, f.entries(t))
+	assert.Equal(t, "SIF image with bash\n", sifText(t, f.storedSIF(digest1)))
+	assert.Equal(t, digest1, f.store(t).Tag(ref.Full))
+	assert.NoFileExists(t, f.lease(digest2, jobKey))
 
 	img, err := f.rt.Pull(ctx, f.pullReq(ref, jobKey, config.PullIfNotPresent, auth.Credential{}, io.Discard))
 	require.NoError(t, err)
@@ -602,7 +662,7 @@ func TestPrepareDirs(t *testing.T) {
 		root := t.TempDir()
 		r := runtimeFor(config.Mechanism{ImageStorageDir: root}, nil)
 		require.NoError(t, r.prepareDirs())
-		for _, d := range []string{r.Storage, filepath.Join(r.Storage, "images"), r.cacheDir(), r.tmpDir()} {
+		for _, d := range []string{r.Storage, r.cacheDir(), r.tmpDir()} {
 			assert.Equal(t, os.FileMode(0o700), modeOf(t, d), d)
 		}
 		assert.Equal(t, filepath.Join(root, "ciuser.apptainer", "cache"), r.cacheDir())

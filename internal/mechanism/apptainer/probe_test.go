@@ -124,3 +124,29 @@ func TestProbeEnvironment(t *testing.T) {
 	env := f.recordedEnv(t, "probe-env")
 	assert.ElementsMatch(t, []string{"PATH=" + toolPath, "USER=ciuser", "HOME=/home/ciuser", "LANG=C.UTF-8"}, env)
 }
+
+// TestProbeRemembered: the probe's answer is kept in the user's store for
+// later processes while apptainer is unchanged, and asked again after an
+// upgrade.
+func TestProbeRemembered(t *testing.T) {
+	f := installFake(t, config.Mechanism{}, nil)
+	info, err := f.rt.Probe(context.Background())
+	require.NoError(t, err)
+	assert.FileExists(t, filepath.Join(f.storeRoot(), "probe.json"))
+
+	// Another process: the fake would now answer garbage, but is not asked.
+	f.set(t, "version", "garbage\n")
+	again, err := runtimeFor(f.rt.Cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, info, again)
+
+	// apptainer is upgraded (another size): asked again.
+	bin := filepath.Join(f.app, "apptainer")
+	script, err := os.ReadFile(bin)
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(bin, append(script, "# 1.5.4\n"...), 0o755))
+	f.set(t, "version", "1.5.4\n")
+	upgraded, err := runtimeFor(f.rt.Cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, "1.5.4", upgraded.Version)
+}

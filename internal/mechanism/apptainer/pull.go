@@ -45,7 +45,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		return img, err
 	}
 	k := key(img.Digest)
-	res, err := st.Ensure(ctx, k, imagecache.ValidSIF, func(ctx context.Context, tmp string) error {
+	res, err := st.Ensure(ctx, k, req.JobKey, imagecache.ValidSIF, func(ctx context.Context, tmp string) error {
 		t := time.Now()
 		defer func() { img.PullTime = time.Since(t) }()
 		return r.pull(ctx, info, req, req.Ref.AtDigest(img.Digest), tmp)
@@ -57,10 +57,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err := st.SetTag(req.Ref.Full, img.Digest); err != nil {
 		req.Log.Warnf("could not record the digest of %s: %v", req.Ref.Full, err)
 	}
-	img.Handle = res.Path
-	if img.Lease, err = st.Use(k, req.JobKey); err != nil {
-		return img, failure.Systemf("apptainer: %v", err)
-	}
+	img.Handle, img.Lease = res.Path, res.Lease
 	if img.Shell = st.Meta(k, "shell"); img.Shell == "" {
 		if img.Shell, err = r.findShell(ctx, info, img.Handle, req); err != nil {
 			_ = r.Release(ctx, img, req.Dir)

@@ -16,48 +16,30 @@ import (
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
-func TestSifName(t *testing.T) {
-	tests := []struct{ given, want string }{
-		{"127.0.0.1:5443/ci/tiny:latest", "127.0.0.1+5443%ci%tiny+latest.sif"},
-		{"alpine", "docker.io%library%alpine+latest.sif"},
-		{"alpine:3.20", "docker.io%library%alpine+3.20.sif"},
-		{"registry.example.com/group/sub/img:v1.0-RC1", "registry.example.com%group%sub%img+v1.0-RC1.sif"},
-		{"127.0.0.1:5443/ci/tiny@sha256:" + strings.Repeat("ab", 32),
-			"127.0.0.1+5443%ci%tiny=sha256+" + strings.Repeat("ab", 32) + ".sif"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.given, func(t *testing.T) {
-			ref := parsedRef(t, tt.given)
-			name := sifName(ref.Full)
-			assert.Equal(t, tt.want, name)
-			assert.Equal(t, name, filepath.Base(name), "one flat name")
-			assert.NotContains(t, name, ":")
-		})
-	}
-}
-
-// TestSifNameTellsImagesApart: two different references must never share
-// a tag record (tags/NAME), or a job with pull policy if-not-present or
-// never may run the image another reference named.
-func TestSifNameTellsImagesApart(t *testing.T) {
+// TestTagRecordsTellImagesApart: two different references must never
+// share a tag record, or a job with pull policy if-not-present or never may
+// run the image another reference named.
+func TestTagRecordsTellImagesApart(t *testing.T) {
 	pairs := []struct {
 		name string
 		a, b string
-		bug  string
 	}{
-		{"tag and path", "example.com/a:b", "example.com/a/b", ""},
-		{"port and tag", "example.com:5000/a", "example.com/5000/a:latest", ""},
-		{"tag and digest", "example.com/a:latest", "example.com/a@sha256:" + strings.Repeat("0", 64), ""},
-		{"underscore and slash in the path", "example.com/a_b/c:1", "example.com/a/b_c:1", ""},
+		{"tag and path", "example.com/a:b", "example.com/a/b"},
+		{"port and tag", "example.com:5000/a", "example.com/5000/a:latest"},
+		{"tag and digest", "example.com/a:latest", "example.com/a@sha256:" + strings.Repeat("0", 64)},
+		{"underscore and slash in the path", "example.com/a_b/c:1", "example.com/a/b_c:1"},
+		{"registries", "example.com/a:1", "example.org/a:1"},
 	}
 	for _, p := range pairs {
 		t.Run(p.name, func(t *testing.T) {
-			if p.bug != "" {
-				t.Skip("known bug, see the report: " + p.bug)
-			}
 			a, b := parsedRef(t, p.a), parsedRef(t, p.b)
 			require.NotEqual(t, a.Full, b.Full)
-			assert.NotEqual(t, sifName(a.Full), sifName(b.Full))
+			st, err := runtimeFor(config.Mechanism{ImageStorageDir: t.TempDir()}, nil).Store()
+			require.NoError(t, err)
+			require.NoError(t, st.SetTag(a.Full, digest1))
+			require.NoError(t, st.SetTag(b.Full, digest2))
+			assert.Equal(t, digest1, st.Tag(a.Full))
+			assert.Equal(t, digest2, st.Tag(b.Full))
 		})
 	}
 }
@@ -65,7 +47,7 @@ func TestSifNameTellsImagesApart(t *testing.T) {
 func TestPullArgv(t *testing.T) {
 	sys := mechanism.Info{Programs: map[string]string{"apptainer": "/usr/bin/apptainer"}}
 	app := mechanism.Info{Programs: map[string]string{"apptainer": "/opt/apptainer/bin/apptainer"}}
-	const out = "/var/tmp/ciuser.apptainer/images/sha256-x.sif.pulling-j42-abc-1"
+	const out = "/var/tmp/ciuser.ci-exec/apptainer/tmp/sha256-x.sif.4242.tmp"
 	digest := "sha256:" + strings.Repeat("d1", 32)
 	pinned := "docker://127.0.0.1:5443/ci/tiny@" + digest
 	tests := []struct {
@@ -272,112 +254,75 @@ func TestClassifyPullReadsTheFatalLine(t *testing.T) {
 	}
 }
 
-func TestReleaseRemovesTheJobLink(t *testing.T) {
+func TestReleaseEndsTheLease(t *testing.T) {
 	base := t.TempDir()
 	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
-	images := filepath.Join(r.Storage, "images")
-	require.NoError(t, os.MkdirAll(images, 0o700))
-	stored := filepath.Join(images, "sha256-"+strings.Repeat("ab", 32)+".sif")
-	require.NoError(t, os.WriteFile(stored, []byte("SIF"), 0o644))
+	st, err := r.Store()
+	require.NoError(t, err)
+	key := sifKey(digest1)
+	stored := st.Path(key)
+	require.NoError(t, os.WriteFile(stored, sifFile("SIF"), 0o600))
+	lease, err := st.Use(key, jobKey)
+	require.NoError(t, err)
+	other, err := st.Use(key, "j43-other")
+	require.NoError(t, err)
 	jobDir := filepath.Join(base, "job")
 	require.NoError(t, os.Mkdir(jobDir, 0o700))
-	link := filepath.Join(jobDir, jobKey+".sif")
-	require.NoError(t, os.Link(stored, link))
-	other := filepath.Join(jobDir, "j43-other.sif")
-	require.NoError(t, os.WriteFile(other, []byte("SIF"), 0o644))
+	// Files in the job dir that an older state file may still list.
+	jobFile := filepath.Join(jobDir, jobKey+".sif")
+	require.NoError(t, os.WriteFile(jobFile, []byte("SIF"), 0o644))
 
-	img := mechanism.Image{Ref: tinyImage, Handle: link, Format: FormatSIF, Private: []string{link}}
+	img := mechanism.Image{Ref: tinyImage, Handle: stored, Format: FormatSIF, Lease: lease, Private: []string{jobFile, stored}}
 	require.NoError(t, r.Release(context.Background(), img, jobDir))
-	assert.NoFileExists(t, link)
+	assert.NoFileExists(t, lease)
+	assert.FileExists(t, other, "another job's lease stays")
 	assert.FileExists(t, stored, "the stored image stays")
-	assert.FileExists(t, other, "another key's link stays")
+	assert.FileExists(t, jobFile, "Release removes no file")
 
-	// Cleanup may run twice.
+	// Cleanup may run twice; an image without a lease has nothing to end.
 	require.NoError(t, r.Release(context.Background(), img, jobDir))
-	require.NoError(t, r.Release(context.Background(), img, jobDir+"/"))
-	// An image without per-job files (no hard link was possible).
 	require.NoError(t, r.Release(context.Background(), mechanism.Image{Handle: stored}, jobDir))
 }
 
-func TestReleaseRefuses(t *testing.T) {
+func TestReleaseRefusesOtherLeases(t *testing.T) {
 	base := t.TempDir()
 	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
-	images := filepath.Join(r.Storage, "images")
+	st, err := r.Store()
+	require.NoError(t, err)
+	key := sifKey(digest1)
+	stored := st.Path(key)
+	require.NoError(t, os.WriteFile(stored, sifFile("SIF"), 0o600))
+	lease, err := st.Use(key, jobKey)
+	require.NoError(t, err)
 	jobDir := filepath.Join(base, "job")
-	otherJob := filepath.Join(base, "other-job")
-	sub := filepath.Join(jobDir, "sub")
-	for _, d := range []string{images, jobDir, otherJob, sub} {
-		require.NoError(t, os.MkdirAll(d, 0o700))
-	}
-	stored := filepath.Join(images, "sha256-"+strings.Repeat("ab", 32)+".sif")
-	keyLikeInStorage := filepath.Join(images, "j42-abc.sif")
-	precious := []string{
-		stored,
-		keyLikeInStorage,
-		filepath.Join(otherJob, "j42-abc.sif"),
-		filepath.Join(sub, "j42-abc.sif"),
-		filepath.Join(jobDir, "J42-ABC.sif"),
-		filepath.Join(jobDir, "-rf.sif"),
-		filepath.Join(jobDir, "j42_abc.sif"),
-		filepath.Join(jobDir, "j42-abc.sqfs"),
-		filepath.Join(jobDir, "j42-abc.sif.pulling-j42-abc-1"),
-		filepath.Join(jobDir, ".sif"),
-		filepath.Join(jobDir, "state.json"),
-	}
-	plant := func(t *testing.T) {
-		for _, p := range precious {
-			require.NoError(t, os.WriteFile(p, []byte("keep"), 0o644))
-		}
-	}
+	require.NoError(t, os.Mkdir(jobDir, 0o700))
+	hostFile := filepath.Join(base, "etc", "passwd") // a stand-in: the tests may run as root
+	require.NoError(t, os.MkdirAll(filepath.Dir(hostFile), 0o755))
+	require.NoError(t, os.WriteFile(hostFile, []byte("root:x:0:0"), 0o644))
+	otherStore := filepath.Join(base, "other.ci-exec", "apptainer", "refs", key, jobKey)
+	require.NoError(t, os.MkdirAll(filepath.Dir(otherStore), 0o700))
+	require.NoError(t, os.WriteFile(otherStore, nil, 0o600))
+	precious := []string{stored, lease, hostFile, otherStore, st.Path(key)}
 
-	tests := []struct {
-		name, jobDir, path string
-		bug                string
-	}{
-		{"the stored image", jobDir, stored, ""},
-		{"the stored image, storage as job dir", images, stored, ""},
-		{"key-like name in the storage", jobDir, keyLikeInStorage, ""},
-		{"another job's dir", jobDir, filepath.Join(otherJob, "j42-abc.sif"), ""},
-		{"dot-dot out of the job dir", jobDir, jobDir + "/../other-job/j42-abc.sif", ""},
-		{"a subdir of the job dir", jobDir, filepath.Join(sub, "j42-abc.sif"), ""},
-		{"uppercase", jobDir, filepath.Join(jobDir, "J42-ABC.sif"), ""},
-		{"leading dash", jobDir, filepath.Join(jobDir, "-rf.sif"), ""},
-		{"underscore", jobDir, filepath.Join(jobDir, "j42_abc.sif"), ""},
-		{"not a .sif", jobDir, filepath.Join(jobDir, "j42-abc.sqfs"), ""},
-		{"a temp pull name", jobDir, filepath.Join(jobDir, "j42-abc.sif.pulling-j42-abc-1"), ""},
-		{"empty key", jobDir, filepath.Join(jobDir, ".sif"), ""},
-		{"the state file", jobDir, filepath.Join(jobDir, "state.json"), ""},
-		{"the job dir itself", jobDir, jobDir, ""},
-		{"empty job dir, relative name", "", "j42-abc.sif", ""},
-		{"empty job dir, absolute name", "", filepath.Join(jobDir, "j42-abc.sif"), ""},
+	tests := []struct{ name, lease string }{
+		{"the stored image", stored},
+		{"a host file", hostFile},
+		{"another store's lease", otherStore},
+		{"dot-dot out of the refs", filepath.Join(st.Root, "refs", key, "..", "..", "entries", key)},
+		{"the refs dir of the key", filepath.Join(st.Root, "refs", key)},
+		{"too deep", filepath.Join(st.Root, "refs", key, jobKey, "x")},
+		{"relative", filepath.Join("refs", key, jobKey)},
+		{"the job dir", jobDir},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if tt.bug != "" {
-				t.Skip("known bug, see the report: " + tt.bug)
-			}
-			plant(t)
-			err := r.Release(context.Background(), mechanism.Image{Private: []string{tt.path}}, tt.jobDir)
+			err := r.Release(context.Background(), mechanism.Image{Handle: stored, Lease: tt.lease}, jobDir)
 			require.Error(t, err)
-			assert.Contains(t, err.Error(), "not a per-job image path")
+			assert.Contains(t, err.Error(), "not a lease")
 			for _, p := range precious {
 				assert.FileExists(t, p)
 			}
 			assert.DirExists(t, jobDir)
 		})
 	}
-
-	// A refused path does not keep the real link from going.
-	plant(t)
-	link := filepath.Join(jobDir, jobKey+".sif")
-	require.NoError(t, os.WriteFile(link, []byte("SIF"), 0o644))
-	err := r.Release(context.Background(), mechanism.Image{Private: []string{stored, link}}, jobDir)
-	require.Error(t, err)
-	assert.NoFileExists(t, link)
-	assert.FileExists(t, stored)
-
-	// With an empty job dir nothing at all is removed.
-	require.NoError(t, os.WriteFile(link, []byte("SIF"), 0o644))
-	require.Error(t, r.Release(context.Background(), mechanism.Image{Private: []string{link}}, ""))
-	assert.FileExists(t, link)
 }

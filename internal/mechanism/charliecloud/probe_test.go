@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/assert"
@@ -133,7 +134,7 @@ func TestProbe(t *testing.T) {
 			for name, body := range tt.programs {
 				writeScript(t, filepath.Join(app, name), body, 0o755)
 			}
-			r := newRuntime(config.Mechanism{ApplicationPath: app}, nil)
+			r := newRuntime(config.Mechanism{ApplicationPath: app, ImageStorageDir: t.TempDir()}, nil)
 			info, err := r.Probe(context.Background())
 			if tt.wantErr != "" {
 				require.Error(t, err)
@@ -159,4 +160,63 @@ func TestProbe(t *testing.T) {
 			assert.Equal(t, info, again)
 		})
 	}
+}
+
+// TestProbeRemembered: the probe's answer is kept in the user's store for
+// later processes while the programs are unchanged, and asked again when
+// one of them changes (an upgrade) or appears.
+func TestProbeRemembered(t *testing.T) {
+	app := t.TempDir()
+	images := t.TempDir()
+	calls := filepath.Join(t.TempDir(), "calls")
+	chRun := func(version string) string {
+		return "echo \"$1\" >> '" + calls + "'\n" + fakeChRun(version, help031)
+	}
+	writeScript(t, filepath.Join(app, "ch-run"), chRun("0.31"), 0o755)
+	writeScript(t, filepath.Join(app, "ch-image"), "", 0o755)
+	cfg := config.Mechanism{ApplicationPath: app, ImageStorageDir: images}
+	ranCh := func() int {
+		b, err := os.ReadFile(calls)
+		if os.IsNotExist(err) {
+			return 0
+		}
+		require.NoError(t, err)
+		return strings.Count(string(b), "\n")
+	}
+
+	info, err := newRuntime(cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, "0.31", info.Version)
+	assert.Equal(t, 2, ranCh(), "--version and --help")
+	cache := filepath.Join(images, "ciuser.ci-exec", "charliecloud", "probe.json")
+	assert.FileExists(t, cache)
+
+	// Another process (a new runtime) with the same programs: not run.
+	again, err := newRuntime(cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, info, again)
+	assert.Equal(t, 2, ranCh())
+
+	// ch-convert appears: probed again, and it is known.
+	writeScript(t, filepath.Join(app, "ch-convert"), "", 0o755)
+	info, err = newRuntime(cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, 4, ranCh())
+	assert.Equal(t, filepath.Join(app, "ch-convert"), info.Programs["ch-convert"])
+
+	// ch-run is upgraded: probed again.
+	writeScript(t, filepath.Join(app, "ch-run"), chRun("0.38.1"), 0o755)
+	info, err = newRuntime(cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, "0.38.1", info.Version)
+	assert.Equal(t, 6, ranCh())
+
+	// A failed probe is not remembered.
+	writeScript(t, filepath.Join(app, "ch-run"), "echo broken >&2; exit 2\n", 0o755)
+	_, err = newRuntime(cfg, nil).Probe(context.Background())
+	require.Error(t, err)
+	writeScript(t, filepath.Join(app, "ch-run"), chRun("0.38.1"), 0o755)
+	info, err = newRuntime(cfg, nil).Probe(context.Background())
+	require.NoError(t, err)
+	assert.Equal(t, "0.38.1", info.Version)
 }

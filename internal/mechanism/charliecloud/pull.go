@@ -59,9 +59,11 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err != nil {
 		return img, failure.Systemf("charliecloud: %v", err)
 	}
-	present := func(d string) bool { return r.inStorage(req.Ref.FamiliarAtDigest(d)) }
-	if req.SingleFile {
-		present = func(d string) bool { return imagecache.ValidSquashFS(st.Path(squashKey(d, req.MountPoints))) == nil }
+	// Present means no network is needed: the pulled image (converting it
+	// needs no registry), or its converted file.
+	present := func(d string) bool {
+		return r.inStorage(req.Ref.FamiliarAtDigest(d)) ||
+			req.SingleFile && imagecache.ValidSquashFS(st.Path(squashKey(d, req.MountPoints))) == nil
 	}
 	img.Digest, err = mechanism.ResolveDigest(ctx, st, req, credentialVariables, registry.Options{SkipVerify: req.Insecure}, present)
 	if err != nil {
@@ -73,6 +75,9 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		err = r.copyForJob(ctx, info, st, req, &img)
 	}
 	if err != nil {
+		if img.Lease != "" {
+			_ = st.Release(img.Lease)
+		}
 		return img, err
 	}
 	if err := st.SetTag(req.Ref.Full, img.Digest); err != nil {
@@ -104,7 +109,13 @@ func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *ima
 	if r.inStorage(name) {
 		return false, nil
 	}
-	return true, r.pull(ctx, info, req, name)
+	if err := r.pull(ctx, info, req, name); err != nil {
+		return true, err
+	}
+	if !r.inStorage(name) {
+		return true, failure.Systemf("charliecloud: ch-image pull %s succeeded but the image is not in the storage %s", name, r.Storage)
+	}
+	return true, nil
 }
 
 // copyForJob gives the job its own copy of the stored image (hard links,
@@ -162,7 +173,7 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 			strings.Join(mechanism.ProgramDirs(r.Cfg.ApplicationPath), ":"))
 	}
 	key := squashKey(img.Digest, req.MountPoints)
-	res, err := st.Ensure(ctx, key, imagecache.ValidSquashFS, func(ctx context.Context, tmp string) error {
+	res, err := st.Ensure(ctx, key, req.JobKey, imagecache.ValidSquashFS, func(ctx context.Context, tmp string) error {
 		t := time.Now()
 		pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
 		if pulled {
@@ -180,7 +191,7 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	}
 	img.Cache = mechanism.CacheState(res)
 	img.Format = FormatSquash
-	img.Handle = res.Path
+	img.Handle, img.Lease = res.Path, res.Lease
 	img.Shell = st.Meta(key, "shell")
 	if img.Shell == "" {
 		return failure.Systemf("charliecloud: the store entry %s has no recorded shell; remove it, it will be rebuilt", res.Path)
@@ -193,9 +204,6 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	img.RunOptions = []string{"--mount=" + mnt}
 	if st.Meta(key, "setenv") == "yes" {
 		img.RunOptions = append(img.RunOptions, "--set-env")
-	}
-	if img.Lease, err = st.Use(key, req.JobKey); err != nil {
-		return failure.Systemf("charliecloud: %v", err)
 	}
 	return nil
 }

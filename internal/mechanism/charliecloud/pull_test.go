@@ -2,8 +2,6 @@ package charliecloud
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"os"
 	"path/filepath"
 	"strings"
@@ -30,6 +28,7 @@ func TestForPath(t *testing.T) {
 		{"127.0.0.1:5443/ci/tiny:latest", "127.0.0.1+5443%ci%tiny+latest"},
 		{"alpine:3.19", "alpine+3.19"},
 		{"ci-exec-job:j42-build", "ci-exec-job+j42-build"},
+		{"127.0.0.1:5443/ci/tiny@sha256:abcd", "127.0.0.1+5443%ci%tiny@sha256+abcd"},
 		{"registry.example.com/group/sub/img", "registry.example.com%group%sub%img"},
 		{"", ""},
 	}
@@ -44,6 +43,9 @@ func TestPullArgv(t *testing.T) {
 	infoSys := mechanism.Info{Programs: map[string]string{"ch-image": "/usr/bin/ch-image"}}
 	infoApp := mechanism.Info{Programs: map[string]string{"ch-image": "/opt/charliecloud/bin/ch-image", "ch-run": "/opt/charliecloud/bin/ch-run"}}
 	const storage = "/scratch/ciuser.ch"
+	digest := "sha256:" + strings.Repeat("d1", 32)
+	name := tinyRef.FamiliarAtDigest(digest)
+	require.Equal(t, "127.0.0.1:5443/ci/tiny@"+digest, name)
 	tests := []struct {
 		name     string
 		info     mechanism.Info
@@ -52,22 +54,22 @@ func TestPullArgv(t *testing.T) {
 		want     []string
 	}{
 		{"anonymous", infoSys, auth.Credential{}, false,
-			[]string{"/usr/bin/ch-image", "-s", storage, "pull", "127.0.0.1:5443/ci/tiny:latest"}},
+			[]string{"/usr/bin/ch-image", "-s", storage, "pull", name}},
 		{"user credential", infoSys, userCredential(t), false,
-			[]string{"/usr/bin/ch-image", "--auth", "-s", storage, "pull", "127.0.0.1:5443/ci/tiny:latest"}},
+			[]string{"/usr/bin/ch-image", "--auth", "-s", storage, "pull", name}},
 		{"job token", infoSys, jobTokenCredential(t), false,
-			[]string{"/usr/bin/ch-image", "--auth", "-s", storage, "pull", "127.0.0.1:5443/ci/tiny:latest"}},
+			[]string{"/usr/bin/ch-image", "--auth", "-s", storage, "pull", name}},
 		{"insecure anonymous", infoSys, auth.Credential{}, true,
-			[]string{"/usr/bin/ch-image", "--tls-no-verify", "-s", storage, "pull", "127.0.0.1:5443/ci/tiny:latest"}},
+			[]string{"/usr/bin/ch-image", "--tls-no-verify", "-s", storage, "pull", name}},
 		{"insecure with credential, application_path", infoApp, userCredential(t), true,
-			[]string{"/opt/charliecloud/bin/ch-image", "--auth", "--tls-no-verify", "-s", storage, "pull", "127.0.0.1:5443/ci/tiny:latest"}},
+			[]string{"/opt/charliecloud/bin/ch-image", "--auth", "--tls-no-verify", "-s", storage, "pull", name}},
 		{"program unknown", mechanism.Info{}, auth.Credential{}, false,
-			[]string{"ch-image", "-s", storage, "pull", "127.0.0.1:5443/ci/tiny:latest"}},
+			[]string{"ch-image", "-s", storage, "pull", name}},
 	}
 	r := newRuntime(config.Mechanism{ImageStorageDir: "/scratch"}, nil)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			argv := r.pullArgv(tt.info, mechanism.PullRequest{Ref: tinyRef, Credential: tt.cred, Insecure: tt.insecure})
+			argv := r.pullArgv(tt.info, mechanism.PullRequest{Ref: tinyRef, Credential: tt.cred, Insecure: tt.insecure}, name)
 			assert.Equal(t, tt.want, argv)
 			for _, a := range argv {
 				assert.NotContains(t, a, userPassword)
@@ -224,22 +226,34 @@ func TestReleaseRemovesPerJobPaths(t *testing.T) {
 	makeTree(t, copyDir, []entry{file("ro2/f", "x", 0o444)})
 	require.NoError(t, os.Chmod(filepath.Join(copyDir, "ro2"), 0o555))
 	scripts := t.TempDir()
-	sqfs := filepath.Join(scripts, "j42-build.sqfs")
 	mnt := filepath.Join(scripts, "j42-build.mnt")
-	require.NoError(t, os.WriteFile(sqfs, []byte("hsqs"), 0o644))
 	require.NoError(t, os.Mkdir(mnt, 0o700))
-	shared := filepath.Join(storage, "img", "127.0.0.1+5443%ci%tiny+latest")
+	shared := filepath.Join(storage, "img", "127.0.0.1+5443%ci%tiny@sha256+"+strings.Repeat("1", 64))
 	makeTree(t, shared, []entry{file("bin/sh", "#!", 0o755)})
 
-	err := r.Release(context.Background(), mechanism.Image{Private: []string{copyDir, sqfs, mnt}}, scripts)
+	// A stored SquashFS file with two jobs' leases.
+	st, err := r.Store()
 	require.NoError(t, err)
+	key := squashKey("sha256:"+strings.Repeat("1", 64), []string{"/builds/ci"})
+	require.NoError(t, os.WriteFile(st.Path(key), []byte("hsqs"), 0o600))
+	lease, err := st.Use(key, "j42-build")
+	require.NoError(t, err)
+	other, err := st.Use(key, "j43-build")
+	require.NoError(t, err)
+
+	img := mechanism.Image{Handle: st.Path(key), Private: []string{copyDir, mnt}, Lease: lease}
+	require.NoError(t, r.Release(context.Background(), img, scripts))
 	assert.NoDirExists(t, copyDir)
-	assert.NoFileExists(t, sqfs)
 	assert.NoDirExists(t, mnt)
-	assert.FileExists(t, filepath.Join(shared, "bin/sh"), "the shared image is not touched")
+	assert.NoFileExists(t, lease)
+	assert.FileExists(t, other, "another job's lease stays")
+	assert.FileExists(t, st.Path(key), "the stored file is not removed")
+	assert.FileExists(t, filepath.Join(shared, "bin/sh"), "the stored image is not touched")
 
 	// Releasing again (cleanup retried) is not an error.
-	assert.NoError(t, r.Release(context.Background(), mechanism.Image{Private: []string{copyDir, sqfs, mnt}}, scripts))
+	assert.NoError(t, r.Release(context.Background(), img, scripts))
+	// Neither is an image without anything per-job.
+	assert.NoError(t, r.Release(context.Background(), mechanism.Image{Handle: "ci-exec-job:j42-build"}, scripts))
 }
 
 func TestReleaseRefusesOtherPaths(t *testing.T) {
@@ -257,9 +271,17 @@ func TestReleaseRefusesOtherPaths(t *testing.T) {
 	hostFile := filepath.Join(base, "etc", "passwd")
 	makeTree(t, filepath.Dir(hostFile), []entry{file("passwd", "root:x:0:0", 0o644)})
 	scripts := t.TempDir()
-	sharedSqfs := filepath.Join(base, "shared", "k1.sqfs")
-	makeTree(t, filepath.Dir(sharedSqfs), []entry{file("k1.sqfs", "hsqs", 0o644)})
-	require.NoError(t, os.WriteFile(filepath.Join(scripts, "Not A Key.sqfs"), []byte("hsqs"), 0o644))
+	st, err := r.Store()
+	require.NoError(t, err)
+	key := squashKey("sha256:"+strings.Repeat("1", 64), []string{"/builds/ci"})
+	storeEntry := st.Path(key)
+	makeTree(t, filepath.Dir(storeEntry), []entry{file(key, "hsqs", 0o600)})
+	jobSqfs := filepath.Join(scripts, "k1.sqfs")
+	require.NoError(t, os.WriteFile(jobSqfs, []byte("hsqs"), 0o644))
+	oddMnt := filepath.Join(scripts, "Not A Key.mnt")
+	require.NoError(t, os.Mkdir(oddMnt, 0o700))
+	precious := []string{filepath.Join(shared, "bin/sh"), filepath.Join(jobCopy, "etc/passwd"), filepath.Join(other, "f"),
+		hostFile, storeEntry, jobSqfs}
 
 	tests := []struct {
 		name string
@@ -274,53 +296,56 @@ func TestReleaseRefusesOtherPaths(t *testing.T) {
 		{"job prefix in another dir", filepath.Join(base, "ci-exec-job+k1")},
 		{"other dir", other},
 		{"empty job key", filepath.Join(storage, "img", "ci-exec-job+")},
-		{"sqfs outside the job dir", sharedSqfs},
+		{"a store entry", storeEntry},
+		{"the store", st.Root},
+		{"sqfs in the job dir", jobSqfs},
 		{"mnt outside the job dir", filepath.Join(base, "k1.mnt")},
-		{"sqfs with an odd name", filepath.Join(scripts, "Not A Key.sqfs")},
+		{"mnt with an odd name", oddMnt},
+		{"the job dir itself", scripts},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			err := r.Release(context.Background(), mechanism.Image{Private: []string{tt.path}}, scripts)
 			require.Error(t, err)
 			assert.Contains(t, err.Error(), "not a per-job image path")
-			assert.FileExists(t, filepath.Join(shared, "bin/sh"))
-			assert.FileExists(t, filepath.Join(jobCopy, "etc/passwd"))
-			assert.FileExists(t, filepath.Join(other, "f"))
-			assert.FileExists(t, hostFile)
-			assert.FileExists(t, sharedSqfs)
+			for _, p := range precious {
+				assert.FileExists(t, p)
+			}
+			assert.DirExists(t, oddMnt)
+		})
+	}
+
+	t.Run("mnt with an empty job dir", func(t *testing.T) {
+		mnt := filepath.Join(scripts, "k1.mnt")
+		require.NoError(t, os.Mkdir(mnt, 0o700))
+		err := r.Release(context.Background(), mechanism.Image{Private: []string{mnt}}, "")
+		require.Error(t, err)
+		assert.DirExists(t, mnt)
+		require.NoError(t, os.Remove(mnt))
+	})
+
+	leases := []struct {
+		name, lease string
+	}{
+		{"a host file", hostFile},
+		{"the store entry", storeEntry},
+		{"dot-dot out of the refs", filepath.Join(st.Root, "refs", key, "..", "..", "entries", key)},
+		{"a refs dir", filepath.Join(st.Root, "refs", key)},
+	}
+	for _, tt := range leases {
+		t.Run("lease: "+tt.name, func(t *testing.T) {
+			err := r.Release(context.Background(), mechanism.Image{Lease: tt.lease}, scripts)
+			require.Error(t, err)
+			assert.Contains(t, err.Error(), "not a lease")
+			for _, p := range precious {
+				assert.FileExists(t, p)
+			}
 		})
 	}
 
 	// A refused path does not stop the per-job ones in the same list.
-	err := r.Release(context.Background(), mechanism.Image{Private: []string{shared, jobCopy}}, scripts)
+	err = r.Release(context.Background(), mechanism.Image{Private: []string{shared, jobCopy}}, scripts)
 	require.Error(t, err)
 	assert.NoDirExists(t, jobCopy)
 	assert.DirExists(t, shared)
-}
-
-func TestStoredDigest(t *testing.T) {
-	fat := []byte(`{"manifests":[]}`)
-	skinny := []byte(`{"layers":[]}`)
-	sum := func(b []byte) string { s := sha256.Sum256(b); return "sha256:" + hex.EncodeToString(s[:]) }
-	name := "127.0.0.1:5443/ci/tiny:latest"
-	tests := []struct {
-		name  string
-		files map[string][]byte
-		want  string
-	}{
-		{"fat manifest wins", map[string][]byte{"127.0.0.1+5443%ci%tiny+latest.fat.json": fat, "127.0.0.1+5443%ci%tiny+latest%skinny.manifest.json": skinny}, sum(fat)},
-		{"skinny only", map[string][]byte{"127.0.0.1+5443%ci%tiny+latest%skinny.manifest.json": skinny}, sum(skinny)},
-		{"other image only", map[string][]byte{"alpine+latest.fat.json": fat}, ""},
-		{"none", nil, ""},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			storage := t.TempDir()
-			require.NoError(t, os.Mkdir(filepath.Join(storage, "dlcache"), 0o755))
-			for f, b := range tt.files {
-				require.NoError(t, os.WriteFile(filepath.Join(storage, "dlcache", f), b, 0o644))
-			}
-			assert.Equal(t, tt.want, storedDigest(storage, name))
-		})
-	}
 }
