@@ -313,7 +313,6 @@ func TestRunCancelled(t *testing.T) {
 		err error
 	}
 	done := make(chan ret, 1)
-	start := time.Now()
 	go func() {
 		res, err := f.slurm().Run(ctx, j)
 		done <- ret{res, err}
@@ -334,7 +333,6 @@ func TestRunCancelled(t *testing.T) {
 	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"))
 	assert.Equal(t, "started\n", out.String())
 	assert.Contains(t, f.logs.String(), "Cancelling Slurm job 42 (scancel).")
-	assert.Less(t, time.Since(start), 10*time.Second)
 }
 
 func TestRunCancelledKillAfterGrace(t *testing.T) {
@@ -382,7 +380,6 @@ func TestRunPendingLimit(t *testing.T) {
 	f.touch("hold", "")
 	s := f.slurm()
 	s.PendingLimit = 150 * time.Millisecond
-	start := time.Now()
 	res, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
 	require.ErrorIs(t, err, ErrPendingLimit)
 	assert.Equal(t, "JobHeldUser", res.PendingReason)
@@ -390,8 +387,6 @@ func TestRunPendingLimit(t *testing.T) {
 	assert.Equal(t, "42", res.JobID)
 	assert.False(t, res.Stopped)
 	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"))
-	assert.GreaterOrEqual(t, time.Since(start), 150*time.Millisecond)
-	assert.Less(t, time.Since(start), 10*time.Second)
 }
 
 func TestRunNoPendingLimit(t *testing.T) {
@@ -411,14 +406,12 @@ func TestRunVanished(t *testing.T) {
 	f.touch("scontrol.fail", "")
 	s := f.slurm()
 	s.UnknownLimit = 150 * time.Millisecond
-	start := time.Now()
 	res, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
 	require.ErrorIs(t, err, ErrVanished)
 	assert.Contains(t, err.Error(), "Slurm has not known job 42 for 150ms")
 	assert.Contains(t, err.Error(), "Invalid job id specified")
 	assert.Equal(t, "VANISHED", res.State)
 	assert.False(t, res.Marker)
-	assert.GreaterOrEqual(t, time.Since(start), 150*time.Millisecond)
 	assert.Empty(t, f.lines("scancel.calls"))
 }
 
@@ -432,7 +425,6 @@ func TestRunUnknownToScontrolButMarker(t *testing.T) {
 			s := f.slurm()
 			s.UnknownLimit = 10 * time.Second
 			var out syncBuffer
-			start := time.Now()
 			res, err := s.Run(runCtx(t, 20*time.Second), f.job(&out, "/bin/sh", "-c", "echo bye; exit "+strconv.Itoa(rc)))
 			require.NoError(t, err)
 			want := Result{JobID: "42", State: "COMPLETED", ExitCode: rc, Marker: true}
@@ -441,7 +433,6 @@ func TestRunUnknownToScontrolButMarker(t *testing.T) {
 			}
 			assert.Equal(t, want, res)
 			assert.Equal(t, "bye\n", out.String())
-			assert.Less(t, time.Since(start), 5*time.Second, "the marker ends the wait, not UnknownLimit")
 		})
 	}
 }

@@ -17,6 +17,8 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
 // fake is a test fixture around testdata/fakedriver.sh.
@@ -597,10 +599,7 @@ func TestPrepareScriptFailureSkipsLaterStages(t *testing.T) {
 }
 
 func TestScriptsRunUnderBusybox(t *testing.T) {
-	bb, err := exec.LookPath("busybox")
-	if err != nil {
-		t.Skip("busybox not installed")
-	}
+	bb := testenv.RequireBinary(t, "busybox")
 	f := newFake(t)
 	shell := bb + " sh"
 	res, err := f.cfg.Run(context.Background(), Job{
@@ -655,12 +654,10 @@ func TestGeneratedScriptTermTrap(t *testing.T) {
 }
 
 func TestRunAsUnprivilegedUser(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root to switch users")
-	}
+	testenv.RequireRoot(t)
 	u, err := user.Lookup("nobody")
 	if err != nil {
-		t.Skip("no user nobody")
+		testenv.Missing(t, "no user nobody: %v", err)
 	}
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
@@ -720,9 +717,7 @@ func TestProcessScanners(t *testing.T) {
 }
 
 func TestGiveUpAfterForceKillTimeout(t *testing.T) {
-	if _, err := exec.LookPath("setsid"); err != nil {
-		t.Skip("setsid not installed")
-	}
+	testenv.RequireBinary(t, "setsid")
 	f := newFake(t)
 	f.cfg.GracefulKillTimeout = 300 * time.Millisecond
 	f.cfg.ForceKillTimeout = 500 * time.Millisecond

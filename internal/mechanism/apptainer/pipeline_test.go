@@ -17,6 +17,8 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ci-exec/ci-exec/internal/testenv"
+
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
@@ -738,9 +740,7 @@ func TestPrepareDirs(t *testing.T) {
 	}
 
 	t.Run("per-user cache dir of another user", func(t *testing.T) {
-		if os.Getuid() != 0 {
-			t.Skip("needs root to create a directory owned by another uid")
-		}
+		testenv.RequireRoot(t)
 		root := t.TempDir()
 		cache := filepath.Join(root, "cache")
 		planted := filepath.Join(cache, jobUser)

@@ -236,18 +236,14 @@ func TestClassifyPullReadsTheFatalLine(t *testing.T) {
 		name  string
 		tail  string
 		class failure.Class
-		bug   string
 	}{
 		{"INFO line before a refused connection", "INFO:    gocryptfs not found, will not be able to use gocryptfs\n" + tailRefused,
-			failure.System, ""},
+			failure.System},
 		{"WARNING about a certificate before a missing manifest", "WARNING: certificate of the keyserver expires soon\n" + tailManifest,
-			failure.User, ""},
+			failure.User},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			if tt.bug != "" {
-				t.Skip("known bug, see the report: " + tt.bug)
-			}
 			err := classifyPull(tinyImage, auth.Credential{}, tt.tail, storageForTest)
 			assert.Equal(t, tt.class, failure.ClassOf(err), err.Error())
 		})
