@@ -8,6 +8,7 @@ package registry
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -62,6 +63,13 @@ func Digest(ctx context.Context, ref string, cred auth.Credential, o Options) (s
 		return "", err
 	}
 	return desc.Digest.String(), nil
+}
+
+// LoadTrust starts loading the system's CA certificates in the background
+// (the standard library keeps them once loaded), so that the first Digest
+// does not wait for all of it.
+func LoadTrust() {
+	go func() { _, _ = x509.SystemCertPool() }()
 }
 
 // roundTripper is the default transport (proxies from the environment, the

@@ -5,12 +5,19 @@ import (
 	"os"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
 // runPrepare prints the job header and makes sure the job's directories
 // exist; with a run mechanism it also resolves, checks and pulls the image.
 func runPrepare(ctx context.Context, st *Stage) error {
 	g := st.Cfg.General
+	if st.Cfg.Mechanism() != nil && st.Job.Image() != "" {
+		// The digest lookup needs the system's CA certificates, whose
+		// parsing is most of a warm prepare: start it now, alongside the
+		// checks that come first.
+		registry.LoadTrust()
+	}
 	if g.JobMessage != "" {
 		st.Log.Printf("%s", g.JobMessage)
 	}
