@@ -8,7 +8,6 @@ package registry
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"errors"
 	"fmt"
 	"net/http"
@@ -65,11 +64,10 @@ func Digest(ctx context.Context, ref string, cred auth.Credential, o Options) (s
 	return desc.Digest.String(), nil
 }
 
-// LoadTrust starts loading the system's CA certificates in the background
-// (the standard library keeps them once loaded), so that the first Digest
-// does not wait for all of it.
+// LoadTrust starts loading the system's CA certificates in the background,
+// so that the first Digest does not wait for all of it.
 func LoadTrust() {
-	go func() { _, _ = x509.SystemCertPool() }()
+	go systemTrust()
 }
 
 // roundTripper is the default transport (proxies from the environment, the
@@ -80,6 +78,8 @@ func roundTripper(o Options) http.RoundTripper {
 	t := remote.DefaultTransport.(*http.Transport).Clone()
 	if o.SkipVerify {
 		t.TLSClientConfig = &tls.Config{InsecureSkipVerify: true} //nolint:gosec // the admin listed this registry
+	} else if pool := systemTrust(); pool != nil {
+		t.TLSClientConfig = &tls.Config{RootCAs: pool}
 	}
 	if o.PlainHTTP {
 		return t
