@@ -105,11 +105,11 @@ func checkOwn(dir string) error {
 	return nil
 }
 
-var keyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]{0,200}$`)
+var keyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)
 
 // CheckKey refuses keys that are not plain file names.
 func CheckKey(key string) error {
-	if !keyRE.MatchString(key) || strings.Contains(key, "..") {
+	if len(key) > 200 || !keyRE.MatchString(key) || strings.Contains(key, "..") {
 		return fmt.Errorf("image store: invalid key %q", key)
 	}
 	return nil
