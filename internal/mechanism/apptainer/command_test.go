@@ -9,24 +9,11 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
 
 func TestIdentityAndStorage(t *testing.T) {
-	tests := []struct {
-		name, root, want string
-	}{
-		{"default under /var/tmp", "", "/var/tmp/ciuser.apptainer"},
-		{"configured", "/scratch/images", "/scratch/images/ciuser.apptainer"},
-		{"trailing slash", "/scratch/images/", "/scratch/images/ciuser.apptainer"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, mechanism.StorageDir(tt.root, jobUser+".apptainer"))
-			r := runtimeFor(config.Mechanism{ImageStorageDir: tt.root}, nil)
-			assert.Equal(t, tt.want, r.Storage)
-			assert.Equal(t, []string{"CI_EXEC_APPTAINER_STORAGE=" + tt.want}, r.PrepEnv())
-		})
-	}
+	mechtest.StorageDirs(t, jobUser+".apptainer", "CI_EXEC_APPTAINER_STORAGE", runtimeFor, func(r *Runtime) string { return r.Storage })
 	r := runtimeFor(config.Mechanism{}, nil)
 	assert.Equal(t, "apptainer", r.Name())
 	assert.Equal(t, "JACAMAR_CI_APPTAINER_ARGS", r.UserArgsVariable())
@@ -38,25 +25,11 @@ func TestIdentityAndStorage(t *testing.T) {
 // options and that none mounts host paths, changes identity or privileges,
 // reaches a registry or writes into the image.
 func TestDefaultUserArgs(t *testing.T) {
-	r := runtimeFor(config.Mechanism{}, nil)
-	known := map[string]mechanism.ArgKind{}
-	for _, f := range r.RunFlags() {
-		known[f.Long] = f.Arg
-		if f.Short != "" {
-			known[f.Short] = f.Arg
-		}
-	}
-	for _, f := range r.DefaultUserArgs() {
-		_, ok := known[f]
-		assert.True(t, ok, "default user arg %s is not an exec option", f)
-	}
 	dangerous := []string{"--bind", "-B", "--mount", "--fusemount", "--overlay", "-o", "--writable", "-w", "--fakeroot", "-f",
 		"--home", "-H", "--workdir", "-W", "--scratch", "-S", "--allow-setuid", "--keep-privs", "--add-caps", "--security",
 		"--userns", "-u", "--docker-login", "--docker-username", "--docker-password", "--authfile", "--env-file",
 		"--app", "--containlibs", "--netns-path", "--network", "--device", "--tmpdir", "--no-https", "--nohttps"}
-	for _, bad := range dangerous {
-		assert.NotContains(t, r.DefaultUserArgs(), bad)
-	}
+	known := mechtest.DefaultUserArgs(t, runtimeFor(config.Mechanism{}, nil), dangerous)
 	// Every option that takes a value must be declared so: a value-taking
 	// flag declared NoArg would let its value pass as the image.
 	for _, long := range []string{"--bind", "--env", "--pwd", "--overlay", "--home", "--mount", "--security"} {
@@ -193,56 +166,29 @@ func TestCommandErrors(t *testing.T) {
 	withBind := func(b mechanism.Bind) mechanism.RunSpec {
 		return mechanism.RunSpec{Image: sif, Binds: []mechanism.Bind{mechanism.SamePath("/builds"), b}, Argv: argv}
 	}
-	tests := []struct {
-		name    string
-		spec    mechanism.RunSpec
-		wantErr string
-	}{
-		{"colon in source", withBind(mechanism.Bind{Src: "/data/a:b", Dst: "/data"}), "':' or ','"},
-		{"colon in destination", withBind(mechanism.Bind{Src: "/data", Dst: "/mnt/a:b"}), "':' or ','"},
-		{"comma in source", withBind(mechanism.Bind{Src: "/data/a,b", Dst: "/data"}), "/data/a,b"},
-		{"comma in destination", withBind(mechanism.Bind{Src: "/data", Dst: "/mnt/x,/etc"}), "':' or ','"},
-		{"comma in a read-only bind", withBind(mechanism.Bind{Src: "/d,ro", Dst: "/d", ReadOnly: true}), "':' or ','"},
-		{"same-path dir with a colon", withBind(mechanism.SamePath("/builds/a:b")), "':' or ','"},
-		{"nil argv", mechanism.RunSpec{Image: sif}, "no command"},
-		{"empty argv", mechanism.RunSpec{Image: sif, Argv: []string{}}, "no command"},
-		{"empty handle", mechanism.RunSpec{Image: mechanism.Image{Format: FormatSIF}, Argv: argv}, "no image"},
+	tests := []mechtest.CommandError{
+		{Name: "colon in source", Spec: withBind(mechanism.Bind{Src: "/data/a:b", Dst: "/data"}), WantErr: "':' or ','"},
+		{Name: "colon in destination", Spec: withBind(mechanism.Bind{Src: "/data", Dst: "/mnt/a:b"}), WantErr: "':' or ','"},
+		{Name: "comma in source", Spec: withBind(mechanism.Bind{Src: "/data/a,b", Dst: "/data"}), WantErr: "/data/a,b"},
+		{Name: "comma in destination", Spec: withBind(mechanism.Bind{Src: "/data", Dst: "/mnt/x,/etc"}), WantErr: "':' or ','"},
+		{Name: "comma in a read-only bind", Spec: withBind(mechanism.Bind{Src: "/d,ro", Dst: "/d", ReadOnly: true}), WantErr: "':' or ','"},
+		{Name: "same-path dir with a colon", Spec: withBind(mechanism.SamePath("/builds/a:b")), WantErr: "':' or ','"},
 	}
-	r := runtimeFor(config.Mechanism{}, nil)
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			a, e, err := r.Command(tt.spec)
-			require.Error(t, err)
-			assert.Contains(t, err.Error(), tt.wantErr)
-			assert.Nil(t, a)
-			assert.Nil(t, e)
-		})
-	}
+	mechtest.CommandErrors(t, runtimeFor(config.Mechanism{}, nil).Command, append(tests, mechtest.SpecErrors(sif, nil, argv)...))
 }
 
 func TestDiagnose(t *testing.T) {
 	const fatal = `FATAL:   container creation failed: mount hook function failure: mount /data->/data error: while mounting /data: mount source /data doesn't exist`
-	tests := []struct {
-		name string
-		code int
-		tail string
-		want string
-	}{
-		{"apptainer failure", 255, "INFO:    underlay of /builds required\n" + fatal + "\n", fatal},
-		{"without trailing newline", 255, fatal, fatal},
-		{"last FATAL wins", 255, "FATAL:   first\n" + fatal + "\n", fatal},
-		{"leading blanks", 255, "   " + fatal + "  \n", fatal},
-		{"the script's exit 3", 3, fatal + "\n", ""},
-		{"exit 1", 1, fatal + "\n", ""},
-		{"exit 0", 0, fatal, ""},
-		{"255 without a FATAL line", 255, "WARNING: something\nscript said exit 255\n", ""},
-		{"255 with ERROR only", 255, "ERROR:   not fatal\n", ""},
-		{"255 with an empty tail", 255, "", ""},
-	}
-	r := runtimeFor(config.Mechanism{}, nil)
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, r.Diagnose(tt.code, tt.tail))
-		})
-	}
+	mechtest.Diagnoses(t, runtimeFor(config.Mechanism{}, nil).Diagnose, []mechtest.Diagnosis{
+		{Name: "apptainer failure", Code: 255, Tail: "INFO:    underlay of /builds required\n" + fatal + "\n", Want: fatal},
+		{Name: "without trailing newline", Code: 255, Tail: fatal, Want: fatal},
+		{Name: "last FATAL wins", Code: 255, Tail: "FATAL:   first\n" + fatal + "\n", Want: fatal},
+		{Name: "leading blanks", Code: 255, Tail: "   " + fatal + "  \n", Want: fatal},
+		{Name: "the script's exit 3", Code: 3, Tail: fatal + "\n"},
+		{Name: "exit 1", Code: 1, Tail: fatal + "\n"},
+		{Name: "exit 0", Code: 0, Tail: fatal},
+		{Name: "255 without a FATAL line", Code: 255, Tail: "WARNING: something\nscript said exit 255\n"},
+		{Name: "255 with ERROR only", Code: 255, Tail: "ERROR:   not fatal\n"},
+		{Name: "255 with an empty tail", Code: 255, Tail: ""},
+	})
 }

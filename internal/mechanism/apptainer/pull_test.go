@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
 
 // TestTagRecordsTellImagesApart: two different references must never
@@ -32,14 +34,14 @@ func TestTagRecordsTellImagesApart(t *testing.T) {
 	}
 	for _, p := range pairs {
 		t.Run(p.name, func(t *testing.T) {
-			a, b := parsedRef(t, p.a), parsedRef(t, p.b)
+			a, b := mechtest.ParsedRef(t, p.a), mechtest.ParsedRef(t, p.b)
 			require.NotEqual(t, a.Full, b.Full)
 			st, err := runtimeFor(config.Mechanism{ImageStorageDir: t.TempDir()}, nil).Store()
 			require.NoError(t, err)
-			require.NoError(t, st.SetTag(a.Full, digest1))
-			require.NoError(t, st.SetTag(b.Full, digest2))
-			assert.Equal(t, digest1, st.Tag(a.Full))
-			assert.Equal(t, digest2, st.Tag(b.Full))
+			require.NoError(t, st.SetTag(a.Full, mechtest.Digest1))
+			require.NoError(t, st.SetTag(b.Full, mechtest.Digest2))
+			assert.Equal(t, mechtest.Digest1, st.Tag(a.Full))
+			assert.Equal(t, mechtest.Digest2, st.Tag(b.Full))
 		})
 	}
 }
@@ -57,7 +59,7 @@ func TestPullArgv(t *testing.T) {
 		insecure bool
 		want     []string
 	}{
-		{"anonymous", sys, anonymous, false,
+		{"anonymous", sys, mechtest.Anonymous, false,
 			[]string{"/usr/bin/apptainer", "pull", "--force", out, pinned}},
 		{"user credential", sys, aliceCred, false,
 			[]string{"/usr/bin/apptainer", "pull", "--force", out, pinned}},
@@ -65,19 +67,19 @@ func TestPullArgv(t *testing.T) {
 			[]string{"/usr/bin/apptainer", "pull", "--force", out, pinned}},
 		{"insecure registry", sys, aliceCred, true,
 			[]string{"/usr/bin/apptainer", "pull", "--force", "--no-https", out, pinned}},
-		{"application_path", app, anonymous, true,
+		{"application_path", app, mechtest.Anonymous, true,
 			[]string{"/opt/apptainer/bin/apptainer", "pull", "--force", "--no-https", out, pinned}},
-		{"program unknown", mechanism.Info{}, anonymous, false,
+		{"program unknown", mechanism.Info{}, mechtest.Anonymous, false,
 			[]string{"apptainer", "pull", "--force", out, pinned}},
 	}
 	r := runtimeFor(config.Mechanism{}, nil)
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			ref := parsedRef(t, tinyImage)
+			ref := mechtest.ParsedRef(t, tinyImage)
 			req := mechanism.PullRequest{Ref: ref, Credential: tt.cred(t), Insecure: tt.insecure, JobKey: jobKey}
 			argv := r.pullArgv(tt.info, req, ref.AtDigest(digest), out)
 			assert.Equal(t, tt.want, argv)
-			assertNoSecret(t, "pull argv", argv...)
+			secrets.AssertAbsent(t, "pull argv", argv...)
 			for _, a := range argv {
 				assert.NotContains(t, a, "alice", "no username on the command line either")
 			}
@@ -106,13 +108,7 @@ func TestToolEnv(t *testing.T) {
 	dirs := func(cache, tmp string) []string {
 		return []string{"APPTAINER_CACHEDIR=" + cache, "APPTAINER_TMPDIR=" + tmp}
 	}
-	join := func(parts ...[]string) []string {
-		var all []string
-		for _, p := range parts {
-			all = append(all, p...)
-		}
-		return all
-	}
+	join := slices.Concat[[]string]
 	inStorage := dirs("/scratch/ciuser.apptainer/cache", "/scratch/ciuser.apptainer/tmp")
 
 	tests := []struct {
@@ -122,7 +118,7 @@ func TestToolEnv(t *testing.T) {
 		cred    func(*testing.T) auth.Credential
 		want    []string
 	}{
-		{"anonymous", config.Mechanism{ImageStorageDir: "/scratch"}, host, anonymous,
+		{"anonymous", config.Mechanism{ImageStorageDir: "/scratch"}, host, mechtest.Anonymous,
 			join(identity(toolPath), inStorage, network)},
 		{"user credential", config.Mechanism{ImageStorageDir: "/scratch"}, host, aliceCred,
 			join(identity(toolPath), inStorage, network,
@@ -130,13 +126,13 @@ func TestToolEnv(t *testing.T) {
 		{"job token", config.Mechanism{ImageStorageDir: "/scratch"}, host, tokenCred,
 			join(identity(toolPath), inStorage, network,
 				[]string{"APPTAINER_DOCKER_USERNAME=gitlab-ci-token", "APPTAINER_DOCKER_PASSWORD=" + tokenValue})},
-		{"default storage", config.Mechanism{}, nil, anonymous,
+		{"default storage", config.Mechanism{}, nil, mechtest.Anonymous,
 			join(identity(toolPath), dirs("/var/tmp/ciuser.apptainer/cache", "/var/tmp/ciuser.apptainer/tmp"))},
-		{"cache_dir and tmp_dir", config.Mechanism{ImageStorageDir: "/scratch", CacheDir: "/cache", TmpDir: "/fast/tmp/"}, nil, anonymous,
+		{"cache_dir and tmp_dir", config.Mechanism{ImageStorageDir: "/scratch", CacheDir: "/cache", TmpDir: "/fast/tmp/"}, nil, mechtest.Anonymous,
 			join(identity(toolPath), dirs("/cache/ciuser", "/fast/tmp/ciuser"))},
-		{"cache_dir only", config.Mechanism{ImageStorageDir: "/scratch", CacheDir: "/cache"}, nil, anonymous,
+		{"cache_dir only", config.Mechanism{ImageStorageDir: "/scratch", CacheDir: "/cache"}, nil, mechtest.Anonymous,
 			join(identity(toolPath), dirs("/cache/ciuser", "/scratch/ciuser.apptainer/tmp"))},
-		{"application_path first in PATH", config.Mechanism{ImageStorageDir: "/scratch", ApplicationPath: "/opt/apptainer/bin"}, nil, anonymous,
+		{"application_path first in PATH", config.Mechanism{ImageStorageDir: "/scratch", ApplicationPath: "/opt/apptainer/bin"}, nil, mechtest.Anonymous,
 			join(identity("/opt/apptainer/bin:"+toolPath), inStorage)},
 	}
 	for _, tt := range tests {
@@ -149,18 +145,7 @@ func TestToolEnv(t *testing.T) {
 					assert.False(t, strings.HasPrefix(kv, p), "host variable %s reached apptainer pull", kv)
 				}
 			}
-			var carriers []string
-			for _, kv := range got {
-				if strings.Contains(kv, alicePass) || strings.Contains(kv, tokenValue) {
-					k, _, _ := strings.Cut(kv, "=")
-					carriers = append(carriers, k)
-				}
-			}
-			if cred.Anonymous() {
-				assert.Empty(t, carriers)
-			} else {
-				assert.Equal(t, []string{"APPTAINER_DOCKER_PASSWORD"}, carriers, "the secret travels in exactly one variable")
-			}
+			secrets.AssertCarriedIn(t, got, cred, "APPTAINER_DOCKER_PASSWORD")
 		})
 	}
 }
@@ -194,27 +179,27 @@ func TestClassifyPull(t *testing.T) {
 		{"auth required, user credentials", aliceCred, tailAuth, failure.User,
 			[]string{tinyImage, "APPTAINER_DOCKER_USERNAME/APPTAINER_DOCKER_PASSWORD", "user alice"}},
 		{"auth required, job token", tokenCred, tailAuth, failure.System, []string{tinyImage, "job token", "retry"}},
-		{"auth required, anonymous", anonymous, tailAuth, failure.User,
+		{"auth required, anonymous", mechtest.Anonymous, tailAuth, failure.User,
 			[]string{tinyImage, "image not found", "set APPTAINER_DOCKER_USERNAME and APPTAINER_DOCKER_PASSWORD"}},
 		{"unauthorized, user credentials", aliceCred, tailUnauth, failure.User, []string{"refused the credentials"}},
 		{"unauthorized, job token", tokenCred, tailUnauth, failure.System, []string{"job token"}},
-		{"manifest unknown, anonymous", anonymous, tailManifest, failure.User, []string{tinyImage, "image not found"}},
+		{"manifest unknown, anonymous", mechtest.Anonymous, tailManifest, failure.User, []string{tinyImage, "image not found"}},
 		{"manifest unknown, user credentials", aliceCred, tailManifest, failure.User, []string{"image not found"}},
 		{"manifest unknown, job token", tokenCred, tailManifest, failure.User, []string{"job token may read it"}},
-		{"name unknown", anonymous, tailName, failure.User, []string{"image not found"}},
-		{"plain HTTP registry", anonymous, tailPlainHTTP, failure.System,
+		{"name unknown", mechtest.Anonymous, tailName, failure.User, []string{"image not found"}},
+		{"plain HTTP registry", mechtest.Anonymous, tailPlainHTTP, failure.System,
 			[]string{"plain HTTP", "insecure_registries", "server gave HTTP response to HTTPS client"}},
 		{"plain HTTP registry with credentials", aliceCred, tailPlainHTTP, failure.System, []string{"insecure_registries"}},
-		{"untrusted certificate", anonymous, tailX509, failure.System,
+		{"untrusted certificate", mechtest.Anonymous, tailX509, failure.System,
 			[]string{"TLS certificate", "insecure_registries", "x509: certificate signed by unknown authority"}},
 		{"connection refused", aliceCred, tailRefused, failure.System, []string{"unreachable", "connect: connection refused"}},
-		{"no such host", anonymous, tailNoHost, failure.System, []string{"unreachable", "no such host"}},
-		{"timeout", anonymous, tailTimeout, failure.System, []string{"unreachable", "i/o timeout"}},
-		{"disk full", anonymous, tailNoSpace, failure.System, []string{storageForTest, "no space left on device"}},
+		{"no such host", mechtest.Anonymous, tailNoHost, failure.System, []string{"unreachable", "no such host"}},
+		{"timeout", mechtest.Anonymous, tailTimeout, failure.System, []string{"unreachable", "i/o timeout"}},
+		{"disk full", mechtest.Anonymous, tailNoSpace, failure.System, []string{storageForTest, "no space left on device"}},
 		{"unknown FATAL", aliceCred, tailUnknown, failure.System,
 			[]string{tinyImage, "apptainer pull failed: FATAL:   While making image from oci registry: something entirely new"}},
 		{"no FATAL line at all", tokenCred, tailNoFatal, failure.System, []string{"apptainer pull failed: Killed"}},
-		{"empty output", anonymous, "", failure.System, []string{tinyImage, "apptainer pull failed"}},
+		{"empty output", mechtest.Anonymous, "", failure.System, []string{tinyImage, "apptainer pull failed"}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -224,7 +209,7 @@ func TestClassifyPull(t *testing.T) {
 			for _, s := range tt.want {
 				assert.Contains(t, err.Error(), s)
 			}
-			assertNoSecret(t, "error message", err.Error())
+			secrets.AssertAbsent(t, "error message", err.Error())
 		})
 	}
 }
@@ -255,7 +240,7 @@ func TestReleaseEndsTheLease(t *testing.T) {
 	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
 	st, err := r.Store()
 	require.NoError(t, err)
-	key := sifKey(digest1)
+	key := sifKey(mechtest.Digest1)
 	stored := st.Path(key)
 	require.NoError(t, os.WriteFile(stored, sifFile("SIF"), 0o600))
 	lease, err := st.Use(key, jobKey)
@@ -285,7 +270,7 @@ func TestReleaseRefusesOtherLeases(t *testing.T) {
 	r := runtimeFor(config.Mechanism{ImageStorageDir: base}, nil)
 	st, err := r.Store()
 	require.NoError(t, err)
-	key := sifKey(digest1)
+	key := sifKey(mechtest.Digest1)
 	stored := st.Path(key)
 	require.NoError(t, os.WriteFile(stored, sifFile("SIF"), 0o600))
 	lease, err := st.Use(key, jobKey)

@@ -8,26 +8,11 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
 
 func TestStorageDir(t *testing.T) {
-	tests := []struct {
-		name       string
-		storageDir string
-		want       string
-	}{
-		{"default", "", "/var/tmp/ciuser.ch"},
-		{"configured", "/scratch/images", "/scratch/images/ciuser.ch"},
-		{"trailing slash", "/scratch/images/", "/scratch/images/ciuser.ch"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, mechanism.StorageDir(tt.storageDir, testUser+".ch"))
-			r := newRuntime(config.Mechanism{ImageStorageDir: tt.storageDir}, nil)
-			assert.Equal(t, tt.want, r.Storage)
-			assert.Equal(t, []string{"CH_IMAGE_STORAGE=" + tt.want}, r.PrepEnv())
-		})
-	}
+	mechtest.StorageDirs(t, testUser+".ch", "CH_IMAGE_STORAGE", newRuntime, func(r *Runtime) string { return r.Storage })
 }
 
 func TestRuntimeIdentity(t *testing.T) {
@@ -43,21 +28,8 @@ func TestRuntimeIdentity(t *testing.T) {
 // to the run flag table and that none of the flags that mount, write,
 // change identity or pick another storage is among them.
 func TestDefaultUserArgsAreSafe(t *testing.T) {
-	r := newRuntime(config.Mechanism{}, nil)
-	known := map[string]bool{}
-	for _, f := range r.RunFlags() {
-		known[f.Long] = true
-		if f.Short != "" {
-			known[f.Short] = true
-		}
-	}
-	for _, f := range r.DefaultUserArgs() {
-		assert.True(t, known[f], "default user arg %s is not in the run flag table", f)
-	}
-	for _, bad := range []string{"--bind", "-b", "--write", "-w", "--write-fake", "-W", "--uid", "-u", "--gid", "-g",
-		"--storage", "-s", "--mount", "-m", "--unsafe", "--join", "--home"} {
-		assert.NotContains(t, r.DefaultUserArgs(), bad)
-	}
+	mechtest.DefaultUserArgs(t, newRuntime(config.Mechanism{}, nil), []string{"--bind", "-b", "--write", "-w", "--write-fake", "-W",
+		"--uid", "-u", "--gid", "-g", "--storage", "-s", "--mount", "-m", "--unsafe", "--join", "--home"})
 }
 
 func TestCommand(t *testing.T) {
@@ -148,56 +120,30 @@ func TestCommandErrors(t *testing.T) {
 	img := mechanism.Image{Handle: "ci-exec-job:k", Format: FormatStorage}
 	env := []string{"USER=ciuser"}
 	argv := []string{"/bin/sh", "script"}
-	tests := []struct {
-		name    string
-		spec    mechanism.RunSpec
-		wantErr string
-	}{
-		{"colon in bind source", mechanism.RunSpec{Image: img, Env: env, Argv: argv,
-			Binds: []mechanism.Bind{{Src: "/data/a:b", Dst: "/data"}}}, "':'"},
-		{"colon in bind destination", mechanism.RunSpec{Image: img, Env: env, Argv: argv,
-			Binds: []mechanism.Bind{{Src: "/data", Dst: "/mnt/a:b"}}}, "':'"},
-		{"read-only bind", mechanism.RunSpec{Image: img, Env: env, Argv: argv,
-			Binds: []mechanism.Bind{mechanism.SamePath("/builds"), {Src: "/data", Dst: "/data", ReadOnly: true}}}, "read-only"},
-		{"no USER", mechanism.RunSpec{Image: img, Env: []string{"HOME=/home/ciuser", "USERNAME=ciuser"}, Argv: argv}, "USER"},
-		{"nil env", mechanism.RunSpec{Image: img, Argv: argv}, "USER"},
-		{"empty argv", mechanism.RunSpec{Image: img, Env: env}, "no command"},
-		{"empty handle", mechanism.RunSpec{Image: mechanism.Image{Format: FormatStorage}, Env: env, Argv: argv}, "no image"},
+	tests := []mechtest.CommandError{
+		{Name: "colon in bind source", Spec: mechanism.RunSpec{Image: img, Env: env, Argv: argv,
+			Binds: []mechanism.Bind{{Src: "/data/a:b", Dst: "/data"}}}, WantErr: "':'"},
+		{Name: "colon in bind destination", Spec: mechanism.RunSpec{Image: img, Env: env, Argv: argv,
+			Binds: []mechanism.Bind{{Src: "/data", Dst: "/mnt/a:b"}}}, WantErr: "':'"},
+		{Name: "read-only bind", Spec: mechanism.RunSpec{Image: img, Env: env, Argv: argv,
+			Binds: []mechanism.Bind{mechanism.SamePath("/builds"), {Src: "/data", Dst: "/data", ReadOnly: true}}}, WantErr: "read-only"},
+		{Name: "no USER", Spec: mechanism.RunSpec{Image: img, Env: []string{"HOME=/home/ciuser", "USERNAME=ciuser"}, Argv: argv}, WantErr: "USER"},
+		{Name: "nil env", Spec: mechanism.RunSpec{Image: img, Argv: argv}, WantErr: "USER"},
 	}
-	r := newRuntime(config.Mechanism{}, nil)
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			a, e, err := r.Command(tt.spec)
-			require.Error(t, err)
-			assert.Contains(t, err.Error(), tt.wantErr)
-			assert.Nil(t, a)
-			assert.Nil(t, e)
-		})
-	}
+	mechtest.CommandErrors(t, newRuntime(config.Mechanism{}, nil).Command, append(tests, mechtest.SpecErrors(img, env, argv)...))
 }
 
 func TestDiagnose(t *testing.T) {
 	const chErr = "ch-run[123]: error: can't mkdir: /var/tmp/ciuser.ch/img/x/builds: Read-only file system (ch_misc.c:409 30)"
-	tests := []struct {
-		name string
-		code int
-		tail string
-		want string
-	}{
-		{"ch-run error on exit 1", 1, "some output\n" + chErr + "\n", chErr},
-		{"ch-run error without trailing newline", 1, chErr, chErr},
-		{"last ch-run error wins", 1, "ch-run[9]: error: first (ch_core.c:1 2)\n" + chErr + "\n", chErr},
-		{"ch-run warning is not an error", 1, "ch-run[123]: warning: something (ch_misc.c:1 0)\n", ""},
-		{"indented line is the script's", 1, "  ch-run[123]: error: quoted by the script\n", ""},
-		{"exit 3 is the script's", 3, chErr + "\n", ""},
-		{"exit 0", 0, chErr, ""},
-		{"exit 1 without ch-run line", 1, "make: *** [all] Error 1\n", ""},
-		{"exit 1 empty tail", 1, "", ""},
-	}
-	r := newRuntime(config.Mechanism{}, nil)
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			assert.Equal(t, tt.want, r.Diagnose(tt.code, tt.tail))
-		})
-	}
+	mechtest.Diagnoses(t, newRuntime(config.Mechanism{}, nil).Diagnose, []mechtest.Diagnosis{
+		{Name: "ch-run error on exit 1", Code: 1, Tail: "some output\n" + chErr + "\n", Want: chErr},
+		{Name: "ch-run error without trailing newline", Code: 1, Tail: chErr, Want: chErr},
+		{Name: "last ch-run error wins", Code: 1, Tail: "ch-run[9]: error: first (ch_core.c:1 2)\n" + chErr + "\n", Want: chErr},
+		{Name: "ch-run warning is not an error", Code: 1, Tail: "ch-run[123]: warning: something (ch_misc.c:1 0)\n"},
+		{Name: "indented line is the script's", Code: 1, Tail: "  ch-run[123]: error: quoted by the script\n"},
+		{Name: "exit 3 is the script's", Code: 3, Tail: chErr + "\n"},
+		{Name: "exit 0", Code: 0, Tail: chErr},
+		{Name: "exit 1 without ch-run line", Code: 1, Tail: "make: *** [all] Error 1\n"},
+		{Name: "exit 1 empty tail", Code: 1, Tail: ""},
+	})
 }

@@ -12,38 +12,8 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
-
-func TestParseVersion(t *testing.T) {
-	tests := []struct {
-		name, out, want string
-		wantErr         bool
-	}{
-		{"debian 12", "0.31\n", "0.31", false},
-		{"no newline", "0.38", "0.38", false},
-		{"pre-release", "0.39~pre+1a2b3c", "0.39~pre+1a2b3c", false},
-		{"three parts", "0.38.1\n", "0.38.1", false},
-		{"program name and v", "ch-run v0.33\n", "0.33", false},
-		{"after a warning line", "ch-run[5]: warning: something\n0.31\n", "0.31", false},
-		{"surrounding blanks", "\n  0.32  \n", "0.32", false},
-		{"garbage", "ch-run: command not found\n", "", true},
-		{"empty", "", "", true},
-		{"bare number", "31\n", "", true},
-		{"version inside a sentence", "this is version 0.31 of it\n", "", true},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			got, err := ParseVersion(tt.out)
-			if tt.wantErr {
-				require.Error(t, err)
-				assert.Contains(t, err.Error(), "cannot read the version")
-				return
-			}
-			require.NoError(t, err)
-			assert.Equal(t, tt.want, got)
-		})
-	}
-}
 
 // help031 is an excerpt of `ch-run --help` from Charliecloud 0.31.
 const help031 = `Usage: ch-run [OPTION...] IMAGE -- COMMAND [ARG...]
@@ -219,4 +189,20 @@ func TestProbeRemembered(t *testing.T) {
 	info, err = newRuntime(cfg, nil).Probe(context.Background())
 	require.NoError(t, err)
 	assert.Equal(t, "0.38.1", info.Version)
+}
+
+func TestParseVersion(t *testing.T) {
+	mechtest.Versions(t, ParseVersion, []mechtest.Version{
+		{"debian 12", "0.31\n", "0.31"},
+		{"no newline", "0.38", "0.38"},
+		{"pre-release", "0.39~pre+1a2b3c", "0.39~pre+1a2b3c"},
+		{"three parts", "0.38.1\n", "0.38.1"},
+		{"program name and v", "ch-run v0.33\n", "0.33"},
+		{"after a warning line", "ch-run[5]: warning: something\n0.31\n", "0.31"},
+		{"surrounding blanks", "\n  0.32  \n", "0.32"},
+		{"garbage", "ch-run: command not found\n", ""},
+		{"empty", "", ""},
+		{"bare number", "31\n", ""},
+		{"version inside a sentence", "this is version 0.31 of it\n", ""},
+	})
 }
