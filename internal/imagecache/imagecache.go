@@ -36,6 +36,8 @@ import (
 	"time"
 
 	"github.com/gofrs/flock"
+
+	"github.com/ci-exec/ci-exec/internal/owndir"
 )
 
 // Limits are the admin's settings.
@@ -67,11 +69,9 @@ func Open(root string, l Limits) (*Store, error) {
 	if err := os.MkdirAll(filepath.Dir(root), 0o700); err != nil {
 		return nil, fmt.Errorf("image store %s: %w", root, err)
 	}
-	if err := os.Mkdir(root, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
-		return nil, fmt.Errorf("image store %s: %w", root, err)
-	}
-	if err := checkOwn(root); err != nil {
-		return nil, err
+	// Refused unless it is the calling user's own, closed to others.
+	if err := owndir.Private(root); err != nil {
+		return nil, fmt.Errorf("image store: %w; remove it", err)
 	}
 	for _, d := range subdirs {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o700); err != nil {
@@ -82,27 +82,6 @@ func Open(root string, l Limits) (*Store, error) {
 		l.MaxBuilds = 2
 	}
 	return &Store{Root: root, Limits: l}, nil
-}
-
-// checkOwn refuses a store root that is not a real directory of the
-// calling user with no access for others.
-func checkOwn(dir string) error {
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("image store: %w", err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("image store %s is not a directory (a symlink or file there is refused); remove it", dir)
-	}
-	if uid, ok := ownerOf(fi); ok && uid != os.Getuid() {
-		return fmt.Errorf("image store %s belongs to uid %d, not to the job user (uid %d); remove it", dir, uid, os.Getuid())
-	}
-	if fi.Mode().Perm()&0o077 != 0 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("image store %s: %w", dir, err)
-		}
-	}
-	return nil
 }
 
 var keyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)

@@ -8,7 +8,8 @@ import (
 	"path/filepath"
 	"regexp"
 	"strconv"
-	"syscall"
+
+	"github.com/ci-exec/ci-exec/internal/owndir"
 )
 
 // Layout is where one job's files live under the admin's data_dir:
@@ -82,26 +83,11 @@ func (l Layout) Create() error {
 // ensurePrivateDir creates dir 0700 or checks that an existing one is a real
 // directory owned by the caller, and tightens its mode.
 func ensurePrivateDir(dir string) error {
-	err := os.Mkdir(dir, 0o700)
-	if err != nil && !errors.Is(err, os.ErrExist) {
-		return fmt.Errorf("create %s: %w", dir, err)
+	err := owndir.Private(dir)
+	if errors.Is(err, owndir.ErrNotOwned) {
+		return fmt.Errorf("%w; give every user their own data_dir, e.g. data_dir = \"/srv/ci/$USER\"", err)
 	}
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("check %s: %w", dir, err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("%s exists but is not a directory (a symlink or file there is refused)", dir)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Getuid() {
-		return fmt.Errorf("%s belongs to uid %d, not to the job user (uid %d): give every user their own data_dir, e.g. data_dir = \"/srv/ci/$USER\"", dir, st.Uid, os.Getuid())
-	}
-	if fi.Mode().Perm() != 0o700 {
-		if err := os.Chmod(dir, 0o700); err != nil {
-			return fmt.Errorf("chmod %s: %w", dir, err)
-		}
-	}
-	return nil
+	return err
 }
 
 // CurrentUser returns the job user (the user ci-exec runs as) from the

@@ -6,7 +6,8 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"syscall"
+
+	"github.com/ci-exec/ci-exec/internal/owndir"
 )
 
 // EnsureUserDir makes dir, a per-user directory inside a parent the admin
@@ -30,15 +31,8 @@ func EnsureUserDir(dir string) error {
 // CheckOwnDir returns an error unless dir is a directory (not a symlink)
 // owned by the calling user.
 func CheckOwnDir(dir string) error {
-	fi, err := os.Lstat(dir)
-	if err != nil {
-		return fmt.Errorf("check %s: %w", dir, err)
-	}
-	if !fi.IsDir() {
-		return fmt.Errorf("%s is not a directory (a symlink or file there is refused); remove it", dir)
-	}
-	if st, ok := fi.Sys().(*syscall.Stat_t); ok && int(st.Uid) != os.Getuid() {
-		return fmt.Errorf("%s belongs to uid %d, not to the job user (uid %d); remove it", dir, st.Uid, os.Getuid())
+	if err := owndir.Check(dir); err != nil {
+		return fmt.Errorf("%w; remove it", err)
 	}
 	return nil
 }
