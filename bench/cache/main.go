@@ -42,26 +42,26 @@ func main() {
 		log.Fatalf("unknown -mechanism %q", *mech)
 	}
 	work, err := os.MkdirTemp("/var/tmp", "ci-exec-bench-cache-")
-	must(err)
+	measure.Must(err)
 	defer os.RemoveAll(work)
 	storage := filepath.Join(work, "storage")
 	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\n[general.%s]\nimage_storage_dir = %q\n%s\n",
 		filepath.Join(work, "data"), *mech, *mech, storage, table)
 	d, err := measure.NewDriver(work, cfg, "CUSTOM_ENV_CI_JOB_IMAGE="+*image)
-	must(err)
-	must(measure.Command(d.Stage("config"), d.Env, work)())
+	measure.Must(err)
+	measure.Must(measure.Command(d.Stage("config"), d.Env, work)())
 	emptyStore := func() {
-		must(os.RemoveAll(storage))
-		must(os.MkdirAll(storage, 0o755))
+		measure.Must(os.RemoveAll(storage))
+		measure.Must(os.MkdirAll(storage, 0o755))
 	}
 
 	cold, err := measure.Func("cold prepare (empty store)", 1, *runs, func() error {
 		emptyStore()
 		return measure.Command(d.Stage("prepare"), d.Env, work)()
 	})
-	must(err)
+	measure.Must(err)
 	warm, err := measure.Func("warm prepare (image in the store)", 2, *runs*3, measure.Command(d.Stage("prepare"), d.Env, work))
-	must(err)
+	measure.Must(err)
 	fmt.Printf("# %s\n\n## Warm against cold prepare\n\n", *mech)
 	measure.Table(os.Stdout, cold, warm)
 	fmt.Printf("\nwarm/cold: %.1f%% (target: under 5%%)\n", 100*measure.Ratio(warm, cold))
@@ -71,7 +71,7 @@ func main() {
 		return append(append([]string(nil), d.Env...), fmt.Sprintf("CUSTOM_ENV_CI_JOB_ID=%d", 100+i), fmt.Sprintf("CUSTOM_ENV_CI_CONCURRENT_ID=%d", i))
 	}
 	for i := 0; i < 8; i++ {
-		must(measure.Command(d.Stage("config"), job(i), work)())
+		measure.Must(measure.Command(d.Stage("config"), job(i), work)())
 	}
 	var pulls []int
 	eight, err := measure.Func("8 concurrent cold prepares", 0, *runs, func() error {
@@ -100,14 +100,8 @@ func main() {
 		pulls = append(pulls, n)
 		return nil
 	})
-	must(err)
+	measure.Must(err)
 	fmt.Printf("\n## Eight concurrent cold prepares\n\n")
 	measure.Table(os.Stdout, cold, eight)
 	fmt.Printf("\n8 concurrent / 1: %.2f wall time; pulls per round of 8: %v\n", measure.Ratio(eight, cold), pulls)
-}
-
-func must(err error) {
-	if err != nil {
-		log.Fatal(err)
-	}
 }

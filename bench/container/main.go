@@ -46,42 +46,42 @@ func main() {
 		log.Fatalf("unknown -mechanism %q", *mech)
 	}
 	work, err := os.MkdirTemp("/var/tmp", "ci-exec-bench-"+*mech+"-")
-	must(err)
+	measure.Must(err)
 	defer os.RemoveAll(work)
 
 	fmt.Printf("# %s\n\n## Run stage\n", *mech)
 	for _, mode := range rt.modes {
 		dir := filepath.Join(work, strings.Fields(mode.name)[0])
-		must(os.MkdirAll(filepath.Join(dir, "storage"), 0o755))
+		measure.Must(os.MkdirAll(filepath.Join(dir, "storage"), 0o755))
 		d := driver(dir, *image, *mech, rt.table+"\n"+mode.table)
-		must(measure.Command(d.Stage("config"), d.Env, dir)())
-		must(measure.Command(d.Stage("prepare"), d.Env, dir)())
+		measure.Must(measure.Command(d.Stage("config"), d.Env, dir)())
+		measure.Must(measure.Command(d.Stage("prepare"), d.Env, dir)())
 		script := filepath.Join(dir, "script")
-		must(os.WriteFile(script, []byte(measure.RunnerScript), 0o700))
+		measure.Must(os.WriteFile(script, []byte(measure.RunnerScript), 0o700))
 		argv, env, err := loggedCommand(d, script)
-		must(err)
+		measure.Must(err)
 		bare, err := measure.Func("bare "+rt.bare+", same argv", 3, *runs, measure.Command(argv, env, dir))
-		must(err)
+		measure.Must(err)
 		via, err := measure.Func("ci-exec run", 3, *runs, measure.Command(d.Stage("run", script, "build_script"), d.Env, dir))
-		must(err)
+		measure.Must(err)
 		fmt.Printf("\n%s (`%s`):\n\n", mode.name, strings.Join(argv, " "))
 		measure.Table(os.Stdout, bare, via)
 		fmt.Printf("\noverhead: %.1f ms per stage (median), ratio %.2f\n", float64(via.Median()-bare.Median())/1e6, measure.Ratio(via, bare))
-		must(measure.Command(d.Stage("cleanup"), d.Env, dir)())
+		measure.Must(measure.Command(d.Stage("cleanup"), d.Env, dir)())
 	}
 
 	fmt.Println("\n## Prepare: " + rt.prepareWhat)
 	dir := filepath.Join(work, "prepare")
-	must(os.MkdirAll(filepath.Join(dir, "storage"), 0o755))
+	measure.Must(os.MkdirAll(filepath.Join(dir, "storage"), 0o755))
 	d := driver(dir, *image, *mech, rt.table+"\n"+rt.prepareTable)
-	must(measure.Command(d.Stage("config"), d.Env, dir)())
+	measure.Must(measure.Command(d.Stage("config"), d.Env, dir)())
 	hand := filepath.Join(dir, "hand")
 	// Both start from empty storage every time: a cold pull each.
 	fresh := func(dirs ...string) {
 		for _, p := range dirs {
-			must(os.RemoveAll(p))
+			measure.Must(os.RemoveAll(p))
 		}
-		must(os.MkdirAll(hand, 0o755))
+		measure.Must(os.MkdirAll(hand, 0o755))
 	}
 	byHand := func() error {
 		fresh(hand)
@@ -89,13 +89,13 @@ func main() {
 	}
 	viaPrepare := func() error {
 		fresh(filepath.Join(dir, "storage"))
-		must(os.MkdirAll(filepath.Join(dir, "storage"), 0o755))
+		measure.Must(os.MkdirAll(filepath.Join(dir, "storage"), 0o755))
 		return measure.Command(d.Stage("prepare"), d.Env, dir)()
 	}
 	bare, err := measure.Func(rt.byHandName, 1, *prepRuns, byHand)
-	must(err)
+	measure.Must(err)
 	via, err := measure.Func("ci-exec prepare", 1, *prepRuns, viaPrepare)
-	must(err)
+	measure.Must(err)
 	fmt.Println()
 	measure.Table(os.Stdout, bare, via)
 	fmt.Printf("\noverhead: %.0f ms per prepare (median), ratio %.2f\n", float64(via.Median()-bare.Median())/1e6, measure.Ratio(via, bare))
@@ -151,7 +151,7 @@ func driver(dir, image, mech, table string) *measure.Driver {
 	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\n[general.%s]\nimage_storage_dir = %q\n%s\n",
 		filepath.Join(dir, "data"), mech, mech, filepath.Join(dir, "storage"), table)
 	d, err := measure.NewDriver(dir, cfg, "CUSTOM_ENV_CI_JOB_IMAGE="+image)
-	must(err)
+	measure.Must(err)
 	return d
 }
 
@@ -184,10 +184,4 @@ func loggedCommand(d *measure.Driver, script string) (argv, env []string, err er
 		}
 	}
 	return nil, nil, errors.New("ci-exec logged no command line")
-}
-
-func must(err error) {
-	if err != nil {
-		log.Fatal(err)
-	}
 }

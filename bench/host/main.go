@@ -9,7 +9,6 @@ package main
 import (
 	"flag"
 	"fmt"
-	"log"
 	"os"
 	"path/filepath"
 
@@ -20,26 +19,20 @@ func main() {
 	runs := flag.Int("runs", 50, "timed runs per command")
 	flag.Parse()
 	work, err := os.MkdirTemp("", "ci-exec-bench-host-")
-	must(err)
+	measure.Must(err)
 	defer os.RemoveAll(work)
 	d, err := measure.NewDriver(work, fmt.Sprintf("[general]\ndata_dir = %q\n", filepath.Join(work, "data")))
-	must(err)
+	measure.Must(err)
 	scriptPath := filepath.Join(work, "script")
-	must(os.WriteFile(scriptPath, []byte(measure.RunnerScript), 0o700))
+	measure.Must(os.WriteFile(scriptPath, []byte(measure.RunnerScript), 0o700))
 	// Create the layout once, as the config stage would.
-	must(measure.Command(d.Stage("config"), d.Env, work)())
+	measure.Must(measure.Command(d.Stage("config"), d.Env, work)())
 
 	bare, err := measure.Func("bash script (bare)", 5, *runs, measure.Command([]string{"/bin/bash", scriptPath}, d.Env, work))
-	must(err)
+	measure.Must(err)
 	via, err := measure.Func("ci-exec run script build_script", 5, *runs, measure.Command(d.Stage("run", scriptPath, "build_script"), d.Env, work))
-	must(err)
+	measure.Must(err)
 	measure.Table(os.Stdout, bare, via)
 	fmt.Printf("\noverhead per stage: %.1f ms (median), ratio %.2f\n",
 		float64(via.Median()-bare.Median())/1e6, measure.Ratio(via, bare))
-}
-
-func must(err error) {
-	if err != nil {
-		log.Fatal(err)
-	}
 }

@@ -6,6 +6,7 @@ package measure
 import (
 	"fmt"
 	"io"
+	"log"
 	"os/exec"
 	"sort"
 	"strings"
@@ -81,6 +82,14 @@ func Command(argv, env []string, dir string) func() error {
 			return fmt.Errorf("%s: %v: %s", strings.Join(argv, " "), err, out)
 		}
 		return nil
+	}
+}
+
+// Must ends a benchmark program on an error: a failed measurement has no
+// number to report.
+func Must(err error) {
+	if err != nil {
+		log.Fatal(err)
 	}
 }
 

@@ -20,7 +20,6 @@ package main
 import (
 	"flag"
 	"fmt"
-	"log"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -34,24 +33,24 @@ func main() {
 	runs := flag.Int("runs", 10, "timed runs per command")
 	flag.Parse()
 	work, err := os.MkdirTemp("/var/tmp", "ci-exec-bench-slurm-")
-	must(err)
+	measure.Must(err)
 	defer os.RemoveAll(work)
 	d, err := measure.NewDriver(work, fmt.Sprintf("[general]\ndata_dir = %q\nexecutor = \"slurm\"\n", filepath.Join(work, "data")))
-	must(err)
+	measure.Must(err)
 	script := filepath.Join(work, "script")
-	must(os.WriteFile(script, []byte(measure.RunnerScript), 0o755))
-	must(measure.Command(d.Stage("config"), d.Env, work)())
-	must(measure.Command(d.Stage("prepare"), d.Env, work)())
+	measure.Must(os.WriteFile(script, []byte(measure.RunnerScript), 0o755))
+	measure.Must(measure.Command(d.Stage("config"), d.Env, work)())
+	measure.Must(measure.Command(d.Stage("prepare"), d.Env, work)())
 
 	srun, err := measure.Func("srun bash script", 2, *runs, measure.Command([]string{"/usr/bin/srun", "/bin/bash", script}, d.Env, work))
-	must(err)
+	measure.Must(err)
 	wait, err := measure.Func("sbatch --wait", 1, *runs,
 		measure.Command([]string{"/usr/bin/sbatch", "--wait", "-o", filepath.Join(work, "wait.out"), script}, d.Env, work))
-	must(err)
+	measure.Must(err)
 	floor, err := measure.Func("sbatch --parsable + poll 20ms", 1, *runs, func() error { return submitAndPoll(script, d.Env, work) })
-	must(err)
+	measure.Must(err)
 	via, err := measure.Func("ci-exec run (executor slurm)", 2, *runs, measure.Command(d.Stage("run", script, "build_script"), d.Env, work))
-	must(err)
+	measure.Must(err)
 	measure.Table(os.Stdout, srun, wait, floor, via)
 	fmt.Printf("\nci-exec over srun: %+.2f s (median), ratio %.2f\n", (via.Median() - srun.Median()).Seconds(), measure.Ratio(via, srun))
 	fmt.Printf("ci-exec over sbatch --wait: %+.2f s (median), ratio %.2f\n", (via.Median() - wait.Median()).Seconds(), measure.Ratio(via, wait))
@@ -80,11 +79,5 @@ func submitAndPoll(script string, env []string, dir string) error {
 			return fmt.Errorf("job %s failed: %s", id, st)
 		}
 		time.Sleep(20 * time.Millisecond)
-	}
-}
-
-func must(err error) {
-	if err != nil {
-		log.Fatal(err)
 	}
 }
