@@ -17,7 +17,14 @@ import (
 //	<data_dir>/builds/<runner>/<NNN>            builds_dir given to the runner
 //	<data_dir>/cache/<runner>                   cache_dir given to the runner
 //	<data_dir>/scripts/<runner>/<NNN>/<job-id>  per-job: copied stage scripts,
-//	                                            batch output, credentials;
+//	                                            batch output; bound into the
+//	                                            job's containers; removed in
+//	                                            cleanup
+//	<data_dir>/state/<runner>/<NNN>/<job-id>    per-job, never bound into a
+//	                                            container: what prepare
+//	                                            decided, per-job image copies
+//	                                            and mount points, the
+//	                                            container's view skeleton;
 //	                                            removed in cleanup
 //
 // <runner> is the runner's short token (so two runners sharing a data_dir never
@@ -29,6 +36,10 @@ type Layout struct {
 	BuildsDir  string
 	CacheDir   string
 	ScriptsDir string
+	// StateDir is the job's private dir that no container sees: the
+	// state that steers later stages lives here, out of reach of the
+	// job's own processes (see docs/security.md).
+	StateDir string
 }
 
 var safeComponent = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
@@ -56,6 +67,7 @@ func NewLayout(dataDir string, j *Job) Layout {
 		BuildsDir:  filepath.Join(dataDir, "builds", runner, slot),
 		CacheDir:   filepath.Join(dataDir, "cache", runner),
 		ScriptsDir: filepath.Join(dataDir, "scripts", runner, slot, strconv.FormatInt(j.ID(), 10)),
+		StateDir:   filepath.Join(dataDir, "state", runner, slot, strconv.FormatInt(j.ID(), 10)),
 	}
 }
 
@@ -67,12 +79,12 @@ func (l Layout) Create() error {
 	if err := os.MkdirAll(l.DataDir, 0o700); err != nil {
 		return fmt.Errorf("create data_dir: %w", err)
 	}
-	for _, top := range []string{"builds", "cache", "scripts"} {
+	for _, top := range []string{"builds", "cache", "scripts", "state"} {
 		if err := ensurePrivateDir(filepath.Join(l.DataDir, top)); err != nil {
 			return err
 		}
 	}
-	for _, d := range []string{l.BuildsDir, l.CacheDir, l.ScriptsDir} {
+	for _, d := range []string{l.BuildsDir, l.CacheDir, l.ScriptsDir, l.StateDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("create %s: %w", d, err)
 		}

@@ -6,9 +6,11 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strings"
 	"sync"
@@ -108,7 +110,10 @@ func (b *Base) probeCached(ctx context.Context, required, optional []string, pro
 			Key  string `json:"key"`
 			Info Info   `json:"info"`
 		}
-		if data, err := os.ReadFile(cacheFile); err == nil && json.Unmarshal(data, &cached) == nil && cached.Key == key {
+		// The cache is the user's own file: it may only repeat what a probe
+		// of exactly these programs said, never name other programs.
+		if data, err := os.ReadFile(cacheFile); err == nil && json.Unmarshal(data, &cached) == nil && cached.Key == key &&
+			maps.Equal(cached.Info.Programs, programs) {
 			return cached.Info, nil
 		}
 	}
@@ -137,7 +142,9 @@ func programsKey(programs map[string]string) string {
 		parts = append(parts, fmt.Sprintf("%s=%s:%d:%d", name, p, fi.Size(), fi.ModTime().UnixNano()))
 	}
 	sort.Strings(parts)
-	return strings.Join(parts, ";")
+	// The prefix changes with what Info holds, so an older cache is probed
+	// again.
+	return "v2;" + strings.Join(parts, ";")
 }
 
 // ToolPath is PATH for the runtime's own programs: application_path, when
@@ -199,4 +206,45 @@ func CheckSpec(spec RunSpec) error {
 		return errors.New("no image")
 	}
 	return nil
+}
+
+// CheckStored checks an image loaded from a job's state against the user's
+// store: its handle must be an entry file of the store whose name matches
+// entry, and its lease, if any, a lease in the store. A handle anywhere
+// else (a file the job planted) is refused.
+func (b *Base) CheckStored(img Image, entry *regexp.Regexp) error {
+	st, err := b.Store()
+	if err != nil {
+		return err
+	}
+	name := filepath.Base(img.Handle)
+	if !entry.MatchString(name) || st.Path(name) != filepath.Clean(img.Handle) {
+		return fmt.Errorf("image %s is not an entry of the image store %s", img.Handle, st.Root)
+	}
+	return CheckLease(st.Root, img.Lease)
+}
+
+// CheckLease checks that lease is "" or a path under the store's refs.
+func CheckLease(root, lease string) error {
+	if lease == "" {
+		return nil
+	}
+	rel, err := filepath.Rel(filepath.Join(root, "refs"), filepath.Clean(lease))
+	if err != nil || strings.HasPrefix(rel, "..") || strings.Count(rel, "/") != 1 {
+		return fmt.Errorf("lease %s is not a lease of the image store %s", lease, root)
+	}
+	return nil
+}
+
+// Shells are the stage shells runtimes look for in an image, best first.
+var Shells = []string{"/bin/bash", "/usr/bin/bash", "/bin/sh", "/usr/bin/sh"}
+
+// CheckShell refuses a stage shell that is not one of Shells.
+func CheckShell(shell string) error {
+	for _, s := range Shells {
+		if shell == s {
+			return nil
+		}
+	}
+	return fmt.Errorf("unknown stage shell %q", shell)
 }

@@ -77,7 +77,7 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 	if given == "" {
 		if !s.Force {
 			s.Log.Printf("The job names no image: its scripts run on the host.")
-			return st, st.Save(s.Layout.ScriptsDir)
+			return st, st.Save(s.Layout.StateDir)
 		}
 		given, admin = s.Cfg.DefaultImage, true
 		s.Log.Printf("The job names no image: using the default image %s (force_mechanism).", given)
@@ -100,17 +100,18 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 			return nil, err
 		}
 	}
-	if st.Volumes, err = s.volumePolicy().UserVolumes(s.Job.Vars); err != nil {
+	// Volumes and user arguments are checked here, before anything is
+	// pulled, and again in every stage (nothing of them is kept).
+	if _, err := s.volumePolicy().UserVolumes(s.Job.Vars); err != nil {
 		return nil, err
 	}
-	args, notice, err := s.userArgsPolicy().UserArgs(s.Job.Vars)
+	_, notice, err := s.userArgsPolicy().UserArgs(s.Job.Vars)
 	if err != nil {
 		return nil, err
 	}
 	if notice != "" {
 		s.Log.Warnf("%s", notice)
 	}
-	st.UserArgs = args
 	// The user's own registry variables are for the image they named; the
 	// admin's default image gets the job token (same registry) or nothing.
 	names := rt.CredentialVariables()
@@ -147,18 +148,17 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 		return nil, err
 	}
 
-	if st.Info, err = rt.Probe(ctx); err != nil {
+	info, err := rt.Probe(ctx)
+	if err != nil {
 		return nil, err
 	}
-	s.Log.Printf("Using %s", st.Info.Describe(rt.Name()))
-	for _, v := range st.Volumes {
-		if v.ReadOnly && !st.Info.ReadOnlyBinds {
-			return nil, failure.Userf("%s %s cannot mount volumes read-only (%s:%s:ro); drop \":ro\" from the %s_* variable",
-				rt.Name(), st.Info.Version, v.Src, v.Dst, s.Cfg.UserVolumeVariable)
-		}
+	s.Log.Printf("Using %s", info.Describe(rt.Name()))
+	vols, err := s.UserVolumes(info)
+	if err != nil {
+		return nil, err
 	}
 
-	mounts := s.mountPoints(st.Volumes)
+	mounts := s.mountPoints(vols)
 	if st.Job, err = s.pull(ctx, ref, cred, s.Cfg.PullPolicy, "", mounts); err != nil {
 		return nil, err
 	}
@@ -167,7 +167,7 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 			return nil, failure.AsSystem(fmt.Errorf("%s: %w", s.key("runner_image"), err))
 		}
 	}
-	if err := st.Save(s.Layout.ScriptsDir); err != nil {
+	if err := st.Save(s.Layout.StateDir); err != nil {
 		return nil, failure.AsSystem(err)
 	}
 	return st, nil
@@ -184,7 +184,7 @@ func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, 
 		Insecure:    MatchRegistry(s.Cfg.InsecureRegistries, ref.Registry),
 		JobKey:      s.jobKey() + role,
 		MountPoints: mounts,
-		Dir:         s.Layout.ScriptsDir,
+		Dir:         s.Layout.StateDir,
 		SingleFile:  (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert,
 		Log:         s.Log,
 	})

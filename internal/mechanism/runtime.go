@@ -67,14 +67,20 @@ type Runtime interface {
 	// and returns the runtime's own error message when the runtime, not the
 	// stage script, failed ("" otherwise).
 	Diagnose(exitCode int, stderrTail string) string
+	// CheckImage reports whether img, as loaded from the job's state,
+	// names what this runtime's Pull makes: a name or file in the user's
+	// own storage or store, per-job paths only in jobDir (the job's state
+	// dir). Stages call it before they run anything from the state.
+	CheckImage(img Image, jobDir string) error
 	// Release removes the job's per-job copies of img (cleanup stage):
 	// only per-job names in the runtime's storage or in jobDir (the job's
 	// scripts dir), whatever the state file lists.
 	Release(ctx context.Context, img Image, jobDir string) error
 }
 
-// Info is what Probe found. It is saved by prepare and handed to Command in
-// the run stages, so they do not probe again.
+// Info is what Probe found. Each stage probes (Base.Probed remembers the
+// answer in the user's store while the programs do not change) and hands
+// it to Command.
 type Info struct {
 	// Version is the runtime's version ("0.31").
 	Version string `json:"version"`
@@ -85,6 +91,10 @@ type Info struct {
 	Features map[string]bool `json:"features,omitempty"`
 	// ReadOnlyBinds says whether binds can be read-only (SRC:DST:ro).
 	ReadOnlyBinds bool `json:"read_only_binds"`
+	// FixedMountPoints says that a bind's destination must already exist
+	// in the image (Charliecloud without a writable image): stages then
+	// build the container's view on a skeleton (mechanism.Setup.View).
+	FixedMountPoints bool `json:"fixed_mount_points,omitempty"`
 }
 
 // Program returns the path of a runtime program (name itself if unknown).
@@ -157,7 +167,8 @@ type PullRequest struct {
 	// destinations). Runtimes without a writable overlay create them in the
 	// job's copy, never following a symlink inside the image.
 	MountPoints []string
-	// Dir is the job's private scripts dir.
+	// Dir is the job's private state dir, which no container sees: per-job
+	// copies, links and mount points go there.
 	Dir string
 	// SingleFile asks for the image as one file (batch executors, the
 	// admin's convert), unless the runtime's pull gives one anyway.

@@ -1,6 +1,7 @@
 package mechanism
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -31,14 +32,20 @@ type StagePlan struct {
 	UserArgs bool
 }
 
-// StageCommand places stage and, for a container, builds its command: the
-// job user's data dir, which holds the job's builds, cache and scripts
-// dirs, bound at the same path (the runner's scripts use absolute host
-// paths; one bind keeps the image's mount points the same for every job of
-// the user, so a converted image serves them all), the user's volumes (job image only),
-// the admin's options for that image, the user's checked arguments (job
-// image only), a clean environment and the image's shell running script.
-func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
+// StageCommand places stage and, for a container, builds its command.
+//
+// Nothing here comes from a file the job could have written: placement,
+// volumes, user arguments and the runtime's programs are recomputed from
+// the config and the job's variables (the runner hands every stage the
+// same ones), and only the prepared image comes from the state, after the
+// runtime has checked that its handle is one of its own.
+//
+// The container sees the job's builds, cache and scripts dirs at their host
+// paths (the runner's scripts use absolute paths), the user's admitted
+// volumes (job image only), and nothing else of the data dir: not the
+// state dir, the image store, the probe cache or other jobs' dirs (see
+// View).
+func StageCommand(ctx context.Context, s Setup, st *State, stage, script string) (StagePlan, error) {
 	p := s.Placement(st).Place(stage)
 	plan := StagePlan{Placement: p}
 	switch p {
@@ -49,20 +56,36 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 	case InRunnerImage:
 		plan.Image = st.Runner
 	}
+	if err := s.Runtime.CheckImage(*plan.Image, s.Layout.StateDir); err != nil {
+		return plan, failure.Systemf("%s: the prepared image of this job is not one ci-exec made (%v); the job's state dir %s was changed", s.Runtime.Name(), err, s.Layout.StateDir)
+	}
+	info, err := s.Runtime.Probe(ctx)
+	if err != nil {
+		return plan, err
+	}
 	spec := RunSpec{
-		Info:    st.Info,
+		Info:    info,
 		Image:   *plan.Image,
-		Binds:   []Bind{SamePath(s.Layout.DataDir)},
 		Workdir: s.workdir(),
 		Env:     s.containerEnv(),
 		Argv:    []string{plan.Image.Shell, script},
 	}
+	var vols []Bind
 	if p == InJobImage {
-		spec.Binds = append(spec.Binds, st.Volumes...)
+		if vols, err = s.UserVolumes(info); err != nil {
+			return plan, err
+		}
+		args, _, err := s.userArgsPolicy().UserArgs(s.Job.Vars)
+		if err != nil {
+			return plan, err
+		}
 		spec.AdminOptions = s.Cfg.CustomOptions
-		spec.UserArgs = st.UserArgs
+		spec.UserArgs = args
 	} else {
 		spec.AdminOptions = s.Cfg.RunnerOptions
+	}
+	if spec.Binds, err = s.View(info, vols); err != nil {
+		return plan, failure.AsSystem(err)
 	}
 	argv, env, err := s.Runtime.Command(spec)
 	if err != nil {
@@ -71,6 +94,96 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 	plan.Argv, plan.Env, plan.Dir = argv, env, s.Layout.ScriptsDir
 	plan.UserArgs = len(spec.UserArgs) > 0
 	return plan, nil
+}
+
+// UserVolumes are the user's volumes that pass the admin's policy, checked
+// again in every stage (a source resolved at prepare could be swapped for
+// a symlink before a later stage mounts it). A volume may not cover the
+// job's own dirs or the data dir that holds them.
+func (s Setup) UserVolumes(info Info) ([]Bind, error) {
+	vols, err := s.volumePolicy().UserVolumes(s.Job.Vars)
+	if err != nil {
+		return nil, err
+	}
+	for _, v := range vols {
+		if v.ReadOnly && !info.ReadOnlyBinds {
+			return nil, failure.Userf("%s %s cannot mount volumes read-only (%s:%s:ro); drop \":ro\" from the %s_* variable",
+				s.Runtime.Name(), info.Version, v.Src, v.Dst, s.Cfg.UserVolumeVariable)
+		}
+		if overlaps(v.Dst, s.Layout.DataDir) {
+			return nil, failure.Userf("%s_*: the volume destination %s would cover the job's own builds, cache or scripts dirs under %s; mount it elsewhere, e.g. /data",
+				s.Cfg.UserVolumeVariable, v.Dst, s.Layout.DataDir)
+		}
+	}
+	return vols, nil
+}
+
+// overlaps reports whether a and b are the same path or one contains the
+// other.
+func overlaps(a, b string) bool {
+	return underAny(a, []string{b}) || underAny(b, []string{a})
+}
+
+// View is the list of binds that shows a container the job's own dirs at
+// their host paths and nothing else under the data dir: builds and cache
+// read-write, the scripts dir read-only where the runtime can, then vols.
+//
+// A runtime that cannot create mount points (Info.FixedMountPoints:
+// Charliecloud without a writable image) would need every job's dirs to
+// exist in the image, which a SquashFS shared by the user's jobs cannot
+// have. Instead, prepare makes the data dir itself a mount point in the
+// image (the same for every job), and each stage binds a fresh, empty
+// skeleton of the job's dirs there first, then the real dirs onto it: the
+// rest of the data dir stays hidden underneath. The skeleton lives in the
+// job's state dir. When a bind lands under /tmp (a data dir under /tmp, a
+// volume there), the skeleton covers /tmp too and is the job's private
+// /tmp; otherwise the runtime gives the container a private /tmp itself.
+func (s Setup) View(info Info, vols []Bind) ([]Bind, error) {
+	l := s.Layout
+	own := []Bind{SamePath(l.BuildsDir), SamePath(l.CacheDir), {Src: l.ScriptsDir, Dst: l.ScriptsDir, ReadOnly: info.ReadOnlyBinds}}
+	if !info.FixedMountPoints {
+		return append(own, vols...), nil
+	}
+	all := append(append([]Bind(nil), own...), vols...)
+	var anchors []string
+	if underAny(l.DataDir, []string{"/tmp"}) || anyUnder(all, "/tmp") {
+		anchors = append(anchors, "/tmp")
+	}
+	if !underAny(l.DataDir, []string{"/tmp"}) {
+		anchors = append(anchors, l.DataDir)
+	}
+	root := filepath.Join(l.StateDir, "view")
+	if err := os.RemoveAll(root); err != nil {
+		return nil, fmt.Errorf("reset the container view %s: %w", root, err)
+	}
+	var out []Bind
+	for i, anchor := range anchors {
+		skel := filepath.Join(root, fmt.Sprint(i))
+		if err := os.MkdirAll(skel, 0o700); err != nil {
+			return nil, fmt.Errorf("create the container view: %w", err)
+		}
+		for _, b := range all {
+			rel, err := filepath.Rel(anchor, b.Dst)
+			if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
+				continue
+			}
+			if err := os.MkdirAll(filepath.Join(skel, rel), 0o700); err != nil {
+				return nil, fmt.Errorf("create the container view: %w", err)
+			}
+		}
+		out = append(out, Bind{Src: skel, Dst: anchor})
+	}
+	return append(out, all...), nil
+}
+
+// anyUnder reports whether a bind's destination lies under dir.
+func anyUnder(binds []Bind, dir string) bool {
+	for _, b := range binds {
+		if underAny(b.Dst, []string{dir}) {
+			return true
+		}
+	}
+	return false
 }
 
 // workdir is the project dir when it lies in the builds dir and exists

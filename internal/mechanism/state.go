@@ -8,25 +8,26 @@ import (
 	"path/filepath"
 )
 
-// StateFile is the name of the prepare result in the job's scripts dir.
-const StateFile = "mechanism.json"
+// StateFile is the name of the prepare result in the job's state dir.
+const StateFile = "state.json"
 
-// State is what prepare decided, for the run stages and cleanup: each is a
-// new process, and none of them may pull or probe again. It lives in the
-// job's private scripts dir (0700), so only the job user can read or change
-// it, and it holds no secret.
+// State is what prepare decided that later stages cannot recompute: the
+// prepared images (their handles, digests, leases and per-job paths). Each
+// stage is a new process, and none of them may pull again.
+//
+// Everything that is policy (where a stage runs, the user's volumes and
+// runtime arguments, the runtime's programs) is recomputed from the config
+// in every stage instead, so that no file can widen it. The state lives in
+// the job's state dir, which no container sees (docs/security.md), and
+// what is loaded is checked again: an image handle must be one the
+// runtime's own storage or the job's state dir holds (Runtime.CheckImage).
 type State struct {
 	// Mechanism is the runtime's name.
 	Mechanism string `json:"mechanism"`
-	Info      Info   `json:"info"`
 	// Job is the job's image; nil when the job runs on the host.
 	Job *Image `json:"job,omitempty"`
 	// Runner is runner_image; nil when the runner's stages run on the host.
 	Runner *Image `json:"runner,omitempty"`
-	// Volumes are the user volumes that passed the policy.
-	Volumes []Bind `json:"volumes,omitempty"`
-	// UserArgs are the user's run arguments that passed the allowlist.
-	UserArgs []string `json:"user_args,omitempty"`
 }
 
 // Save writes the state atomically, mode 0600.
@@ -57,17 +58,22 @@ func (s *State) Save(dir string) error {
 // prepared without a run mechanism).
 var ErrNoState = errors.New("no prepare state")
 
-// LoadState reads the state saved by prepare.
+// LoadState reads the state saved by prepare. Unknown fields are refused:
+// the file is ci-exec's own, and anything else in it was not written by
+// this version.
 func LoadState(dir string) (*State, error) {
-	b, err := os.ReadFile(filepath.Join(dir, StateFile))
+	f, err := os.Open(filepath.Join(dir, StateFile))
 	if errors.Is(err, os.ErrNotExist) {
 		return nil, ErrNoState
 	}
 	if err != nil {
 		return nil, fmt.Errorf("read prepare state: %w", err)
 	}
+	defer f.Close()
 	var s State
-	if err := json.Unmarshal(b, &s); err != nil {
+	dec := json.NewDecoder(f)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&s); err != nil {
 		return nil, fmt.Errorf("decode prepare state %s: %w", filepath.Join(dir, StateFile), err)
 	}
 	return &s, nil

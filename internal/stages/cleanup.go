@@ -13,9 +13,13 @@ func runCleanup(ctx context.Context, st *Stage) {
 	releaseImages(ctx, st)
 	if st.Cfg.General.RetainLogs {
 		st.Log.Printf("retain_logs: keeping %s", st.Layout.ScriptsDir)
+		// The state dir holds nothing a person reads (per-job image copies
+		// were just released): it always goes.
+		removeJobDir(st, st.Layout.StateDir, st.Layout.DataDir, "state")
 		return
 	}
-	removeScriptsDir(st, st.Layout.ScriptsDir, st.Layout.DataDir)
+	removeJobDir(st, st.Layout.ScriptsDir, st.Layout.DataDir, "scripts")
+	removeJobDir(st, st.Layout.StateDir, st.Layout.DataDir, "state")
 }
 
 // cleanupFromJobEnv cleans up with the layout handed over in job_env when
@@ -24,15 +28,21 @@ func cleanupFromJobEnv(st *Stage) {
 	if st.Job == nil {
 		return
 	}
-	dir, data := st.Job.Host[envScriptsDir], st.Job.Host[envDataDir]
-	if dir == "" || data == "" || !filepath.IsAbs(dir) {
+	data := st.Job.Host[envDataDir]
+	if data == "" {
 		return
 	}
-	removeScriptsDir(st, filepath.Clean(dir), filepath.Clean(data))
+	for key, top := range map[string]string{envScriptsDir: "scripts", envStateDir: "state"} {
+		if dir := st.Job.Host[key]; filepath.IsAbs(dir) {
+			removeJobDir(st, filepath.Clean(dir), filepath.Clean(data), top)
+		}
+	}
 }
 
-func removeScriptsDir(st *Stage, dir, dataDir string) {
-	scriptsRoot := filepath.Join(dataDir, "scripts")
+// removeJobDir removes one job's dir under <data_dir>/<top>, never
+// anything outside it.
+func removeJobDir(st *Stage, dir, dataDir, top string) {
+	scriptsRoot := filepath.Join(dataDir, top)
 	if rel, err := filepath.Rel(scriptsRoot, dir); err != nil || rel == "." || rel == ".." || filepath.IsAbs(rel) || len(rel) > 2 && rel[:3] == "../" {
 		st.Log.Warnf("cleanup: refusing to remove %s: not under %s", dir, scriptsRoot)
 		return

@@ -74,7 +74,7 @@ func prepareMechanism(ctx context.Context, st *Stage) error {
 // planStage decides where a stage runs and builds its command: on the host
 // without a mechanism or when placement says so, else in the image prepare
 // chose.
-func planStage(_ context.Context, st *Stage, stage, script string) (Plan, error) {
+func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, error) {
 	s, err := setup(st)
 	if err != nil {
 		return Plan{}, err
@@ -82,17 +82,21 @@ func planStage(_ context.Context, st *Stage, stage, script string) (Plan, error)
 	if s == nil {
 		return hostPlan(st, script), nil
 	}
-	state, err := mechanism.LoadState(st.Layout.ScriptsDir)
+	state, err := mechanism.LoadState(st.Layout.StateDir)
 	if errors.Is(err, mechanism.ErrNoState) {
 		// prepare always saves a state with a mechanism; without one the
 		// job's directory was removed or prepare never ran.
 		return Plan{}, failure.Systemf("%s: prepare left no %s in %s; the job cannot know its image (was the job's directory removed?)",
-			s.Runtime.Name(), mechanism.StateFile, st.Layout.ScriptsDir)
+			s.Runtime.Name(), mechanism.StateFile, st.Layout.StateDir)
 	}
 	if err != nil {
 		return Plan{}, failure.AsSystem(err)
 	}
-	sp, err := mechanism.StageCommand(*s, state, stage, script)
+	if state.Mechanism != s.Runtime.Name() {
+		return Plan{}, failure.Systemf("the job was prepared for %s but the configuration now says %s; retry the job",
+			state.Mechanism, s.Runtime.Name())
+	}
+	sp, err := mechanism.StageCommand(ctx, *s, state, stage, script)
 	if err != nil {
 		return Plan{}, err
 	}
@@ -110,7 +114,7 @@ func releaseImages(ctx context.Context, st *Stage) {
 	if err != nil || s == nil {
 		return
 	}
-	state, err := mechanism.LoadState(st.Layout.ScriptsDir)
+	state, err := mechanism.LoadState(st.Layout.StateDir)
 	if err != nil {
 		return
 	}
@@ -118,7 +122,7 @@ func releaseImages(ctx context.Context, st *Stage) {
 		if img == nil {
 			continue
 		}
-		if err := s.Runtime.Release(ctx, *img, st.Layout.ScriptsDir); err != nil {
+		if err := s.Runtime.Release(ctx, *img, st.Layout.StateDir); err != nil {
 			st.Log.Warnf("cleanup: release image %s: %v", img.Ref, err)
 		}
 	}

@@ -102,6 +102,7 @@ const (
 	envBuildsDir  = "CI_EXEC_BUILDS_DIR"
 	envCacheDir   = "CI_EXEC_CACHE_DIR"
 	envScriptsDir = "CI_EXEC_SCRIPTS_DIR"
+	envStateDir   = "CI_EXEC_STATE_DIR"
 )
 
 func layoutFor(cfg *config.Config, j *job.Job) job.Layout {
@@ -115,6 +116,7 @@ func layoutFor(cfg *config.Config, j *job.Job) job.Layout {
 	from(envBuildsDir, &l.BuildsDir)
 	from(envCacheDir, &l.CacheDir)
 	from(envScriptsDir, &l.ScriptsDir)
+	from(envStateDir, &l.StateDir)
 	return l
 }
 
@@ -125,6 +127,7 @@ func layoutJobEnv(l job.Layout) map[string]string {
 		envBuildsDir:  l.BuildsDir,
 		envCacheDir:   l.CacheDir,
 		envScriptsDir: l.ScriptsDir,
+		envStateDir:   l.StateDir,
 	}
 }
 

@@ -9,7 +9,7 @@ import (
 
 // Command builds the apptainer exec command line for one stage. It is pure.
 //
-//	apptainer exec --cleanenv --bind=SRC:DST[:ro]... --pwd=DIR
+//	apptainer exec --cleanenv --contain --bind=SRC:DST[:ro]... --pwd=DIR
 //	          [image options] [admin options] [user args] SIF SHELL SCRIPT
 //
 // Apptainer stops reading its own options at the image, so nothing after
@@ -20,7 +20,10 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 	if err := mechanism.CheckSpec(spec); err != nil {
 		return nil, nil, err
 	}
-	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv"}
+	// --contain: no host $HOME, /tmp or /var/tmp (Apptainer binds them by
+	// default, and with them the runner account's files); the container
+	// gets empty private ones and sees only the binds below.
+	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv", "--contain"}
 	for _, b := range spec.Binds {
 		// --bind splits on "," and ":"; neither can be escaped.
 		if strings.ContainsAny(b.Src, ":,") || strings.ContainsAny(b.Dst, ":,") {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"regexp"
 	"strings"
 	"time"
 
@@ -179,4 +180,22 @@ func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, sif string
 // Release ends the job's lease on the stored SIF.
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, _ string) error {
 	return r.ReleaseLease(img)
+}
+
+// sifEntry is the name of a SIF in the store (see Pull).
+var sifEntry = regexp.MustCompile(`^sha256-[0-9a-f]{64}\.sif$`)
+
+// CheckImage accepts only what Pull makes: a SIF entry of the user's store
+// and a lease on it.
+func (r *Runtime) CheckImage(img mechanism.Image, _ string) error {
+	if img.Format != FormatSIF {
+		return fmt.Errorf("unknown image format %q", img.Format)
+	}
+	if err := mechanism.CheckShell(img.Shell); err != nil {
+		return err
+	}
+	if len(img.RunOptions) > 0 || len(img.Private) > 0 {
+		return fmt.Errorf("image %s carries run options or per-job paths that Pull never sets", img.Handle)
+	}
+	return r.CheckStored(img, sifEntry)
 }

@@ -42,6 +42,12 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 		}
 		argv = append(argv, "--bind="+b.Src+":"+b.Dst)
 	}
+	if !bindsAt(spec.Binds, "/tmp") {
+		// Without it ch-run binds the host's /tmp (other jobs' and users'
+		// files); with a bind at /tmp (the view's skeleton) the container
+		// has a private /tmp already.
+		argv = append(argv, "--private-tmp")
+	}
 	if spec.Workdir != "" {
 		argv = append(argv, "--cd="+spec.Workdir)
 	}
@@ -84,4 +90,14 @@ func (r *Runtime) Diagnose(exitCode int, stderrTail string) string {
 		return ""
 	}
 	return strings.TrimSpace(m[len(m)-1])
+}
+
+// bindsAt reports whether a bind's destination is dst.
+func bindsAt(binds []mechanism.Bind, dst string) bool {
+	for _, b := range binds {
+		if b.Dst == dst {
+			return true
+		}
+	}
+	return false
 }

@@ -139,7 +139,7 @@ func TestPullCopyRunRelease(t *testing.T) {
 		Env: []string{"USER=ciuser"}, Argv: []string{img.Shell, "/builds/scripts/step_script"},
 	})
 	require.NoError(t, err)
-	assert.Equal(t, []string{filepath.Join(f.App, "ch-run"), "-s", f.Storage, "--bind=/builds/ci:/builds/ci", "--cd=/builds/ci",
+	assert.Equal(t, []string{filepath.Join(f.App, "ch-run"), "-s", f.Storage, "--bind=/builds/ci:/builds/ci", "--private-tmp", "--cd=/builds/ci",
 		"--set-env", "ci-exec-job:j42-build", "--", "/bin/sh", "/builds/scripts/step_script"}, argv)
 
 	// The next job: the registry is asked again (policy always), the
@@ -311,7 +311,7 @@ func TestPullSingleFile(t *testing.T) {
 		Env: []string{"USER=ciuser"}, Argv: []string{img.Shell, "/builds/scripts/step_script"},
 	})
 	require.NoError(t, err)
-	assert.Equal(t, []string{filepath.Join(f.App, "ch-run"), "--bind=/builds/ci:/builds/ci", "--cd=/builds/ci",
+	assert.Equal(t, []string{filepath.Join(f.App, "ch-run"), "--bind=/builds/ci:/builds/ci", "--private-tmp", "--cd=/builds/ci",
 		"--mount=" + mnt, "--set-env", entry, "--", "/bin/sh", "/builds/scripts/step_script"}, argv)
 
 	// The next job with the same mount points: a hit, neither pulled nor

@@ -45,6 +45,9 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	}
 	// No ch-run release can bind read-only (-b takes SRC[:DST] only).
 	info.ReadOnlyBinds = false
+	// Without a writable overlay a bind's destination must exist in the
+	// image: the stages build the container's view on a skeleton.
+	info.FixedMountPoints = !info.Features[FeatureWriteFake]
 	return info, nil
 }
 

@@ -347,3 +347,49 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 	}
 	return errors.Join(errs...)
 }
+
+// squashEntry is the name of a SquashFS entry in the store (squashKey).
+var squashEntry = regexp.MustCompile(`^sha256-[0-9a-f]{64}-[0-9a-f]{12}\.sqfs$`)
+
+// CheckImage accepts only what Pull makes: a per-job copy in the storage
+// by name (run options: at most --set-env), or a SquashFS entry of the
+// user's store with a lease and a mount point in jobDir (run options:
+// that --mount and --set-env). Anything else in a state file, a planted
+// --bind above all, is refused.
+func (r *Runtime) CheckImage(img mechanism.Image, jobDir string) error {
+	if err := mechanism.CheckShell(img.Shell); err != nil {
+		return err
+	}
+	allowed := map[string]bool{"--set-env": true}
+	switch img.Format {
+	case FormatStorage:
+		key, ok := strings.CutPrefix(img.Handle, jobImageRepo+":")
+		if !ok || !jobKeyRE.MatchString(key) || img.Lease != "" {
+			return fmt.Errorf("image %s is not a per-job copy", img.Handle)
+		}
+		if len(img.Private) != 1 || img.Private[0] != filepath.Join(r.Storage, "img", forPath(img.Handle)) {
+			return fmt.Errorf("image %s lists paths that are not its copy", img.Handle)
+		}
+	case FormatSquash:
+		if err := r.CheckStored(img, squashEntry); err != nil {
+			return err
+		}
+		if len(img.Private) != 1 {
+			return fmt.Errorf("image %s has no single mount point", img.Handle)
+		}
+		mnt := filepath.Clean(img.Private[0])
+		key := strings.TrimSuffix(filepath.Base(mnt), ".mnt")
+		if filepath.Dir(mnt) != filepath.Clean(jobDir) || !strings.HasSuffix(mnt, ".mnt") || !jobKeyRE.MatchString(key) {
+			return fmt.Errorf("mount point %s is not in the job's state dir", mnt)
+		}
+		allowed["--mount="+mnt] = true
+	default:
+		return fmt.Errorf("unknown image format %q", img.Format)
+	}
+	for _, o := range img.RunOptions {
+		if !allowed[o] {
+			return fmt.Errorf("run option %q was not chosen by ci-exec", o)
+		}
+	}
+	return nil
+}
