@@ -130,8 +130,17 @@ type ctEnv struct {
 // a runner double that runs ci-exec as u.
 func containerRunner(t *testing.T, rt runtimeFixture, u testenv.User, general, table string) ctEnv {
 	t.Helper()
+	return containerRunnerIn(t, rt, u, general, table, "storage")
+}
+
+// containerRunnerIn is containerRunner with image_storage_dir at
+// storageRel in the test dir ("data/<user>" puts it in the data dir, as
+// batch executors keep it by default).
+func containerRunnerIn(t *testing.T, rt runtimeFixture, u testenv.User, general, table, storageRel string) ctEnv {
+	t.Helper()
 	dir := testenv.PrivateDir(t, u)
-	storage := filepath.Join(dir, "storage")
+	storage := filepath.Join(dir, storageRel)
+	require.NoError(t, os.MkdirAll(filepath.Dir(storage), 0o755))
 	require.NoError(t, os.Mkdir(storage, 0o755))
 	require.NoError(t, os.Chown(storage, u.UID, u.GID))
 	data := filepath.Join(dir, "data")

@@ -9,7 +9,7 @@ import (
 
 // Command builds the apptainer exec command line for one stage. It is pure.
 //
-//	apptainer exec --cleanenv --contain --bind=SRC:DST[:ro]... --pwd=DIR
+//	apptainer exec --cleanenv --contain --pid --no-privs --bind=SRC:DST[:ro]... --pwd=DIR
 //	          [image options] [admin options] [user args] SIF SHELL SCRIPT
 //
 // Apptainer stops reading its own options at the image, so nothing after
@@ -22,8 +22,13 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 	}
 	// --contain: no host $HOME, /tmp or /var/tmp (Apptainer binds them by
 	// default, and with them the runner account's files); the container
-	// gets empty private ones and sees only the binds below.
-	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv", "--contain"}
+	// gets empty private ones and sees only the binds below. --pid: its own
+	// /proc, so no host process's /proc/PID/root leads back to the host's
+	// files (a root runner's Apptainer uses no user namespace, and root
+	// could walk them), and whatever the stage leaves running dies with it.
+	// --no-privs: a root job's container root has no capabilities (by
+	// default Apptainer gives it all of root's); for other users a no-op.
+	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv", "--contain", "--pid", "--no-privs"}
 	for _, b := range spec.Binds {
 		// --bind splits on "," and ":"; neither can be escaped.
 		if strings.ContainsAny(b.Src, ":,") || strings.ContainsAny(b.Dst, ":,") {

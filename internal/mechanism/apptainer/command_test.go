@@ -60,7 +60,7 @@ func TestCommandArgv(t *testing.T) {
 			name: "everything, in order",
 			spec: mechanism.RunSpec{Info: sysInfo, Image: sifWithOpts, Binds: binds, Workdir: "/builds/ci", Env: env,
 				AdminOptions: []string{"--nv", "--no-home"}, UserArgs: []string{"--env=A=1", "--pid"}, Argv: script},
-			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain",
+			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs",
 				"--bind=/builds/ci:/builds/ci", "--bind=/builds/scripts:/builds/scripts", "--bind=/data/ref:/ref:ro",
 				"--pwd=/builds/ci", "--underlay", "--nv", "--no-home", "--env=A=1", "--pid",
 				"/builds/scripts/j42-abc.sif", "/bin/bash", "/builds/scripts/step_script"},
@@ -68,19 +68,19 @@ func TestCommandArgv(t *testing.T) {
 		{
 			name: "application_path program, one bind",
 			spec: mechanism.RunSpec{Info: appInfo, Image: sif, Binds: binds[:1], Workdir: "/builds/ci", Env: env, Argv: script},
-			want: []string{"/opt/apptainer/bin/apptainer", "exec", "--cleanenv", "--contain", "--bind=/builds/ci:/builds/ci", "--pwd=/builds/ci",
+			want: []string{"/opt/apptainer/bin/apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs", "--bind=/builds/ci:/builds/ci", "--pwd=/builds/ci",
 				"/builds/scripts/j42-abc.sif", "/bin/bash", "/builds/scripts/step_script"},
 		},
 		{
 			name: "no binds, no workdir, program unknown",
 			spec: mechanism.RunSpec{Image: sif, Argv: []string{"/bin/sh"}},
-			want: []string{"apptainer", "exec", "--cleanenv", "--contain", "/builds/scripts/j42-abc.sif", "/bin/sh"},
+			want: []string{"apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs", "/builds/scripts/j42-abc.sif", "/bin/sh"},
 		},
 		{
 			name: "option-like words after the image stay the command's",
 			spec: mechanism.RunSpec{Info: sysInfo, Image: sif, UserArgs: []string{"--contain"},
 				Argv: []string{"/bin/sh", "-c", "--bind=/:/host"}},
-			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain", "--contain", "/builds/scripts/j42-abc.sif",
+			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs", "--contain", "/builds/scripts/j42-abc.sif",
 				"/bin/sh", "-c", "--bind=/:/host"},
 		},
 	}
