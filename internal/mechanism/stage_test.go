@@ -1,0 +1,100 @@
+package mechanism
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/job"
+)
+
+func viewSetup(data string) Setup {
+	l := job.Layout{
+		DataDir:    data,
+		BuildsDir:  filepath.Join(data, "builds/r/000"),
+		CacheDir:   filepath.Join(data, "cache/r"),
+		ScriptsDir: filepath.Join(data, "scripts/r/000/7"),
+		StateDir:   filepath.Join(data, "state/r/000/7"),
+	}
+	return Setup{Layout: l}
+}
+
+func TestViewCreatesMountPointsOnlyWhereNeeded(t *testing.T) {
+	s := viewSetup("/srv/ci/u")
+	got, err := s.View(Info{ReadOnlyBinds: true}, []Bind{{Src: "/scratch/x", Dst: "/data"}})
+	require.NoError(t, err)
+	assert.Equal(t, []Bind{
+		SamePath(s.Layout.BuildsDir), SamePath(s.Layout.CacheDir),
+		{Src: s.Layout.ScriptsDir, Dst: s.Layout.ScriptsDir, ReadOnly: true},
+		{Src: "/scratch/x", Dst: "/data"},
+	}, got, "a runtime that makes its own mount points gets the job's dirs and volumes only, never the data dir")
+}
+
+func TestViewSkeletonHidesTheDataDir(t *testing.T) {
+	// Not under /tmp: that case is TestViewUnderTmpIsThePrivateTmp.
+	data, err := os.MkdirTemp("/var/tmp", "ci-exec-view-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(data) })
+	s := viewSetup(data)
+	require.NoError(t, os.MkdirAll(s.Layout.StateDir, 0o700))
+	// A planted symlink in an old view must not be followed.
+	old := filepath.Join(s.Layout.StateDir, "view", "0")
+	require.NoError(t, os.MkdirAll(old, 0o700))
+	outside := t.TempDir()
+	require.NoError(t, os.Symlink(outside, filepath.Join(old, "builds")))
+
+	got, err := s.View(Info{FixedMountPoints: true}, nil)
+	require.NoError(t, err)
+	require.Len(t, got, 4)
+	skel := filepath.Join(s.Layout.StateDir, "view", "0")
+	require.Equal(t, Bind{Src: skel, Dst: data}, got[0], "the skeleton covers the data dir first")
+	assert.Equal(t, []Bind{SamePath(s.Layout.BuildsDir), SamePath(s.Layout.CacheDir), SamePath(s.Layout.ScriptsDir)}, got[1:])
+	for _, rel := range []string{"builds/r/000", "cache/r", "scripts/r/000/7"} {
+		fi, err := os.Lstat(filepath.Join(skel, rel))
+		require.NoError(t, err)
+		assert.True(t, fi.IsDir(), rel)
+	}
+	ents, err := os.ReadDir(skel)
+	require.NoError(t, err)
+	var names []string
+	for _, e := range ents {
+		names = append(names, e.Name())
+	}
+	assert.ElementsMatch(t, []string{"builds", "cache", "scripts"}, names, "no state or store in the skeleton")
+	left, err := os.ReadDir(outside)
+	require.NoError(t, err)
+	assert.Empty(t, left, "the old view's symlink was removed, not followed")
+}
+
+func TestViewUnderTmpIsThePrivateTmp(t *testing.T) {
+	data := "/tmp/ci-exec-view-test/u"
+	t.Cleanup(func() { os.RemoveAll("/tmp/ci-exec-view-test") })
+	s := viewSetup(data)
+	s.Layout.StateDir = filepath.Join(t.TempDir(), "state")
+	got, err := s.View(Info{FixedMountPoints: true}, []Bind{{Src: "/scratch/a", Dst: "/tmp/in"}})
+	require.NoError(t, err)
+	require.Len(t, got, 5)
+	assert.Equal(t, "/tmp", got[0].Dst, "one skeleton at /tmp, no second one for the data dir")
+	for _, rel := range []string{"ci-exec-view-test/u/builds/r/000", "in"} {
+		assert.DirExists(t, filepath.Join(got[0].Src, rel))
+	}
+}
+
+func TestUserVolumesMayNotCoverTheJobsDirs(t *testing.T) {
+	root := t.TempDir()
+	src := filepath.Join(root, "scratch", "v")
+	require.NoError(t, os.MkdirAll(src, 0o755))
+	for _, dst := range []string{"/srv/ci/u", "/srv/ci", "/srv/ci/u/builds/r/000/x", "/srv"} {
+		s := viewSetup("/srv/ci/u")
+		s.Runtime = nil
+		s.Cfg.UserVolumeVariable = "CH_VOLUMES"
+		s.Cfg.VolumePrefixes = []string{filepath.Join(root, "scratch")}
+		s.Job = &job.Job{Vars: map[string]string{"CH_VOLUMES_0": src + ":" + dst}}
+		_, err := s.UserVolumes(Info{})
+		require.Error(t, err, dst)
+		assert.Contains(t, err.Error(), "would cover the job's own", dst)
+	}
+}
