@@ -135,7 +135,7 @@ func (a *Allowlist) Check(ref Ref) error {
 		// Jacamar may accept an entry that matches part of a reference; an
 		// entry that matches the reference's beginning was most likely
 		// written that way. Say so, so the admin can widen it on purpose.
-		return failure.Userf("image %s is not allowed on this runner: %s entry %q matches only its beginning, and ci-exec (unlike Jacamar) requires an entry to match the whole reference; use an allowed image, or ask the admin to end the entry with \".*\" if such images are meant",
+		return failure.Userf("image %s is not allowed on this runner: %s entry '%s' matches only its beginning, and ci-exec (unlike Jacamar) requires an entry to match the whole reference; use an allowed image, or ask the admin to end the entry with \".*\" if such images are meant",
 			ref.Full, a.Key, e)
 	}
 	return failure.Userf("image %s is not allowed on this runner (it matches no entry of the admin's %s); use an allowed image or ask the admin to add it", ref.Full, a.Key)
