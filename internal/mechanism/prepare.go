@@ -251,6 +251,7 @@ func (s Setup) userArgsPolicy() UserArgsPolicy {
 		Allowed:  s.Cfg.AllowedUserArgs,
 		Default:  rt.DefaultUserArgs(),
 		Flags:    rt.RunFlags(),
+		Key:      s.key("allowed_user_args"),
 	}
 }
 
