@@ -1,10 +1,17 @@
 // Package config is the admin's TOML configuration: its schema, defaults and
 // validation. Key names follow Jacamar CI's `[general]` table and its
 // `[general.charliecloud]` run-mechanism table (seed 004) wherever they
-// overlap, so an admin can move a Jacamar configuration over unchanged.
+// overlap, with the same meaning where that is as safe. Where ci-exec is
+// stricter (whole-reference allowlist entries, user volumes only under
+// volume_prefixes, no [auth] table) docs/config.md "Moving from Jacamar"
+// lists the difference, and the error a Jacamar configuration meets names
+// the key and the fix.
 //
 // Loading is strict: an unknown key is an error that names the key, because a
-// typo in a security setting (say `image_alowlist`) must never pass silently.
+// typo in a security setting (say `image_alowlist`) must never pass silently,
+// and neither may a Jacamar setting ci-exec does not implement (say
+// `[auth] downscope = "setuid"`: the admin would believe jobs run as another
+// user than they do).
 package config
 
 import (
@@ -29,6 +36,8 @@ const DefaultPath = "/etc/ci-exec/config.toml"
 const (
 	ExecutorShell = "shell"
 	ExecutorSlurm = "slurm"
+	// executorSbatch is Jacamar's other name for the Slurm executor.
+	executorSbatch = "sbatch"
 )
 
 // Run mechanism names.
@@ -60,12 +69,14 @@ type General struct {
 	// DataDir holds every job's builds, cache and scripts dirs. Required.
 	// `$HOME` and `$USER` expand to the job user's.
 	DataDir string `toml:"data_dir"`
-	// Executor is "shell" (default) or "slurm".
+	// Executor is "shell" (default) or "slurm" (Jacamar's "sbatch" is read
+	// as "slurm").
 	Executor string `toml:"executor"`
 	// RunMechanism is "" (host), "charliecloud" or "apptainer".
 	RunMechanism string `toml:"run_mechanism"`
 	// ForceMechanism runs every job in a container, with DefaultImage when
-	// the job names none.
+	// the job names none; without a DefaultImage such a job fails (as in
+	// Jacamar), it never runs on the host.
 	ForceMechanism bool `toml:"force_mechanism"`
 	// JobMessage is printed at the start of every prepare stage.
 	JobMessage string `toml:"job_message"`
@@ -115,7 +126,8 @@ type Mechanism struct {
 	RunnerOptions []string `toml:"runner_options"`
 	// RunnerPullPolicy overrides PullPolicy for RunnerImage.
 	RunnerPullPolicy string `toml:"runner_pull_policy"`
-	// DefaultImage is used when force_mechanism is on and the job has none.
+	// DefaultImage is used when force_mechanism is on and the job has none
+	// (without it such jobs fail in prepare).
 	DefaultImage string `toml:"default_image"`
 	// CustomOptions are extra runtime options for the user's stages (trusted).
 	CustomOptions []string `toml:"custom_options"`
@@ -123,13 +135,15 @@ type Mechanism struct {
 	// after_script then runs on the host too.
 	StepScriptOnly bool `toml:"step_script_only"`
 	// ImageAllowlist: when set, an image must fully match one of these
-	// regular expressions.
+	// regular expressions (Jacamar's entries may match part of a
+	// reference; see checkAllowlistEntry).
 	ImageAllowlist []string `toml:"image_allowlist"`
 	// UserVolumeVariable is the prefix of the user's volume variables
 	// (<prefix>_0, <prefix>_1, ...), each SRC[:DST][:ro].
 	UserVolumeVariable string `toml:"user_volume_variable"`
-	// PrepScript is an admin script run on the host, as the job user, during
-	// prepare, before any runtime command.
+	// PrepScript is an admin script run on the host, as the job user, in
+	// every prepare stage (jobs with and without an image, as Jacamar's
+	// prepare_exec), before any runtime command.
 	PrepScript string `toml:"prep_script"`
 	// DisableUserArgs ignores JACAMAR_CI_<RUNTIME>_ARGS.
 	DisableUserArgs bool `toml:"disable_user_args"`
@@ -308,7 +322,7 @@ func Parse(doc string, u UserInfo) (*Config, error) {
 			keys = append(keys, k.String())
 		}
 		sort.Strings(keys)
-		return nil, fmt.Errorf("unknown key %s (check the spelling; see docs/config.md)", strings.Join(quoteAll(keys), ", "))
+		return nil, unknownKeys(keys)
 	}
 	cfg.applyDefaults()
 	if err := cfg.expand(u); err != nil {
@@ -344,8 +358,11 @@ func decodeError(err error) error {
 
 func (c *Config) applyDefaults() {
 	g := &c.General
-	if g.Executor == "" {
+	switch g.Executor {
+	case "":
 		g.Executor = ExecutorShell
+	case executorSbatch:
+		g.Executor = ExecutorSlurm
 	}
 	if g.KillTimeout.Duration == 0 {
 		g.KillTimeout.Duration = DefaultKillTimeout
@@ -499,11 +516,9 @@ func (c *Config) Validate() error {
 	}{{"charliecloud", &g.Charliecloud}, {"apptainer", &g.Apptainer}} {
 		mc.m.validate("general."+mc.name, add)
 	}
-	if g.ForceMechanism {
-		if m := c.Mechanism(); m != nil && m.DefaultImage == "" {
-			add("general.force_mechanism needs general.%s.default_image for jobs without an image", g.RunMechanism)
-		}
-	}
+	// force_mechanism without default_image is valid, as in Jacamar: jobs
+	// that name no image fail in prepare (mechanism.Prepare), and none runs
+	// on the host.
 
 	b := &c.Batch
 	if b.SchedulerBin != "" && !filepath.IsAbs(b.SchedulerBin) {
@@ -544,8 +559,8 @@ func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
 		}
 	}
 	for i, re := range m.ImageAllowlist {
-		if _, err := regexp.Compile(re); err != nil {
-			add("%s.image_allowlist[%d]: invalid regular expression %q: %v", prefix, i, re, err)
+		if err := checkAllowlistEntry(re); err != nil {
+			add("%s.image_allowlist[%d]: %v", prefix, i, err)
 		}
 	}
 	if m.UserVolumeVariable != "" && !envName.MatchString(m.UserVolumeVariable) {

@@ -87,7 +87,6 @@ func TestParseErrors(t *testing.T) {
 		"bad executor":          {"[general]\ndata_dir = \"/x\"\nexecutor = \"pbs\"\n", []string{`general.executor must be "shell" or "slurm", got "pbs"`}},
 		"bad mechanism":         {"[general]\ndata_dir = \"/x\"\nrun_mechanism = \"docker\"\n", []string{"run_mechanism must be"}},
 		"force without mech":    {"[general]\ndata_dir = \"/x\"\nforce_mechanism = true\n", []string{"force_mechanism needs general.run_mechanism"}},
-		"force without default": {"[general]\ndata_dir = \"/x\"\nrun_mechanism = \"charliecloud\"\nforce_mechanism = true\n", []string{"default_image"}},
 		"bad regex":             {"[general]\ndata_dir = \"/x\"\n[general.charliecloud]\nimage_allowlist = [\"(\"]\n", []string{"image_allowlist[0]: invalid regular expression"}},
 		"bad pull policy":       {"[general]\ndata_dir = \"/x\"\n[general.apptainer]\npull_policy = \"sometimes\"\n", []string{"general.apptainer.pull_policy must be"}},
 		"relative shell":        {"[general]\ndata_dir = \"/x\"\nshell_path = \"bash\"\n", []string{"shell_path must be an absolute path"}},

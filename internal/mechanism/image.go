@@ -99,13 +99,15 @@ func hasOnlyTagUppercase(s string) bool {
 // "127\.0\.0\.1:5443/.*" cannot be satisfied by "127.0.0.1:5443.evil.com/x"
 // or by a reference that merely contains it.
 type Allowlist struct {
+	// Key names the setting in messages ("general.charliecloud.image_allowlist").
+	Key string
 	res []*regexp.Regexp
 	src []string
 }
 
 // NewAllowlist compiles the entries (an empty list allows every image).
 func NewAllowlist(entries []string) (*Allowlist, error) {
-	a := &Allowlist{src: entries}
+	a := &Allowlist{Key: "image_allowlist", src: entries}
 	for i, e := range entries {
 		re, err := regexp.Compile(`^(?:` + e + `)$`)
 		if err != nil {
@@ -129,7 +131,29 @@ func (a *Allowlist) Check(ref Ref) error {
 			return nil
 		}
 	}
-	return failure.Userf("image %s is not allowed on this runner (it matches no entry of the admin's image_allowlist); use an allowed image or ask the admin to add it", ref.Full)
+	if e, ok := a.prefixOnly(ref); ok {
+		// Jacamar may accept an entry that matches part of a reference; an
+		// entry that matches the reference's beginning was most likely
+		// written that way. Say so, so the admin can widen it on purpose.
+		return failure.Userf("image %s is not allowed on this runner: %s entry '%s' matches only its beginning, and ci-exec (unlike Jacamar) requires an entry to match the whole reference; use an allowed image, or ask the admin to end the entry with \".*\" if such images are meant",
+			ref.Full, a.Key, e)
+	}
+	return failure.Userf("image %s is not allowed on this runner (it matches no entry of the admin's %s); use an allowed image or ask the admin to add it", ref.Full, a.Key)
+}
+
+// prefixOnly returns the first entry that matches the beginning of one of
+// ref's forms but not the whole of it. It runs only for refused images.
+func (a *Allowlist) prefixOnly(ref Ref) (string, bool) {
+	for _, e := range a.src {
+		re, err := regexp.Compile(`^(?:` + e + `)`)
+		if err != nil {
+			continue
+		}
+		if re.MatchString(ref.Full) || re.MatchString(ref.Familiar) || re.MatchString(ref.Given) {
+			return e, true
+		}
+	}
+	return "", false
 }
 
 // AtDigest is the reference pinned to digest ("registry/path@sha256:...").

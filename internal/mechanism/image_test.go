@@ -165,3 +165,36 @@ func TestAllowlistAnchoring(t *testing.T) {
 		t.Error("an invalid entry must be an error")
 	}
 }
+
+// TestAllowlistPrefixEntryHint: an entry written for Jacamar's matching,
+// which may accept a part of the reference, is refused as ci-exec refuses
+// every partial match, and the error says which entry and how to widen it.
+func TestAllowlistPrefixEntryHint(t *testing.T) {
+	allow, err := NewAllowlist([]string{`^other\.io/.*`, `^registry\.example\.com/ubi9`})
+	if err != nil {
+		t.Fatal(err)
+	}
+	allow.Key = "general.charliecloud.image_allowlist"
+	ref, err := ParseImage("registry.example.com/ubi9/ubi-minimal:latest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = allow.Check(ref)
+	if err == nil || failure.ClassOf(err) != failure.User {
+		t.Fatalf("got %v, want a user error", err)
+	}
+	for _, w := range []string{"registry.example.com/ubi9/ubi-minimal:latest is not allowed",
+		`general.charliecloud.image_allowlist entry '^registry\.example\.com/ubi9' matches only its beginning`,
+		"end the entry with \".*\""} {
+		if !strings.Contains(err.Error(), w) {
+			t.Errorf("%v does not say %q", err, w)
+		}
+	}
+	// A reference that merely contains an entry gets the plain refusal: an
+	// entry matching inside a reference is exactly what anchoring stops.
+	ref, _ = ParseImage("evil.io/registry.example.com/ubi9:latest")
+	if err := allow.Check(ref); err == nil || strings.Contains(err.Error(), "beginning") ||
+		!strings.Contains(err.Error(), "matches no entry of the admin's general.charliecloud.image_allowlist") {
+		t.Errorf("got %v", err)
+	}
+}

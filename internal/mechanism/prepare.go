@@ -75,9 +75,21 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 	st := &State{Mechanism: rt.Name()}
 	given, admin := s.Job.Image(), false
 	if given == "" {
-		if !s.Force {
+		switch {
+		case !s.Force:
+			// prep_script runs in every prepare, as Jacamar's does in
+			// prepare_exec: the admin's hook for the user's directories and
+			// configuration does not depend on the job naming an image.
+			if err := s.runPrepScript(ctx, Ref{}); err != nil {
+				return nil, err
+			}
 			s.Log.Printf("The job names no image: its scripts run on the host.")
 			return st, st.Save(s.Layout.StateDir)
+		case s.Cfg.DefaultImage == "":
+			// As in Jacamar, force_mechanism without default_image is valid
+			// and such a job fails; it never falls back to the host.
+			return nil, failure.Userf("the job names no image, and this runner runs every job in a container (general.force_mechanism) with no %s; add an image: to the job, or ask the admin to set default_image",
+				s.key("default_image"))
 		}
 		given, admin = s.Cfg.DefaultImage, true
 		s.Log.Printf("The job names no image: using the default image %s (force_mechanism).", given)
@@ -96,6 +108,7 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 		if err != nil {
 			return nil, failure.AsSystem(err)
 		}
+		allow.Key = s.key("image_allowlist")
 		if err := allow.Check(ref); err != nil {
 			return nil, err
 		}
@@ -227,7 +240,7 @@ func (s Setup) jobKey() string {
 }
 
 func (s Setup) volumePolicy() VolumePolicy {
-	return VolumePolicy{Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
+	return VolumePolicy{Table: "general." + s.Runtime.Name(), Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
 }
 
 func (s Setup) userArgsPolicy() UserArgsPolicy {
@@ -238,12 +251,14 @@ func (s Setup) userArgsPolicy() UserArgsPolicy {
 		Allowed:  s.Cfg.AllowedUserArgs,
 		Default:  rt.DefaultUserArgs(),
 		Flags:    rt.RunFlags(),
+		Key:      s.key("allowed_user_args"),
 	}
 }
 
 // runPrepScript runs the admin's prep_script on the host as the job user,
-// before any runtime command. Its failure is a system failure: the admin's
-// script broke, not the job.
+// before any runtime command; CI_EXEC_IMAGE is empty for a job that runs on
+// the host. Its failure is a system failure: the admin's script broke, not
+// the job.
 func (s Setup) runPrepScript(ctx context.Context, ref Ref) error {
 	script := s.Cfg.PrepScript
 	if script == "" {

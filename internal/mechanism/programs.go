@@ -35,6 +35,12 @@ func FindPrograms(runtime, applicationPath string, required, optional []string) 
 	}
 	for _, name := range required {
 		if out[name] == "" {
+			if fi, err := os.Stat(applicationPath); applicationPath != "" && err == nil && !fi.IsDir() {
+				// Jacamar's Podman table takes the program itself here; a
+				// Jacamar config may name /usr/bin/ch-run.
+				return out, failure.Systemf("general.%s.application_path is the directory of the %s programs, not a program: set it to %s instead of %s",
+					runtime, runtime, filepath.Dir(applicationPath), applicationPath)
+			}
 			return out, failure.Systemf("%s: %s not found in %s; install %s or set general.%s.application_path",
 				runtime, name, strings.Join(dirs, ":"), runtime, runtime)
 		}

@@ -71,6 +71,13 @@ func TestFindPrograms(t *testing.T) {
 	assert.Equal(t, failure.System, failure.ClassOf(err))
 	assert.Contains(t, err.Error(), "absent not found in "+app)
 	assert.Contains(t, err.Error(), "general.rt.application_path")
+
+	// The program itself, as Jacamar's Podman table takes it: the error
+	// says which directory to write.
+	_, err = FindPrograms("rt", filepath.Join(app, "run"), []string{"run"}, nil)
+	require.Error(t, err)
+	assert.Equal(t, failure.System, failure.ClassOf(err))
+	assert.Contains(t, err.Error(), "general.rt.application_path is the directory of the rt programs, not a program: set it to "+app+" instead of "+filepath.Join(app, "run"))
 }
 
 func TestEnsureUserDir(t *testing.T) {

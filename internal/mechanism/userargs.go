@@ -84,6 +84,10 @@ type UserArgsPolicy struct {
 	// Default is the runtime's safe default allowlist.
 	Default []string
 	Flags   FlagTable
+	// Key names the admin's list in messages
+	// ("general.charliecloud.allowed_user_args"): Jacamar passes any flag,
+	// so a user moving over needs to know where the admin can allow one.
+	Key string
 }
 
 // UserArgs splits the job's argument variable like a POSIX shell would
@@ -114,7 +118,11 @@ func (p UserArgsPolicy) UserArgs(vars map[string]string) (args []string, notice 
 		}
 	}
 	refuse := func(flag, why string) error {
-		return failure.Userf("%s: %s %s; allowed flags are %s", p.Variable, flag, why, strings.Join(p.allowedNames(allowed), ", "))
+		where := ""
+		if p.Key != "" {
+			where = " (the admin's " + p.Key + ")"
+		}
+		return failure.Userf("%s: %s %s; allowed flags are %s%s", p.Variable, flag, why, strings.Join(p.allowedNames(allowed), ", "), where)
 	}
 	for i := 0; i < len(words); i++ {
 		w := words[i]

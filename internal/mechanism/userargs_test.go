@@ -97,6 +97,13 @@ func TestUserArgsRefused(t *testing.T) {
 	if !strings.Contains(err.Error(), "allowed flags are --cd/-c") && !strings.Contains(err.Error(), "-c/--cd") {
 		t.Errorf("message does not list the allowed flags: %v", err)
 	}
+	// Jacamar passes any flag: the message names where the admin allows more.
+	p := policy()
+	p.Key = "general.charliecloud.allowed_user_args"
+	_, _, err = p.UserArgs(map[string]string{"JACAMAR_CI_CHARLIECLOUD_ARGS": "-w"})
+	if err == nil || !strings.HasSuffix(err.Error(), " (the admin's general.charliecloud.allowed_user_args)") {
+		t.Errorf("message does not name allowed_user_args: %v", err)
+	}
 }
 
 func TestUserArgsAdminList(t *testing.T) {

@@ -26,6 +26,8 @@ func SamePath(dir string) Bind { return Bind{Src: dir, Dst: dir} }
 
 // VolumePolicy is what the admin allows for user volumes.
 type VolumePolicy struct {
+	// Table names the admin's settings in messages ("general.charliecloud").
+	Table string
 	// Variable is user_volume_variable; "" disables user volumes.
 	Variable string
 	// Prefixes are volume_prefixes: a volume's source must lie under one of
@@ -67,8 +69,15 @@ func (p VolumePolicy) UserVolumes(vars map[string]string) ([]Bind, error) {
 	}
 	sort.Slice(entries, func(i, j int) bool { return entries[i].n < entries[j].n })
 	if len(p.Prefixes) == 0 {
-		return nil, failure.Userf("%s: user volumes are not enabled on this runner (the admin has set no volume_prefixes); remove the %s_* variables",
-			entries[0].name, p.Variable)
+		// Jacamar binds any user volume; ci-exec only those under an admitted
+		// prefix, so that a job cannot bind what its container must not see
+		// (the runner account's files, ci-exec's own state).
+		table := p.Table
+		if table == "" {
+			table = "the mechanism's table"
+		}
+		return nil, failure.Userf("%s: user volumes are not enabled on this runner: %s.user_volume_variable is set but %s.volume_prefixes is empty; remove the %s_* variables, or ask the admin to list the host directories volumes may come from in volume_prefixes",
+			entries[0].name, table, table, p.Variable)
 	}
 	eval := p.EvalSymlinks
 	if eval == nil {

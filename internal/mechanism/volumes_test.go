@@ -109,9 +109,17 @@ func TestUserVolumesRefused(t *testing.T) {
 	}
 
 	t.Run("no prefixes configured", func(t *testing.T) {
-		_, err := VolumePolicy{Variable: "CH_VOLUMES"}.UserVolumes(map[string]string{"CH_VOLUMES_0": root + "/allowed/data"})
-		if err == nil || !strings.Contains(err.Error(), "volume_prefixes") {
-			t.Fatalf("got %v", err)
+		// Jacamar binds any user volume; ci-exec refuses them, naming both
+		// keys and the fix (docs/config.md, "Moving from Jacamar").
+		_, err := VolumePolicy{Table: "general.charliecloud", Variable: "CH_VOLUMES"}.UserVolumes(map[string]string{"CH_VOLUMES_0": root + "/allowed/data"})
+		if err == nil || failure.ClassOf(err) != failure.User {
+			t.Fatalf("got %v, want a user error", err)
+		}
+		for _, w := range []string{"CH_VOLUMES_0: ", "general.charliecloud.user_volume_variable is set but general.charliecloud.volume_prefixes is empty",
+			"remove the CH_VOLUMES_* variables", "list the host directories volumes may come from in volume_prefixes"} {
+			if !strings.Contains(err.Error(), w) {
+				t.Errorf("%v does not say %q", err, w)
+			}
 		}
 	})
 	t.Run("read-only unsupported", func(t *testing.T) {
