@@ -257,8 +257,8 @@ func TestCacheEvictionKeepsImagesInUse(t *testing.T) {
 	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
 		// A one-byte limit: every image not in use is evicted.
 		e := containerRunner(t, rt, u, "", cacheTable+"\ncache_max_size = \"1\"")
-		// In the data dir, which every container sees.
-		release := filepath.Join(e.data, "release")
+		// In the long job's builds dir (slot 001), which its container sees.
+		release := filepath.Join(e.data, "builds", "t3stt0k3n", "001", "release")
 		long := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
 		long.ID, long.ConcurrentID = 2001, 1
 		long.Script = []string{"echo long-job-started", fmt.Sprintf("while [ ! -e %s ]; do sleep 0.2; done", release), `grep '^ID=' /etc/os-release`}
