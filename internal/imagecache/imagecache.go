@@ -37,6 +37,7 @@ import (
 
 	"github.com/gofrs/flock"
 
+	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/owndir"
 )
 
@@ -188,11 +189,8 @@ func (s *Store) Ensure(ctx context.Context, key, job string, valid func(path str
 		_ = os.Remove(res.Path + ".meta")
 		return res, fmt.Errorf("the built image is not valid: %w", err)
 	}
-	if err := syncFile(tmp); err != nil {
+	if err := atomicfile.Publish(tmp, res.Path); err != nil {
 		return res, err
-	}
-	if err := os.Rename(tmp, res.Path); err != nil {
-		return res, fmt.Errorf("publish %s: %w", key, err)
 	}
 	res.BuildTime = time.Since(start)
 	return res, nil
@@ -203,18 +201,6 @@ func (s *Store) removeTemps(key string) {
 	for _, m := range matches {
 		_ = os.RemoveAll(m)
 	}
-}
-
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.IsDir() {
-		return nil
-	}
-	return f.Sync()
 }
 
 // touch records a use (eviction by age goes by modification time).
@@ -295,7 +281,7 @@ func (s *Store) SetTag(ref, digest string) error {
 	if !digestRE.MatchString(digest) {
 		return fmt.Errorf("not a sha256 digest: %q", digest)
 	}
-	return writeAtomic(filepath.Join(s.Root, "tags", tagName(ref)), digest+"\n")
+	return atomicfile.Write(filepath.Join(s.Root, "tags", tagName(ref)), []byte(digest+"\n"), 0o600)
 }
 
 // Meta returns a fact recorded with an entry ("" if none).
@@ -326,23 +312,7 @@ func (s *Store) SetMeta(key, name, value string) error {
 		}
 	}
 	lines = append(lines, name+"="+value)
-	return writeAtomic(s.Path(key)+".meta", strings.Join(lines, "\n")+"\n")
-}
-
-func writeAtomic(path, content string) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.WriteString(content); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(s.Path(key)+".meta", []byte(strings.Join(lines, "\n")+"\n"), 0o600)
 }
 
 // Use records that job uses entry key until Release of the returned lease
