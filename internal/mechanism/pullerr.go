@@ -1,11 +1,13 @@
 package mechanism
 
 import (
+	"context"
 	"errors"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
+	"github.com/ci-exec/ci-exec/internal/joblog"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
@@ -93,6 +95,25 @@ func StoreError(err error) error {
 		return err
 	}
 	return failure.Systemf("image store: %v", err)
+}
+
+// StoreTrace makes the image store's waits for the user's other jobs show
+// in the job log, so that a prepare that waits says why.
+func StoreTrace(ctx context.Context, log *joblog.Logger) context.Context {
+	if log == nil {
+		return ctx
+	}
+	return imagecache.WithTrace(ctx, imagecache.Trace{Waiting: func(reason string) {
+		log.Printf("Waiting: %s.", reason)
+	}})
+}
+
+// LogDamaged tells the job log when the stored image failed its check and
+// was rebuilt.
+func LogDamaged(log *joblog.Logger, res imagecache.Result) {
+	if res.Damaged != nil && log != nil {
+		log.Warnf("The stored image %s was damaged (%v); it was rebuilt.", res.Path, res.Damaged)
+	}
 }
 
 // CacheState is the job-log word for how the store served an image.

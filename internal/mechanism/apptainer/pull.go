@@ -26,6 +26,7 @@ const FormatSIF = "sif"
 // more.
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
+	ctx = mechanism.StoreTrace(ctx, req.Log)
 	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatSIF}
 	info, err := r.Probe(ctx)
 	if err != nil {
@@ -53,6 +54,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err != nil {
 		return img, mechanism.StoreError(err)
 	}
+	mechanism.LogDamaged(req.Log, res)
 	img.Cache = mechanism.CacheState(res)
 	if err := st.SetTag(req.Ref.Full, img.Digest); err != nil {
 		req.Log.Warnf("could not record the digest of %s: %v", req.Ref.Full, err)

@@ -41,12 +41,17 @@ var busyWait = 10 * time.Minute
 //     jobs of the user pull it once;
 //  3. with req.SingleFile, it is converted once per digest (and mount-point
 //     set) to SquashFS in the user's store (imagecache), and the job takes a
-//     lease on that file; else the job gets its own hard-linked copy in the
-//     storage. Either way the bind mount points are created in the image
-//     (Charliecloud 0.31 cannot bind to a path the image lacks), and its
-//     shell is found.
+//     lease on that file; else the job gets its own copy in the storage
+//     (hard links, or files of its own when its run options may write to
+//     the image: see copyForJob). Either way the bind mount points are
+//     created in the image (Charliecloud 0.31 cannot bind to a path the
+//     image lacks), and its shell is found.
+//
+// Pulls, conversions and full copies take one of the user's build slots
+// (max_concurrent_builds).
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
+	ctx = mechanism.StoreTrace(ctx, req.Log)
 	img := mechanism.Image{Ref: req.Ref.Full}
 	info, err := r.Probe(ctx)
 	if err != nil {
@@ -95,15 +100,25 @@ func (r *Runtime) inStorage(name string) bool {
 
 // ensurePulled puts the image's digest into the storage unless it is
 // there. Jobs of the same user that need it at once wait for one another
-// (the store's lock), so it is pulled once.
-func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, digest string) (pulled bool, err error) {
+// (the store's lock), so it is pulled once. takeSlot takes a build slot for
+// the pull; false when the caller holds one (a conversion's build).
+func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, digest string, takeSlot bool) (pulled bool, err error) {
 	name := req.Ref.FamiliarAtDigest(digest)
 	if r.inStorage(name) {
 		return false, nil
 	}
-	unlock, err := st.Lock(ctx, "pull-"+strings.ReplaceAll(digest, ":", "-"))
+	if takeSlot {
+		// Before the pull lock (the store's lock order): a conversion holds
+		// its slot when it takes that lock.
+		release, err := st.BuildSlot(ctx)
+		if err != nil {
+			return false, mechanism.StoreError(err)
+		}
+		defer release()
+	}
+	unlock, err := st.Lock(ctx, "pull-"+strings.ReplaceAll(digest, ":", "-"), "another job of yours is pulling this image")
 	if err != nil {
-		return false, failure.Systemf("charliecloud: %v", err)
+		return false, mechanism.StoreError(err)
 	}
 	defer unlock()
 	if r.inStorage(name) {
@@ -118,11 +133,21 @@ func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *ima
 	return true, nil
 }
 
-// copyForJob gives the job its own copy of the stored image (hard links,
-// under a per-job name), with the mount points, and finds its shell.
+// copyForJob gives the job its own copy of the stored image, under a
+// per-job name, with the mount points, and finds its shell.
+//
+// The copy is made of hard links (one directory entry per file, about as
+// fast as listing the image) unless the admin's run options or the user
+// arguments the admin allows can include ch-run -w, which mounts the image
+// read-write: a job could then change the stored image's files through
+// their shared inodes (and every later job would run the changed image).
+// Then every file is a copy of its own (reflinked where the file system
+// can, so near free on btrfs or XFS, a full copy elsewhere), made under a
+// build slot. The choice rests on the configuration only, nothing the job
+// or its state file says.
 func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, img *mechanism.Image) error {
 	t := time.Now()
-	pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
+	pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest, true)
 	if err != nil {
 		return err
 	}
@@ -138,11 +163,21 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	if err := removeTree(copyDir); err != nil {
 		return failure.Systemf("charliecloud: remove the old job copy %s: %v", copyDir, err)
 	}
+	makeCopy := linkTree
+	if r.mayWriteImage() {
+		release, err := st.BuildSlot(ctx)
+		if err != nil {
+			return mechanism.StoreError(err)
+		}
+		defer release()
+		makeCopy = cloneTree
+		req.Log.Printf("Copying the image for this job (ch-run -w is allowed, so the job must not share files with your stored image).")
+	}
 	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
 	if err != nil {
 		return failure.Systemf("charliecloud: %v", err)
 	}
-	err = linkTree(filepath.Join(r.Storage, "img", forPath(req.Ref.FamiliarAtDigest(img.Digest))), copyDir)
+	err = makeCopy(filepath.Join(r.Storage, "img", forPath(req.Ref.FamiliarAtDigest(img.Digest))), copyDir)
 	lock.Unlock()
 	if err == nil {
 		img.Shell, img.RunOptions, err = prepareTree(copyDir, req)
@@ -175,7 +210,7 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	key := squashKey(img.Digest, req.MountPoints)
 	res, err := st.Ensure(ctx, key, req.JobKey, imagecache.ValidSquashFS, func(ctx context.Context, tmp string) error {
 		t := time.Now()
-		pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
+		pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest, false)
 		if pulled {
 			img.PullTime = time.Since(t)
 		}
@@ -189,6 +224,7 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	if err != nil {
 		return mechanism.StoreError(err)
 	}
+	mechanism.LogDamaged(req.Log, res)
 	img.Cache = mechanism.CacheState(res)
 	img.Format = FormatSquash
 	img.Handle, img.Lease = res.Path, res.Lease
