@@ -461,6 +461,39 @@ func TestContainerUserArgs(t *testing.T) {
 	})
 }
 
+// TestContainerWriteFlagLeavesTheStoredImage: with ch-run -w allowed, a
+// job that writes into its image changes its own copy only: the image in
+// the user's storage, which the next job copies, stays as pulled (a copy
+// made of hard links would share the written file with it).
+func TestContainerWriteFlagLeavesTheStoredImage(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `allowed_user_args = ["-w", "--set-env"]`)
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Variables = map[string]string{rt.argsVar: "-w"}
+		j.Script = []string{`echo job-was-here >> /etc/os-release`, `echo "written=$(grep -c job-was-here /etc/os-release)"`}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "written=1", "the job wrote into its image")
+		assert.Contains(t, res.Log, "Copying the image for this job")
+
+		stored, err := filepath.Glob(filepath.Join(e.storage, u.Name+".ch", "img", "*%ci%tiny@sha256+*", "etc", "os-release"))
+		require.NoError(t, err)
+		require.Len(t, stored, 1, "the pulled image in the user's storage")
+		b, err := os.ReadFile(stored[0])
+		require.NoError(t, err)
+		assert.NotContains(t, string(b), "job-was-here", "the stored image is unchanged")
+		left, err := os.ReadDir(filepath.Join(e.storage, u.Name+".ci-exec", "charliecloud-jobs"))
+		require.NoError(t, err)
+		assert.Empty(t, left, "cleanup removed the job's copy")
+
+		j.Script = []string{`echo "next=$(grep -c job-was-here /etc/os-release)"`}
+		j.Variables = nil
+		res = runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "next=0", "the next job runs the image as pulled")
+	}, func(rt runtimeFixture) bool { return rt.name == "charliecloud" })
+}
+
 func TestContainerRegistryCredentials(t *testing.T) {
 	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
 		e := containerRunner(t, rt, u, "", "")

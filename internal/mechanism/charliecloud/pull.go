@@ -27,6 +27,9 @@ const (
 	FormatStorage = "storage"
 	// FormatSquash: a SquashFS file, mounted by ch-run itself.
 	FormatSquash = "squashfs"
+	// FormatDir: the job's own image directory outside the storage, run
+	// by path (where ch-run -w works); see copyForJob.
+	FormatDir = "dir"
 )
 
 // busyWait is how long a pull waits for another ch-image to release the
@@ -136,12 +139,15 @@ func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *ima
 // copyForJob gives the job its own copy of the stored image, under a
 // per-job name, with the mount points, and finds its shell.
 //
-// The copy is made of hard links (one directory entry per file, about as
-// fast as listing the image) unless the admin's run options or the user
-// arguments the admin allows can include ch-run -w, which mounts the image
-// read-write: a job could then change the stored image's files through
-// their shared inodes (and every later job would run the changed image).
-// Then every file is a copy of its own (reflinked where the file system
+// The copy is made of hard links in the storage, run by name (one
+// directory entry per file, about as fast as listing the image; ch-run
+// refuses -w by name, so nothing writes to the shared files), unless the
+// admin's run options or the user arguments the admin allows can include
+// ch-run -w. -w works only on an image directory run by path, outside the
+// storage, and a job could then change the stored image's files through
+// shared inodes (every later job would run the changed image). So then the
+// copy is a directory of its own in <user>.ci-exec/charliecloud-jobs, run
+// by path, whose every file is a copy (reflinked where the file system
 // can, so near free on btrfs or XFS, a full copy elsewhere), made under a
 // build slot. The choice rests on the configuration only, nothing the job
 // or its state file says.
@@ -155,23 +161,31 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	if pulled {
 		img.Cache, img.PullTime = "miss", time.Since(t)
 	}
-	img.Format = FormatStorage
-	img.Handle = jobImageRepo + ":" + req.JobKey
-	copyDir := filepath.Join(r.Storage, "img", forPath(img.Handle))
+	var copyDir string
+	makeCopy := linkTree
+	if r.mayWriteImage() {
+		if err := mechanism.EnsureUserDir(r.jobsDir()); err != nil {
+			return failure.Systemf("charliecloud: job image copies: %v", err)
+		}
+		copyDir = filepath.Join(r.jobsDir(), req.JobKey)
+		img.Format, img.Handle = FormatDir, copyDir
+		makeCopy = cloneTree
+	} else {
+		img.Format, img.Handle = FormatStorage, jobImageRepo+":"+req.JobKey
+		copyDir = filepath.Join(r.Storage, "img", forPath(img.Handle))
+	}
 	img.Private = []string{copyDir}
 	// A copy left by an earlier attempt of this job (prepare is retried).
 	if err := removeTree(copyDir); err != nil {
 		return failure.Systemf("charliecloud: remove the old job copy %s: %v", copyDir, err)
 	}
-	makeCopy := linkTree
-	if r.mayWriteImage() {
+	if img.Format == FormatDir {
 		release, err := st.BuildSlot(ctx)
 		if err != nil {
 			return mechanism.StoreError(err)
 		}
 		defer release()
-		makeCopy = cloneTree
-		req.Log.Printf("Copying the image for this job (ch-run -w is allowed, so the job must not share files with your stored image).")
+		req.Log.Printf("Copying the image for this job to %s: ch-run -w is allowed, so the job gets files of its own, not those of your stored image.", copyDir)
 	}
 	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
 	if err != nil {
@@ -352,13 +366,22 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
 
+// jobsDir holds the job copies run by path (FormatDir):
+// <image_storage_dir>/<user>.ci-exec/charliecloud-jobs, next to the store
+// and on the same file system as the storage as a rule (so copies can be
+// reflinks), but not inside the storage, whose directories ch-run runs only
+// by name.
+func (r *Runtime) jobsDir() string {
+	return filepath.Join(filepath.Dir(r.StoreRoot()), Name+"-jobs")
+}
+
 // jobKeyRE is the form of a per-job key (mechanism.PullRequest.JobKey).
 var jobKeyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
 
 // Release ends the job's lease on a stored SquashFS file and removes its
-// own copies: its directory in the storage (img/ci-exec-job+KEY) or its
-// mount point in jobDir (KEY.mnt). Nothing else is ever removed, whatever
-// the state file says.
+// own copies: its directory in the storage (img/ci-exec-job+KEY) or in
+// the jobs dir (charliecloud-jobs/KEY), or its mount point in jobDir
+// (KEY.mnt). Nothing else is ever removed, whatever the state file says.
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
 	errs := []error{r.ReleaseLease(img)}
 	imgDir := filepath.Join(r.Storage, "img")
@@ -369,7 +392,8 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 		key, isCopy := strings.CutPrefix(base, forPath(jobImageRepo+":"))
 		ext := filepath.Ext(base)
 		switch {
-		case isCopy && dir == imgDir && jobKeyRE.MatchString(key):
+		case isCopy && dir == imgDir && jobKeyRE.MatchString(key),
+			dir == r.jobsDir() && jobKeyRE.MatchString(base):
 			if err := removeTree(p); err != nil {
 				errs = append(errs, err)
 			}
