@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -548,6 +549,43 @@ func TestContainerRegistryCredentials(t *testing.T) {
 			res := runJob(t, e.runner, j)
 			assertUserFailure(t, res, "image not found, or access denied")
 		})
+	})
+}
+
+// TestContainerRegistryFailures: a missing tag is the user's to fix (a
+// build failure, not retried, naming the tag); a registry that is down is
+// the system's (retried), and the log says the connection was refused,
+// whether ci-exec resolves the tag or the runtime pulls a pinned digest.
+func TestContainerRegistryFailures(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "")
+		t.Run("missing tag", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_REGISTRY")+"/ci/tiny:no-such-tag")
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, `tag "no-such-tag" of `+testenv.Fact(t, "CI_EXEC_TEST_REGISTRY")+"/ci/tiny")
+			assert.Len(t, res.Calls(runnerdouble.KindPrepare), 1, "a user error is not retried")
+			assert.NotContains(t, res.Log, "\nmust-not-run")
+		})
+		for name, image := range map[string]string{
+			"registry down":                "/ci/tiny:latest",
+			"registry down, digest pinned": "/ci/tiny@sha256:" + strings.Repeat("ab", 32),
+		} {
+			t.Run(name, func(t *testing.T) {
+				l, err := net.Listen("tcp", "127.0.0.1:0")
+				require.NoError(t, err)
+				down := l.Addr().String()
+				require.NoError(t, l.Close())
+				j := runnerdouble.Job{Image: down + image, Script: []string{"echo must-not-run"}}
+				res := runJob(t, e.runner, j)
+				assert.Equal(t, runnerdouble.StateFailed, res.State)
+				assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a registry that is down is not the job's fault")
+				assert.Len(t, res.Calls(runnerdouble.KindPrepare), runnerdouble.PrepareAttempts, "system failures in prepare are retried")
+				assert.Contains(t, res.Log, "connection refused by "+down+": is the registry up?")
+				assert.NotContains(t, res.Log, "HTTP response to HTTPS client")
+				assert.NotContains(t, res.Log, "\nmust-not-run")
+			})
+		}
 	})
 }
 

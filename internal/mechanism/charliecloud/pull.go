@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -357,7 +358,14 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 		kind = mechanism.PullTLS
 	case strings.Contains(tail, "storage directory seems invalid") || strings.Contains(tail, "invalid storage directory"):
 		kind = mechanism.PullStorage
-	case strings.Contains(tail, "Max retries exceeded") || strings.Contains(tail, "Connection refused") ||
+	case strings.Contains(tail, "Connection refused"):
+		// ch-image is Python: its output is all there is to read. The
+		// address is urllib3's, "HTTPSConnectionPool(host='H', port=P)".
+		kind, last = mechanism.PullRefused, ""
+		if m := poolAddr.FindStringSubmatch(tail); m != nil {
+			last = net.JoinHostPort(m[1], m[2])
+		}
+	case strings.Contains(tail, "Max retries exceeded") ||
 		strings.Contains(tail, "Name or service not known") || strings.Contains(tail, "timed out"):
 		kind = mechanism.PullUnreachable
 	default:
@@ -365,6 +373,10 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	}
 	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
+
+// poolAddr finds the address in urllib3's "HTTPSConnectionPool(host='H',
+// port=P)".
+var poolAddr = regexp.MustCompile(`ConnectionPool\(host='([^']+)', port=([0-9]+)\)`)
 
 // jobsDir holds the job copies run by path (FormatDir):
 // <image_storage_dir>/<user>.ci-exec/charliecloud-jobs, next to the store

@@ -206,7 +206,7 @@ func (s Suite[F]) FailedPullKeepsTheStoredImage(t *testing.T) {
 	_, err := f.Pull(anon(f, ref, "j2-second", config.PullAlways))
 	require.Error(t, err)
 	assert.Equal(t, failure.System, failure.ClassOf(err))
-	assert.Contains(t, err.Error(), "unreachable")
+	assert.Contains(t, err.Error(), "connection refused by")
 	assert.Equal(t, Digest1, f.Store(t).Tag(ref.Full))
 	s.Kept(t, rig, ref, "j2-second")
 
@@ -324,9 +324,9 @@ func (s Suite[F]) PullResolveFailures(t *testing.T) {
 		{name: "job token refused", login: true, cred: func(t *testing.T, h string) auth.Credential { return s.Creds.JobToken(t, h, s.Token) },
 			class: failure.System, wantErr: "job token"},
 		{name: "unknown tag", cred: func(t *testing.T, h string) auth.Credential { return s.Creds.FromUser(t, h, s.Password) }, tag: "nope",
-			class: failure.User, wantErr: "image not found"},
+			class: failure.User, wantErr: `image not found, or access denied (tag "nope" of `},
 		{name: s.NotListed.Name, cred: anonymous, secure: true, class: failure.System, wantErr: s.NotListed.WantErr},
-		{name: "registry down", cred: anonymous, down: true, class: failure.System, wantErr: "unreachable"},
+		{name: "registry down", cred: anonymous, down: true, class: failure.System, wantErr: ": is the registry up?"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -352,6 +352,11 @@ func (s Suite[F]) PullResolveFailures(t *testing.T) {
 			assert.Equal(t, tt.class, failure.ClassOf(err), err.Error())
 			assert.Contains(t, err.Error(), tt.wantErr)
 			assert.Contains(t, err.Error(), ref.Full)
+			if tt.down {
+				assert.Contains(t, err.Error(), "connection refused by "+host+": is the registry up?")
+				assert.NotContains(t, err.Error(), "HTTP response to HTTPS client", "not a plain-HTTP problem")
+				assert.NotContains(t, err.Error(), "plain HTTP")
+			}
 			s.Secrets.AssertAbsent(t, "error", err.Error())
 			assert.NotContains(t, err.Error(), "wrong-password-1")
 			assert.Zero(t, f.Pulls(t), s.Tool+" not run")
