@@ -104,15 +104,21 @@ func Open(root string, l Limits) (*Store, error) {
 // on them.
 var ErrNoLocks = errors.New("its file system refuses file locks")
 
-// lockErr turns a failed lock call into an error; one that says the file
-// system does not lock (Lustre without -o flock: ENOSYS; NFSv3 without its
-// lock service: ENOLCK; some FUSE file systems: EOPNOTSUPP) names the fix.
+// lockErr turns a failed lock call into an error (see LockError).
 func (s *Store) lockErr(name string, err error) error {
+	return LockError("image store "+s.Root, "flock "+name, err)
+}
+
+// LockError turns a failed lock call on what (a lock of where) into an
+// error; one that says the file system does not lock (Lustre without -o
+// flock: ENOSYS; NFSv3 without its lock service: ENOLCK; some FUSE file
+// systems: EOPNOTSUPP) wraps ErrNoLocks and names the fix.
+func LockError(where, what string, err error) error {
 	if errors.Is(err, syscall.ENOLCK) || errors.Is(err, syscall.ENOSYS) || errors.Is(err, syscall.EOPNOTSUPP) {
-		return fmt.Errorf("image store %s: %w (flock %s: %w); on Lustre mount it with -o flock, on NFS use NFSv4 or NFSv3 with its lock service (not -o nolock), or set image_storage_dir to a local file system",
-			s.Root, ErrNoLocks, name, err)
+		return fmt.Errorf("%s: %w (%s: %w); on Lustre mount it with -o flock, on NFS use NFSv4 or NFSv3 with its lock service (not -o nolock), or set image_storage_dir to a local file system",
+			where, ErrNoLocks, what, err)
 	}
-	return fmt.Errorf("image store %s: lock %s: %w", s.Root, name, err)
+	return fmt.Errorf("%s: %s: %w", where, what, err)
 }
 
 // checkLocks takes and drops a shared lock, so that a store on a file

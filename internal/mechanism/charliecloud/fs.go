@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
@@ -64,7 +65,7 @@ func lockStorage(storage string, deadline time.Time) (*storageLock, error) {
 		}
 		if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES) {
 			f.Close()
-			return nil, fmt.Errorf("lock the image storage: %w", err)
+			return nil, imagecache.LockError("image storage "+storage, "lock", err)
 		}
 		if time.Now().After(deadline) {
 			f.Close()

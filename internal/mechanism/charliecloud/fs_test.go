@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -566,6 +567,9 @@ func TestLockStorage(t *testing.T) {
 		storage := t.TempDir()
 		cmd := exec.Command(os.Args[0])
 		cmd.Env = append(os.Environ(), "CI_EXEC_TEST_HOLD_LOCK="+storage)
+		hold, err := cmd.StdinPipe() // the holder waits on it: never written
+		require.NoError(t, err)
+		defer hold.Close()
 		out, err := cmd.StdoutPipe()
 		require.NoError(t, err)
 		require.NoError(t, cmd.Start())
@@ -588,7 +592,7 @@ func TestLockStorage(t *testing.T) {
 
 // TestMain makes the test binary, started with CI_EXEC_TEST_HOLD_LOCK, the
 // other process of TestLockStorage: it takes ch-image's storage lock and
-// holds it until killed.
+// holds it until killed (or its stdin closes).
 func TestMain(m *testing.M) {
 	storage := os.Getenv("CI_EXEC_TEST_HOLD_LOCK")
 	if storage == "" {
@@ -600,6 +604,6 @@ func TestMain(m *testing.M) {
 	}
 	_ = l
 	os.Stdout.WriteString("locked\n")
-	time.Sleep(time.Minute)
+	_, _ = io.Copy(io.Discard, os.Stdin)
 	os.Exit(0)
 }
