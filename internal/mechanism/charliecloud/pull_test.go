@@ -160,10 +160,10 @@ func TestClassifyPull(t *testing.T) {
 			"hint: if your registry needs authentication, use --auth\n"
 		tlsFail = "pulling image:    127.0.0.1:5443/ci/tiny:latest\n" +
 			"error: HTTPSConnectionPool(host='127.0.0.1', port=5443): Max retries exceeded with url: /v2/ (Caused by SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate (_ssl.c:992)')))\n"
-		refused = "error: HTTPSConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno 111] Connection refused'))\n"
-		noHost  = "error: HTTPSConnectionPool(host='registry.invalid', port=443): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno -2] Name or service not known'))\n"
-		badStorage  = "error: storage directory seems invalid: /var/tmp/ciuser.ch\n"
-		unknown     = "pulling image:    127.0.0.1:5443/ci/tiny:latest\nerror: something new went wrong\n"
+		refused    = "error: HTTPSConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno 111] Connection refused'))\n"
+		noHost     = "error: HTTPSConnectionPool(host='registry.invalid', port=443): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno -2] Name or service not known'))\n"
+		badStorage = "error: storage directory seems invalid: /var/tmp/ciuser.ch\n"
+		unknown    = "pulling image:    127.0.0.1:5443/ci/tiny:latest\nerror: something new went wrong\n"
 	)
 	tests := []struct {
 		name      string
