@@ -26,7 +26,6 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
-	"github.com/hashicorp/go-multierror"
 )
 
 // DefaultPath is where the runner's config_args point by default.
@@ -422,14 +421,14 @@ func ExpandUserPath(key, p string, u UserInfo) (string, error) {
 }
 
 func (c *Config) expand(u UserInfo) error {
-	var errs *multierror.Error
+	var errs []error
 	exp := func(key string, p *string) {
 		if *p == "" {
 			return
 		}
 		v, err := ExpandUserPath(key, *p, u)
 		if err != nil {
-			errs = multierror.Append(errs, err)
+			errs = append(errs, err)
 			return
 		}
 		*p = v
@@ -447,29 +446,27 @@ func (c *Config) expand(u UserInfo) error {
 	return oneLine(errs)
 }
 
-// oneLine joins validation errors into a single line, so the job log gets one
-// line that names every problem.
-func oneLine(errs *multierror.Error) error {
-	if errs == nil || len(errs.Errors) == 0 {
-		return nil
+// oneLine joins validation errors (errors.Join) into a single line, so the
+// job log gets one line that names every problem.
+func oneLine(errs []error) error {
+	if err := errors.Join(errs...); err != nil {
+		return oneLineError{err}
 	}
-	errs.ErrorFormat = func(es []error) string {
-		parts := make([]string, len(es))
-		for i, e := range es {
-			parts[i] = e.Error()
-		}
-		return strings.Join(parts, "; ")
-	}
-	return errs
+	return nil
 }
+
+type oneLineError struct{ joined error }
+
+func (e oneLineError) Error() string { return strings.ReplaceAll(e.joined.Error(), "\n", "; ") }
+func (e oneLineError) Unwrap() error { return e.joined }
 
 var envName = regexp.MustCompile(`^[A-Za-z_][A-Za-z0-9_]*$`)
 var envGlob = regexp.MustCompile(`^[A-Za-z_*?][A-Za-z0-9_*?]*$`)
 
 // Validate checks every value and reports all problems at once.
 func (c *Config) Validate() error {
-	var errs *multierror.Error
-	add := func(format string, args ...any) { errs = multierror.Append(errs, fmt.Errorf(format, args...)) }
+	var errs []error
+	add := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
 	g := &c.General
 
 	switch {

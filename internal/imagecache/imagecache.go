@@ -21,6 +21,15 @@
 //	refs/KEY/JOB       one marker per job using KEY (removed at cleanup)
 //	locks/             flock files: one per key, the conversion slots
 //	tmp/               builds in progress
+//
+// Locks are flock(2) locks, which the kernel drops when their holder dies.
+// On NFS the Linux client emulates them with whole-file POSIX locks (since
+// 2.6.12), which work across clients with NFSv4 or NFSv3 with its lock
+// service, and are local to one client with -o nolock or local_lock; on
+// Lustre they work across clients only with -o flock (localflock makes
+// them local, and without either flock(2) fails with ENOSYS). A store
+// whose file system refuses locks is refused with an error naming the
+// mount option (ErrNoLocks), never used without them.
 package imagecache
 
 import (
@@ -33,10 +42,12 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/gofrs/flock"
 
+	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/owndir"
 )
 
@@ -81,7 +92,65 @@ func Open(root string, l Limits) (*Store, error) {
 	if l.MaxBuilds <= 0 {
 		l.MaxBuilds = 2
 	}
-	return &Store{Root: root, Limits: l}, nil
+	st := &Store{Root: root, Limits: l}
+	if err := st.checkLocks(); err != nil {
+		return nil, err
+	}
+	return st, nil
+}
+
+// ErrNoLocks is (wrapped in) the error for a store whose file system
+// refuses file locks: single flight, eviction and the build cap all rest
+// on them.
+var ErrNoLocks = errors.New("its file system refuses file locks")
+
+// lockErr turns a failed lock call into an error (see LockError).
+func (s *Store) lockErr(name string, err error) error {
+	return LockError("image store "+s.Root, "flock "+name, err)
+}
+
+// LockError turns a failed lock call on what (a lock of where) into an
+// error; one that says the file system does not lock (Lustre without -o
+// flock: ENOSYS; NFSv3 without its lock service: ENOLCK; some FUSE file
+// systems: EOPNOTSUPP) wraps ErrNoLocks and names the fix.
+func LockError(where, what string, err error) error {
+	if errors.Is(err, syscall.ENOLCK) || errors.Is(err, syscall.ENOSYS) || errors.Is(err, syscall.EOPNOTSUPP) {
+		return fmt.Errorf("%s: %w (%s: %w); on Lustre mount it with -o flock, on NFS use NFSv4 or NFSv3 with its lock service (not -o nolock), or set image_storage_dir to a local file system",
+			where, ErrNoLocks, what, err)
+	}
+	return fmt.Errorf("%s: %s: %w", where, what, err)
+}
+
+// checkLocks takes and drops a shared lock, so that a store on a file
+// system without locks is refused before any job relies on them.
+func (s *Store) checkLocks() error {
+	l := flock.New(filepath.Join(s.Root, "locks", "check.lock"), flock.SetPermissions(0o600))
+	if _, err := l.TryRLock(); err != nil {
+		return s.lockErr("check", err)
+	}
+	return l.Unlock()
+}
+
+// Trace receives, for one job, what the store does that its log should
+// tell (see WithTrace).
+type Trace struct {
+	// Waiting is called when the job starts waiting for another job of the
+	// same user; reason says for what ("another job of yours is building
+	// this image").
+	Waiting func(reason string)
+}
+
+type traceKey struct{}
+
+// WithTrace returns a context whose store calls report to t.
+func WithTrace(ctx context.Context, t Trace) context.Context {
+	return context.WithValue(ctx, traceKey{}, t)
+}
+
+func waiting(ctx context.Context, reason string) {
+	if t, ok := ctx.Value(traceKey{}).(Trace); ok && t.Waiting != nil {
+		t.Waiting(reason)
+	}
 }
 
 var keyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)
@@ -107,6 +176,9 @@ type Result struct {
 	Hit, Waited bool
 	// BuildTime is the time spent building (0 on a hit).
 	BuildTime time.Duration
+	// Damaged is why the entry that was there failed its check and was
+	// rebuilt (nil when it was not).
+	Damaged error
 }
 
 // Ensure returns the valid entry key with a lease for job on it, building
@@ -138,13 +210,14 @@ func (s *Store) Ensure(ctx context.Context, key, job string, valid func(path str
 	ok, lerr := shared.TryRLock()
 	if lerr == nil && !ok {
 		res.Waited = true // a build of this key is running
+		waiting(ctx, "another job of yours is building this image")
 		ok, lerr = shared.TryRLockContext(ctx, lockRetry)
 	}
 	if lerr != nil || !ok {
 		if lerr == nil {
 			lerr = ctx.Err()
 		}
-		return res, fmt.Errorf("lock %s: %w", key, lerr)
+		return res, s.lockErr(key, lerr)
 	}
 	hit := valid(res.Path) == nil
 	_ = shared.Unlock()
@@ -153,26 +226,29 @@ func (s *Store) Ensure(ctx context.Context, key, job string, valid func(path str
 		s.touch(res.Path)
 		return res, nil
 	}
-	unlock, waited, err := s.lock(ctx, "key-"+key)
+	unlock, waited, err := s.lock(ctx, "key-"+key, "another job of yours is building this image")
 	if err != nil {
 		return res, err
 	}
 	defer unlock()
 	waited = waited || res.Waited
-	if err := valid(res.Path); err == nil {
+	invalid := valid(res.Path)
+	if invalid == nil {
 		res.Hit, res.Waited = true, waited
 		s.touch(res.Path)
 		return res, nil
-	} else if _, statErr := os.Lstat(res.Path); statErr == nil {
+	}
+	if _, statErr := os.Lstat(res.Path); statErr == nil {
 		// Damaged (truncated, not an image): rebuilt below.
+		res.Damaged = invalid
 		if err := os.Remove(res.Path); err != nil {
-			return res, fmt.Errorf("remove damaged image %s (%v): %w", res.Path, err, err)
+			return res, fmt.Errorf("remove the damaged image %s (%v): %w", res.Path, invalid, err)
 		}
 	}
 	// Leftovers of a build that was killed (we hold the key's lock, so no
 	// build of this key is running).
 	s.removeTemps(key)
-	release, err := s.buildSlot(ctx)
+	release, err := s.BuildSlot(ctx)
 	if err != nil {
 		return res, err
 	}
@@ -188,11 +264,8 @@ func (s *Store) Ensure(ctx context.Context, key, job string, valid func(path str
 		_ = os.Remove(res.Path + ".meta")
 		return res, fmt.Errorf("the built image is not valid: %w", err)
 	}
-	if err := syncFile(tmp); err != nil {
+	if err := atomicfile.Publish(tmp, res.Path); err != nil {
 		return res, err
-	}
-	if err := os.Rename(tmp, res.Path); err != nil {
-		return res, fmt.Errorf("publish %s: %w", key, err)
 	}
 	res.BuildTime = time.Since(start)
 	return res, nil
@@ -205,18 +278,6 @@ func (s *Store) removeTemps(key string) {
 	}
 }
 
-func syncFile(path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.IsDir() {
-		return nil
-	}
-	return f.Sync()
-}
-
 // touch records a use (eviction by age goes by modification time).
 func (s *Store) touch(path string) {
 	now := time.Now()
@@ -227,32 +288,48 @@ func (s *Store) touch(path string) {
 const lockRetry = 100 * time.Millisecond
 
 // lock takes the exclusive file lock name, waiting while another job holds
-// it; waited says whether it had to. The kernel drops the lock when the
-// holder dies, so a killed job never blocks the others.
-func (s *Store) lock(ctx context.Context, name string) (unlock func(), waited bool, err error) {
+// it (reason says what that job does, for Trace); waited says whether it
+// had to. The kernel drops the lock when the holder dies, so a killed job
+// never blocks the others.
+func (s *Store) lock(ctx context.Context, name, reason string) (unlock func(), waited bool, err error) {
 	l := flock.New(filepath.Join(s.Root, "locks", name+".lock"), flock.SetPermissions(0o600))
 	ok, err := l.TryLock()
 	if err == nil && !ok {
 		waited = true
+		waiting(ctx, reason)
 		ok, err = l.TryLockContext(ctx, lockRetry)
 	}
 	if err != nil || !ok {
 		if err == nil {
 			err = ctx.Err()
 		}
-		return nil, waited, fmt.Errorf("lock %s: %w", name, err)
+		return nil, waited, s.lockErr(name, err)
 	}
 	return func() { _ = l.Unlock() }, waited, nil
 }
 
-// buildSlot takes one of MaxBuilds slots, waiting while all are taken.
-func (s *Store) buildSlot(ctx context.Context) (release func(), err error) {
-	for {
+// BuildSlot takes one of MaxBuilds slots (max_concurrent_builds), waiting
+// while this user's other jobs hold all of them. Ensure takes one for its
+// build; runtimes take one for other heavy work (a pull into their own
+// storage, a full copy of an image), never while holding one already.
+//
+// Lock order, so that no two jobs wait for each other: an entry's lock,
+// then a slot, then a named lock (Lock); never a slot while holding a
+// named lock, never two slots at once.
+func (s *Store) BuildSlot(ctx context.Context) (release func(), err error) {
+	for told := false; ; told = true {
 		for i := 0; i < s.Limits.MaxBuilds; i++ {
 			l := flock.New(filepath.Join(s.Root, "locks", fmt.Sprintf("build-slot-%d.lock", i)), flock.SetPermissions(0o600))
-			if ok, err := l.TryLock(); err == nil && ok {
+			ok, err := l.TryLock()
+			if err != nil {
+				return nil, s.lockErr(fmt.Sprintf("build slot %d", i), err)
+			}
+			if ok {
 				return func() { _ = l.Unlock() }, nil
 			}
+		}
+		if !told {
+			waiting(ctx, fmt.Sprintf("a build slot (your other jobs are running %d pulls or conversions, the max_concurrent_builds limit)", s.Limits.MaxBuilds))
 		}
 		select {
 		case <-ctx.Done():
@@ -263,12 +340,14 @@ func (s *Store) buildSlot(ctx context.Context) (release func(), err error) {
 }
 
 // Lock takes a named exclusive lock in the store (for work outside
-// Ensure that must not run twice at once, such as a runtime's own pull).
-func (s *Store) Lock(ctx context.Context, name string) (unlock func(), err error) {
+// Ensure that must not run twice at once, such as a runtime's own pull);
+// reason says, for Trace, what a job waiting for it waits for ("another
+// job of yours is pulling this image").
+func (s *Store) Lock(ctx context.Context, name, reason string) (unlock func(), err error) {
 	if err := CheckKey(name); err != nil {
 		return nil, err
 	}
-	unlock, _, err = s.lock(ctx, "name-"+name)
+	unlock, _, err = s.lock(ctx, "name-"+name, reason)
 	return unlock, err
 }
 
@@ -295,7 +374,7 @@ func (s *Store) SetTag(ref, digest string) error {
 	if !digestRE.MatchString(digest) {
 		return fmt.Errorf("not a sha256 digest: %q", digest)
 	}
-	return writeAtomic(filepath.Join(s.Root, "tags", tagName(ref)), digest+"\n")
+	return atomicfile.Write(filepath.Join(s.Root, "tags", tagName(ref)), []byte(digest+"\n"), 0o600)
 }
 
 // Meta returns a fact recorded with an entry ("" if none).
@@ -326,23 +405,7 @@ func (s *Store) SetMeta(key, name, value string) error {
 		}
 	}
 	lines = append(lines, name+"="+value)
-	return writeAtomic(s.Path(key)+".meta", strings.Join(lines, "\n")+"\n")
-}
-
-func writeAtomic(path, content string) error {
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".tmp-*")
-	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.WriteString(content); err != nil {
-		tmp.Close()
-		return err
-	}
-	if err := tmp.Close(); err != nil {
-		return err
-	}
-	return os.Rename(tmp.Name(), path)
+	return atomicfile.Write(s.Path(key)+".meta", []byte(strings.Join(lines, "\n")+"\n"), 0o600)
 }
 
 // Use records that job uses entry key until Release of the returned lease
@@ -355,12 +418,26 @@ func (s *Store) Use(key, job string) (lease string, err error) {
 		return "", err
 	}
 	dir := filepath.Join(s.Root, "refs", key)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", err
-	}
 	lease = filepath.Join(dir, job)
-	return lease, os.WriteFile(lease, nil, 0o600)
+	// Release removes refs/KEY when it drops the last lease, which can be
+	// between this job's mkdir and its write: then the directory is made
+	// again. Once the lease exists the directory is not empty and stays.
+	// (os.Mkdir, not MkdirAll: MkdirAll fails when the directory it found
+	// existing is removed before it checks it.)
+	for tries := 0; ; tries++ {
+		if err := os.Mkdir(dir, 0o700); err != nil && !errors.Is(err, fs.ErrExist) {
+			return "", err
+		}
+		testHookUse()
+		err = os.WriteFile(lease, nil, 0o600)
+		if err == nil || !errors.Is(err, fs.ErrNotExist) || tries == 100 {
+			return lease, err
+		}
+	}
 }
+
+// testHookUse runs between Use's mkdir and its write (tests only).
+var testHookUse = func() {}
 
 // Release ends a lease returned by Use. A path that is not a lease of
 // this store is refused.

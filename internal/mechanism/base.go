@@ -16,6 +16,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
 )
@@ -122,10 +123,8 @@ func (b *Base) probeCached(ctx context.Context, required, optional []string, pro
 		return info, err
 	}
 	if data, err := json.Marshal(map[string]any{"key": key, "info": info}); err == nil {
-		tmp := fmt.Sprintf("%s.%d", cacheFile, os.Getpid())
-		if os.WriteFile(tmp, data, 0o600) == nil {
-			_ = os.Rename(tmp, cacheFile)
-		}
+		// A failed write only means probing again next time.
+		_ = atomicfile.Write(cacheFile, data, 0o600)
 	}
 	return info, nil
 }

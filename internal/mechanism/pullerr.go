@@ -1,11 +1,17 @@
 package mechanism
 
 import (
+	"context"
 	"errors"
+	"fmt"
+	"net"
+
+	"github.com/distribution/reference"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
+	"github.com/ci-exec/ci-exec/internal/joblog"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
@@ -26,7 +32,10 @@ const (
 	PullTLS
 	// PullPlainHTTP: the registry speaks plain HTTP.
 	PullPlainHTTP
-	// PullUnreachable: connection refused, unknown host, timeout.
+	// PullRefused: the registry's host refused the connection (nothing
+	// listens there: the registry is down).
+	PullRefused
+	// PullUnreachable: unknown host, no route, timeout.
 	PullUnreachable
 	// PullStorage: the runtime's local storage is broken.
 	PullStorage
@@ -40,7 +49,8 @@ const (
 //     user's input, is at fault; the runner retries);
 //   - TLS, plain HTTP, network, storage and anything else: a system error.
 //
-// detail is the runtime's own last error line.
+// detail is the runtime's own last error line; for PullRefused it is the
+// host:port that refused the connection ("": the reference's registry).
 func PullError(kind PullFailure, ref string, cred auth.Credential, names auth.VariableNames, storage, detail string) error {
 	switch kind {
 	case PullAuthRefused:
@@ -60,11 +70,17 @@ func PullError(kind PullFailure, ref string, cred auth.Credential, names auth.Va
 		case auth.JobToken:
 			hint += ", and that this project's job token may read it"
 		}
-		return failure.Userf("pulling %s: image not found, or access denied (%s)", ref, hint)
+		return failure.Userf("pulling %s: image not found, or access denied (%s; %s)", ref, whatWasAsked(ref), hint)
 	case PullTLS:
 		return failure.Systemf("pulling %s: the registry's TLS certificate is not trusted on this host; the admin must install its CA or list the registry in insecure_registries: %s", ref, detail)
 	case PullPlainHTTP:
 		return failure.Systemf("pulling %s: the registry speaks plain HTTP; the admin must list it in insecure_registries to allow that: %s", ref, detail)
+	case PullRefused:
+		addr := detail
+		if addr == "" {
+			addr = registryAddr(ref)
+		}
+		return failure.Systemf("pulling %s: connection refused by %s: is the registry up? (a system failure: the runner will retry)", ref, addr)
 	case PullUnreachable:
 		return failure.Systemf("pulling %s: the registry is unreachable: %s", ref, detail)
 	case PullStorage:
@@ -74,16 +90,51 @@ func PullError(kind PullFailure, ref string, cred auth.Credential, names auth.Va
 }
 
 // DigestError turns a failed digest lookup (package registry) into the
-// same classes and advice as a failed pull.
+// same classes and advice as a failed pull; the lookup's errors are
+// classified by their types (registry.Diagnose), not their text.
 func DigestError(err error, ref string, cred auth.Credential, names auth.VariableNames) error {
+	d := registry.Diagnose(err)
 	kind := map[registry.Failure]PullFailure{
 		registry.AuthRefused: PullAuthRefused,
 		registry.NotFound:    PullNotFound,
 		registry.TLS:         PullTLS,
 		registry.PlainHTTP:   PullPlainHTTP,
+		registry.Refused:     PullRefused,
 		registry.Unreachable: PullUnreachable,
-	}[registry.Classify(err)]
-	return PullError(kind, ref, cred, names, "", "resolving the tag: "+OneLine(err.Error()))
+	}[d.Failure]
+	if kind == PullRefused {
+		return PullError(kind, ref, cred, names, "", d.Addr)
+	}
+	return PullError(kind, ref, cred, names, "", "resolving the tag: "+OneLine(d.Detail))
+}
+
+// whatWasAsked names the tag (or digest) and repository of a normalised
+// reference, for a line that says which one is missing.
+func whatWasAsked(ref string) string {
+	named, err := reference.ParseNormalizedNamed(ref)
+	if err != nil {
+		return "reference " + ref
+	}
+	switch r := named.(type) {
+	case reference.Digested:
+		return fmt.Sprintf("digest %s of %s", r.Digest(), named.Name())
+	case reference.Tagged:
+		return fmt.Sprintf("tag %q of %s", r.Tag(), named.Name())
+	}
+	return fmt.Sprintf("tag %q of %s", "latest", named.Name())
+}
+
+// registryAddr is the host:port of a normalised reference's registry (443
+// when it names no port).
+func registryAddr(ref string) string {
+	host := ref
+	if named, err := reference.ParseNormalizedNamed(ref); err == nil {
+		host = reference.Domain(named)
+	}
+	if _, _, err := net.SplitHostPort(host); err == nil {
+		return host
+	}
+	return net.JoinHostPort(host, "443")
 }
 
 // StoreError classifies an error from the image store: a pull's own error
@@ -93,6 +144,25 @@ func StoreError(err error) error {
 		return err
 	}
 	return failure.Systemf("image store: %v", err)
+}
+
+// StoreTrace makes the image store's waits for the user's other jobs show
+// in the job log, so that a prepare that waits says why.
+func StoreTrace(ctx context.Context, log *joblog.Logger) context.Context {
+	if log == nil {
+		return ctx
+	}
+	return imagecache.WithTrace(ctx, imagecache.Trace{Waiting: func(reason string) {
+		log.Printf("Waiting: %s.", reason)
+	}})
+}
+
+// LogDamaged tells the job log when the stored image failed its check and
+// was rebuilt.
+func LogDamaged(log *joblog.Logger, res imagecache.Result) {
+	if res.Damaged != nil && log != nil {
+		log.Warnf("The stored image %s was damaged (%v); it was rebuilt.", res.Path, res.Damaged)
+	}
 }
 
 // CacheState is the job-log word for how the store served an image.

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+
+	"github.com/ci-exec/ci-exec/internal/atomicfile"
 )
 
 // StateFile is the name of the prepare result in the job's state dir.
@@ -36,19 +38,7 @@ func (s *State) Save(dir string) error {
 	if err != nil {
 		return fmt.Errorf("encode prepare state: %w", err)
 	}
-	tmp, err := os.CreateTemp(dir, "."+StateFile+"-*")
-	if err != nil {
-		return fmt.Errorf("save prepare state: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := tmp.Write(append(b, '\n')); err != nil {
-		tmp.Close()
-		return fmt.Errorf("save prepare state: %w", err)
-	}
-	if err := tmp.Close(); err != nil {
-		return fmt.Errorf("save prepare state: %w", err)
-	}
-	if err := os.Rename(tmp.Name(), filepath.Join(dir, StateFile)); err != nil {
+	if err := atomicfile.Write(filepath.Join(dir, StateFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save prepare state: %w", err)
 	}
 	return nil

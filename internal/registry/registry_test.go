@@ -3,14 +3,18 @@ package registry
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"io"
 	"log"
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"net/url"
+	"os"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -20,6 +24,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -332,7 +337,10 @@ func TestDigestUntrustedTLS(t *testing.T) {
 	})
 }
 
-func TestDigestUnreachable(t *testing.T) {
+// TestDigestRefused: a registry that is down (nothing listens on its
+// port) is Refused, with its address, and the reason is the https://
+// attempt's, not the plain-HTTP fallback's refusal.
+func TestDigestRefused(t *testing.T) {
 	closedPort := func(t *testing.T, ip string) string {
 		l, err := net.Listen("tcp", ip+":0")
 		if err != nil {
@@ -355,9 +363,23 @@ func TestDigestUnreachable(t *testing.T) {
 			host := closedPort(t, tc.ip)
 			_, err := Digest(ctx(t), host+"/app:v1", auth.Credential{}, Options{PlainHTTP: tc.plain, Timeout: 10 * time.Second})
 			require.Error(t, err)
-			assert.Equal(t, Unreachable, Classify(err), "%v", err)
+			d := Diagnose(err)
+			assert.Equal(t, Refused, d.Failure, "%v", err)
+			assert.Equal(t, host, d.Addr)
+			assert.Contains(t, d.Detail, "connection refused")
+			assert.NotContains(t, d.Detail, "HTTP response to HTTPS client")
+			assert.NotContains(t, d.Detail, "plain HTTP")
 		})
 	}
+}
+
+func TestDigestUnknownHost(t *testing.T) {
+	_, err := Digest(ctx(t), "no-such-host.invalid:5000/app:v1", auth.Credential{}, Options{Timeout: 10 * time.Second})
+	require.Error(t, err)
+	d := Diagnose(err)
+	assert.Equal(t, Unreachable, d.Failure, "%v", err)
+	assert.Equal(t, "no-such-host.invalid:5000", d.Addr)
+	assert.Contains(t, d.Detail, "no-such-host.invalid")
 }
 
 func TestDigestTimeout(t *testing.T) {
@@ -403,22 +425,45 @@ func TestHTTPSOnly(t *testing.T) {
 }
 
 func TestClassify(t *testing.T) {
+	dial := func(addr string, errno syscall.Errno) error {
+		a, _ := net.ResolveTCPAddr("tcp", addr)
+		return &net.OpError{Op: "dial", Net: "tcp", Addr: a, Err: os.NewSyscallError("connect", errno)}
+	}
+	get := func(u string, err error) error { return &url.Error{Op: "Get", URL: u, Err: err} }
+	refused := get("https://127.0.0.1:5999/v2/", dial("127.0.0.1:5999", syscall.ECONNREFUSED))
+	plainRefusal := get("http://127.0.0.1:5999/v2/", errPlainHTTP)
 	tests := map[string]struct {
 		err  error
 		want Failure
+		addr string
 	}{
-		"wrapped plain":       {err: errors.Join(errors.New("x"), errPlainHTTP), want: PlainHTTP},
-		"net/http message":    {err: errors.New(`Get "https://h/v2/": http: server gave HTTP response to HTTPS client`), want: PlainHTTP},
-		"x509":                {err: errors.New("tls: failed to verify certificate: x509: certificate signed by unknown authority"), want: TLS},
-		"refused":             {err: errors.New("dial tcp 127.0.0.1:1: connect: connection refused"), want: Unreachable},
-		"dns":                 {err: errors.New("dial tcp: lookup nope.invalid: no such host"), want: Unreachable},
-		"deadline":            {err: context.DeadlineExceeded, want: Unreachable},
-		"something else":      {err: errors.New("unexpected EOF"), want: Other},
-		"network unreachable": {err: errors.New("connect: network is unreachable"), want: Unreachable},
+		"refused":                      {err: refused, want: Refused, addr: "127.0.0.1:5999"},
+		"refused, then plain refused":  {err: errors.Join(refused, plainRefusal), want: Refused, addr: "127.0.0.1:5999"},
+		"plain refused, then refused":  {err: errors.Join(plainRefusal, refused), want: Refused, addr: "127.0.0.1:5999"},
+		"refused, no port in the URL":  {err: get("https://reg.example.org/v2/", dial("10.0.0.5:443", syscall.ECONNREFUSED)), want: Refused, addr: "reg.example.org:443"},
+		"refused, no URL":              {err: dial("10.0.0.5:443", syscall.ECONNREFUSED), want: Refused, addr: "10.0.0.5:443"},
+		"no route":                     {err: get("https://10.9.9.9:5000/v2/", dial("10.9.9.9:5000", syscall.EHOSTUNREACH)), want: Unreachable, addr: "10.9.9.9:5000"},
+		"network unreachable":          {err: get("https://10.9.9.9:5000/v2/", dial("10.9.9.9:5000", syscall.ENETUNREACH)), want: Unreachable, addr: "10.9.9.9:5000"},
+		"dns":                          {err: get("https://nope.invalid/v2/", &net.OpError{Op: "dial", Net: "tcp", Err: &net.DNSError{Err: "no such host", Name: "nope.invalid", IsNotFound: true}}), want: Unreachable, addr: "nope.invalid:443"},
+		"deadline":                     {err: get("http://h:80/v2/", context.DeadlineExceeded), want: Unreachable, addr: "h:80"},
+		"x509":                         {err: get("https://h/v2/", &tls.CertificateVerificationError{Err: x509.UnknownAuthorityError{}}), want: TLS},
+		"x509 with a plain refusal":    {err: errors.Join(get("https://h/v2/", x509.HostnameError{Certificate: &x509.Certificate{}, Host: "h"}), plainRefusal), want: TLS},
+		"plain refused":                {err: plainRefusal, want: PlainHTTP},
+		"scheme mismatch":              {err: get("https://h/v2/", http.ErrSchemeMismatch), want: PlainHTTP},
+		"not found":                    {err: &transport.Error{StatusCode: http.StatusNotFound}, want: NotFound},
+		"unauthorized":                 {err: &transport.Error{StatusCode: http.StatusUnauthorized}, want: AuthRefused},
+		"something else":               {err: errors.New("unexpected EOF"), want: Other},
+		"a message is not a type":      {err: errors.New("dial tcp 127.0.0.1:1: connect: connection refused"), want: Other},
+		"a message is not a type, TLS": {err: errors.New("x509: certificate signed by unknown authority"), want: Other},
 	}
 	for nm, tc := range tests {
 		t.Run(nm, func(t *testing.T) {
-			assert.Equal(t, tc.want, Classify(tc.err))
+			d := Diagnose(tc.err)
+			assert.Equal(t, tc.want, d.Failure)
+			assert.Equal(t, tc.addr, d.Addr)
+			if tc.want != PlainHTTP {
+				assert.NotContains(t, d.Detail, "plain HTTP refused", "the fallback's refusal is not the reason")
+			}
 		})
 	}
 }

@@ -106,13 +106,15 @@ func TestBatchJob(t *testing.T) {
 	}
 }
 
-// releaseOnLine is a live-log writer that creates a file as soon as the
-// line want reaches the job log.
+// releaseOnLine is a live-log writer that creates a file (release, if
+// set) and closes seen (if set) as soon as the line want reaches the job
+// log.
 type releaseOnLine struct {
 	mu      sync.Mutex
 	buf     bytes.Buffer
 	want    string
 	release string
+	seen    chan struct{}
 	done    bool
 }
 
@@ -124,7 +126,12 @@ func (r *releaseOnLine) Write(p []byte) (int, error) {
 		for _, line := range strings.Split(r.buf.String(), "\n") {
 			if line == r.want { // the output itself, not the "$ echo ..." line
 				r.done = true
-				_ = os.WriteFile(r.release, []byte("go"), 0o644)
+				if r.release != "" {
+					_ = os.WriteFile(r.release, []byte("go"), 0o644)
+				}
+				if r.seen != nil {
+					close(r.seen)
+				}
 				break
 			}
 		}

@@ -149,20 +149,22 @@ func TestCacheConcurrentColdPrepares(t *testing.T) {
 		image := testenv.Fact(t, "CI_EXEC_TEST_IMAGE_BASH")
 		var wg sync.WaitGroup
 		results := make([]*runnerdouble.Result, 8)
+		errs := make([]error, len(results))
 		for i := range results {
+			j := tokenJob(t, image)
+			j.ID = int64(1000 + i)
+			j.ConcurrentID = i
+			j.Script = []string{`grep '^ID=' /etc/os-release`}
 			wg.Add(1)
 			go func(i int) {
 				defer wg.Done()
-				j := tokenJob(t, image)
-				j.ID = int64(1000 + i)
-				j.ConcurrentID = i
-				j.Script = []string{`grep '^ID=' /etc/os-release`}
-				results[i] = runJob(t, e.runner, j)
+				results[i], errs[i] = runJobErr(t, e.runner, j)
 			}(i)
 		}
 		wg.Wait()
 		pulls, converts, misses := 0, 0, 0
 		for i, res := range results {
+			require.NoError(t, errs[i])
 			require.True(t, res.Succeeded(), "job %d: %s", i, res.Error)
 			assert.Contains(t, res.Log, "ID=citinybash")
 			p, c := pullCount(rt, res.Log)
@@ -263,26 +265,19 @@ func TestCacheEvictionKeepsImagesInUse(t *testing.T) {
 		long.ID, long.ConcurrentID = 2001, 1
 		long.Script = []string{"echo long-job-started", fmt.Sprintf("while [ ! -e %s ]; do sleep 0.2; done", release), `grep '^ID=' /etc/os-release`}
 		var longRes *runnerdouble.Result
+		var longErr error
 		started := make(chan struct{})
 		longRunner := e.runner
-		longRunner.LiveLog = &releaseOnLine{want: "long-job-started", release: filepath.Join(e.dir, "long-started")}
+		longRunner.LiveLog = &releaseOnLine{want: "long-job-started", seen: started}
 		done := make(chan struct{})
 		go func() {
 			defer close(done)
-			longRes = runJob(t, longRunner, long)
-		}()
-		go func() {
-			for {
-				if _, err := os.Stat(filepath.Join(e.dir, "long-started")); err == nil {
-					close(started)
-					return
-				}
-				time.Sleep(50 * time.Millisecond)
-			}
+			longRes, longErr = runJobErr(t, longRunner, long)
 		}()
 		select {
 		case <-started:
 		case <-done:
+			require.NoError(t, longErr)
 			t.Fatalf("the long job ended early: %s", longRes.Log)
 		}
 		inUse := storeEntries(t, e, rt, u)
@@ -298,6 +293,7 @@ func TestCacheEvictionKeepsImagesInUse(t *testing.T) {
 
 		require.NoError(t, os.WriteFile(release, nil, 0o644))
 		<-done
+		require.NoError(t, longErr)
 		require.True(t, longRes.Succeeded(), longRes.Error)
 		assert.Contains(t, longRes.Log, "ID=citiny")
 

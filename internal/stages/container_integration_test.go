@@ -9,6 +9,7 @@ import (
 	"bytes"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -470,6 +471,39 @@ func TestContainerUserArgs(t *testing.T) {
 	})
 }
 
+// TestContainerWriteFlagLeavesTheStoredImage: with ch-run -w allowed, a
+// job that writes into its image changes its own copy only: the image in
+// the user's storage, which the next job copies, stays as pulled (a copy
+// made of hard links would share the written file with it).
+func TestContainerWriteFlagLeavesTheStoredImage(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `allowed_user_args = ["-w", "--set-env"]`)
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Variables = map[string]string{rt.argsVar: "-w"}
+		j.Script = []string{`echo job-was-here >> /etc/os-release`, `echo "written=$(grep -c job-was-here /etc/os-release)"`}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "written=1", "the job wrote into its image")
+		assert.Contains(t, res.Log, "Copying the image for this job")
+
+		stored, err := filepath.Glob(filepath.Join(e.storage, u.Name+".ch", "img", "*%ci%tiny@sha256+*", "etc", "os-release"))
+		require.NoError(t, err)
+		require.Len(t, stored, 1, "the pulled image in the user's storage")
+		b, err := os.ReadFile(stored[0])
+		require.NoError(t, err)
+		assert.NotContains(t, string(b), "job-was-here", "the stored image is unchanged")
+		left, err := os.ReadDir(filepath.Join(e.storage, u.Name+".ci-exec", "charliecloud-jobs"))
+		require.NoError(t, err)
+		assert.Empty(t, left, "cleanup removed the job's copy")
+
+		j.Script = []string{`echo "next=$(grep -c job-was-here /etc/os-release)"`}
+		j.Variables = nil
+		res = runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "next=0", "the next job runs the image as pulled")
+	}, func(rt runtimeFixture) bool { return rt.name == "charliecloud" })
+}
+
 func TestContainerRegistryCredentials(t *testing.T) {
 	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
 		e := containerRunner(t, rt, u, "", "")
@@ -524,6 +558,43 @@ func TestContainerRegistryCredentials(t *testing.T) {
 			res := runJob(t, e.runner, j)
 			assertUserFailure(t, res, "image not found, or access denied")
 		})
+	})
+}
+
+// TestContainerRegistryFailures: a missing tag is the user's to fix (a
+// build failure, not retried, naming the tag); a registry that is down is
+// the system's (retried), and the log says the connection was refused,
+// whether ci-exec resolves the tag or the runtime pulls a pinned digest.
+func TestContainerRegistryFailures(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "")
+		t.Run("missing tag", func(t *testing.T) {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_REGISTRY")+"/ci/tiny:no-such-tag")
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, `tag "no-such-tag" of `+testenv.Fact(t, "CI_EXEC_TEST_REGISTRY")+"/ci/tiny")
+			assert.Len(t, res.Calls(runnerdouble.KindPrepare), 1, "a user error is not retried")
+			assert.NotContains(t, res.Log, "\nmust-not-run")
+		})
+		for name, image := range map[string]string{
+			"registry down":                "/ci/tiny:latest",
+			"registry down, digest pinned": "/ci/tiny@sha256:" + strings.Repeat("ab", 32),
+		} {
+			t.Run(name, func(t *testing.T) {
+				l, err := net.Listen("tcp", "127.0.0.1:0")
+				require.NoError(t, err)
+				down := l.Addr().String()
+				require.NoError(t, l.Close())
+				j := runnerdouble.Job{Image: down + image, Script: []string{"echo must-not-run"}}
+				res := runJob(t, e.runner, j)
+				assert.Equal(t, runnerdouble.StateFailed, res.State)
+				assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a registry that is down is not the job's fault")
+				assert.Len(t, res.Calls(runnerdouble.KindPrepare), runnerdouble.PrepareAttempts, "system failures in prepare are retried")
+				assert.Contains(t, res.Log, "connection refused by "+down+": is the registry up?")
+				assert.NotContains(t, res.Log, "HTTP response to HTTPS client")
+				assert.NotContains(t, res.Log, "\nmust-not-run")
+			})
+		}
 	})
 }
 

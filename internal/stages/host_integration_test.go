@@ -62,12 +62,23 @@ func hostUsers(t *testing.T) []testenv.User {
 
 func runJob(t *testing.T, c runnerdouble.Config, j runnerdouble.Job) *runnerdouble.Result {
 	t.Helper()
+	res, err := runJobErr(t, c, j)
+	require.NoError(t, err)
+	return res
+}
+
+// runJobErr is runJob for goroutines, which must not stop the test
+// (require): the test's goroutine checks the error.
+func runJobErr(t *testing.T, c runnerdouble.Config, j runnerdouble.Job) (*runnerdouble.Result, error) {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	res, err := c.Run(ctx, j)
-	require.NoError(t, err)
+	if err != nil {
+		return nil, err
+	}
 	t.Logf("job log:\n%s\nrunner log:\n%s", res.Log, res.RunnerLog)
-	return res
+	return res, nil
 }
 
 func TestHostJobSucceeds(t *testing.T) {

@@ -3,11 +3,11 @@ package stages
 import (
 	"context"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"regexp"
 
+	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
@@ -63,23 +63,9 @@ func copyScript(src, dir, stage string) (string, error) {
 		return "", fmt.Errorf("open the runner's script: %w", err)
 	}
 	defer in.Close()
-	tmp, err := os.CreateTemp(dir, "."+name+"-*")
-	if err != nil {
-		return "", fmt.Errorf("copy the runner's script: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	if _, err := io.Copy(tmp, in); err != nil {
-		tmp.Close()
-		return "", fmt.Errorf("copy the runner's script: %w", err)
-	}
-	if err := tmp.Chmod(0o700); err != nil {
-		tmp.Close()
-		return "", err
-	}
-	if err := tmp.Close(); err != nil {
-		return "", err
-	}
-	if err := os.Rename(tmp.Name(), dst); err != nil {
+	// Volatile: the copy is run at once and never after a crash, so it
+	// needs no fsync on the run path.
+	if err := atomicfile.WriteFrom(dst, in, 0o700, atomicfile.Volatile); err != nil {
 		return "", fmt.Errorf("copy the runner's script: %w", err)
 	}
 	return dst, nil

@@ -103,7 +103,7 @@ pull)
 	readlink "/proc/$$/fd/0" > "$R/pull-stdin"
 	prev=
 	for a in "$@"; do out=$prev; prev=$a; done
-	[ -f "$R/pull-sleep" ] && sleep "$(cat "$R/pull-sleep")"
+	[ -p "$R/pull-gate" ] && read gate < "$R/pull-gate"
 	echo 'INFO:    Converting OCI blobs to SIF format'
 	if [ -f "$R/pull-fail" ]; then
 		printf 'half a SIF' > "$out"

@@ -27,6 +27,7 @@ const FormatSIF = "sif"
 // more.
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
+	ctx = mechanism.StoreTrace(ctx, req.Log)
 	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatSIF}
 	info, err := r.Probe(ctx)
 	if err != nil {
@@ -54,6 +55,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 	if err != nil {
 		return img, mechanism.StoreError(err)
 	}
+	mechanism.LogDamaged(req.Log, res)
 	img.Cache = mechanism.CacheState(res)
 	if err := st.SetTag(req.Ref.Full, img.Digest); err != nil {
 		req.Log.Warnf("could not record the digest of %s: %v", req.Ref.Full, err)
@@ -136,7 +138,14 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 		kind = mechanism.PullPlainHTTP
 	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
 		kind = mechanism.PullTLS
-	case strings.Contains(last, "connection refused") || strings.Contains(last, "no such host") ||
+	case strings.Contains(last, "connect: connection refused"):
+		// Apptainer is a separate program: its output is all there is to
+		// read. The address is Go's, "dial tcp H:P: connect: ...".
+		kind, last = mechanism.PullRefused, ""
+		if m := dialAddr.FindStringSubmatch(tail); m != nil {
+			last = m[1]
+		}
+	case strings.Contains(last, "no such host") ||
 		strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
 		kind = mechanism.PullUnreachable
 	case strings.Contains(last, "no space left on device"):
@@ -146,6 +155,10 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	}
 	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
+
+// dialAddr finds the address in Go's "dial tcp H:P: connect: connection
+// refused".
+var dialAddr = regexp.MustCompile(`dial tcp (\S+): connect: connection refused`)
 
 // shellProbe prints the shell stage scripts should run with. It is a fixed
 // script: no user data is ever part of it.

@@ -23,6 +23,7 @@
 package charliecloud
 
 import (
+	"strings"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
@@ -112,6 +113,86 @@ var runFlags = mechanism.FlagTable{
 // leaves the container early.
 func (r *Runtime) DefaultUserArgs() []string {
 	return []string{"--set-env", "--env-no-expand", "--private-tmp", "--no-passwd", "--verbose", "--cd"}
+}
+
+// writeFlag is ch-run's option that mounts the image read-write.
+const writeFlag = "--write"
+
+// mayWriteImage reports whether a run command of this configuration can
+// mount the image read-write: the admin's custom_options or runner_options
+// have -w, or users may pass it (allowed_user_args, unless
+// disable_user_args). It reads the configuration only, so nothing a job
+// controls can make it false for a job that writes.
+func (r *Runtime) mayWriteImage() bool {
+	if hasFlag(r.Cfg.CustomOptions, writeFlag) || hasFlag(r.Cfg.RunnerOptions, writeFlag) {
+		return true
+	}
+	if r.Cfg.DisableUserArgs {
+		return false
+	}
+	allowed := r.Cfg.AllowedUserArgs
+	if len(allowed) == 0 {
+		allowed = r.DefaultUserArgs()
+	}
+	for _, a := range allowed {
+		if c, ok := runFlags.Canonical(a); ok && c == writeFlag {
+			return true
+		}
+	}
+	return false
+}
+
+// hasFlag reports whether args, read as ch-run reads its options (values
+// of options that take one are skipped; "-tw" is -t and -w), have flag
+// (canonical long name). A word it cannot read counts as having it: only
+// the admin's trusted options get here, and a wrong "yes" costs a copy.
+func hasFlag(args []string, flag string) bool {
+	for i := 0; i < len(args); i++ {
+		w := args[i]
+		switch {
+		case w == "--":
+			return false
+		case strings.HasPrefix(w, "--"):
+			name, _, hasValue := strings.Cut(w, "=")
+			f, ok := lookupFlag(name)
+			if !ok {
+				return true
+			}
+			if f.Long == flag {
+				return true
+			}
+			if f.Arg == mechanism.RequiredArg && !hasValue {
+				i++
+			}
+		case strings.HasPrefix(w, "-") && len(w) > 1:
+			for j := 1; j < len(w); j++ {
+				f, ok := lookupFlag("-" + string(w[j]))
+				if !ok {
+					return true
+				}
+				if f.Long == flag {
+					return true
+				}
+				if f.Arg == mechanism.RequiredArg {
+					if j == len(w)-1 {
+						i++
+					}
+					break
+				}
+			}
+		}
+	}
+	return false
+}
+
+// lookupFlag finds a ch-run option by its long or short name.
+func lookupFlag(name string) (mechanism.Flag, bool) {
+	for _, f := range runFlags {
+		if f.Long == name || f.Short == name {
+			return f, true
+		}
+	}
+	return mechanism.Flag{}, false
 }
 
 // toolEnv is the environment of ch-image and ch-convert (see

@@ -13,6 +13,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
@@ -64,7 +65,7 @@ func lockStorage(storage string, deadline time.Time) (*storageLock, error) {
 		}
 		if !errors.Is(err, unix.EAGAIN) && !errors.Is(err, unix.EACCES) {
 			f.Close()
-			return nil, fmt.Errorf("lock the image storage: %w", err)
+			return nil, imagecache.LockError("image storage "+storage, "lock", err)
 		}
 		if time.Now().After(deadline) {
 			f.Close()
@@ -82,8 +83,32 @@ func (l *storageLock) Unlock() { l.f.Close() } // closing drops POSIX locks
 // directory with src (so mount points can be added), and survives
 // ch-image replacing src later, because ch-image never rewrites a file in
 // place. Directories are made owner-writable so that Release can remove
-// the copy; the container sees the image read-only anyway.
+// the copy. The copy's files ARE src's files: use it only where nothing
+// writes to them (ch-run mounts the image read-only unless -w is given,
+// and ch-convert only reads); else cloneTree.
 func linkTree(src, dst string) error {
+	return copyTree(src, dst, func(p, target string, info fs.FileInfo) error {
+		if err := os.Link(p, target); err == nil {
+			return nil
+		}
+		// Hard links can be refused (fs.protected_hardlinks on a file the
+		// user does not own, a file system without them): copy instead.
+		return copyEntry(p, target, info)
+	})
+}
+
+// cloneTree makes dst a copy of src that shares no inode with it, so that
+// a job that writes to its image (ch-run -w) cannot change src: each file
+// is a reflink (FICLONE: copy-on-write, near free on btrfs, XFS and other
+// file systems that share extents) or else copied by the kernel
+// (copy_file_range).
+func cloneTree(src, dst string) error {
+	return copyTree(src, dst, copyEntry)
+}
+
+// copyTree recreates src's directories in dst and hands every other entry
+// to file.
+func copyTree(src, dst string, file func(src, dst string, info fs.FileInfo) error) error {
 	return filepath.WalkDir(src, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
 			return err
@@ -105,16 +130,12 @@ func linkTree(src, dst string) error {
 			// and sticky/setgid bits (/tmp is 1777) must survive.
 			return os.Chmod(target, info.Mode()&(fs.ModePerm|fs.ModeSticky|fs.ModeSetgid)|0o700)
 		}
-		if err := os.Link(p, target); err == nil {
-			return nil
-		}
-		// Hard links can be refused (fs.protected_hardlinks on a file the
-		// user does not own, a file system without them): copy instead.
-		return copyEntry(p, target, info)
+		return file(p, target, info)
 	})
 }
 
-// copyEntry copies one non-directory entry, for when a hard link fails.
+// copyEntry copies one non-directory entry into a new inode: a regular
+// file as a reflink where the file system has them, else by content.
 func copyEntry(src, dst string, info fs.FileInfo) error {
 	switch {
 	case info.Mode()&fs.ModeSymlink != 0:
@@ -133,14 +154,19 @@ func copyEntry(src, dst string, info fs.FileInfo) error {
 		if err != nil {
 			return err
 		}
-		if _, err := io.Copy(out, in); err != nil {
-			out.Close()
-			return err
+		if err := unix.IoctlFileClone(int(out.Fd()), int(in.Fd())); err != nil {
+			// No reflinks here (ext4, NFS, Lustre, another file system):
+			// io.Copy between files uses copy_file_range, which copies in
+			// the kernel (or on the NFS server).
+			if _, err := io.Copy(out, in); err != nil {
+				out.Close()
+				return err
+			}
 		}
 		if err := out.Close(); err != nil {
 			return err
 		}
-		return os.Chmod(dst, info.Mode().Perm())
+		return os.Chmod(dst, info.Mode()&(fs.ModePerm|fs.ModeSetuid|fs.ModeSetgid|fs.ModeSticky))
 	default:
 		// Devices, fifos and sockets are not in pulled images (ch-image
 		// drops them); skip rather than fail on an odd one.

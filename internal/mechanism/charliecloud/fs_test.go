@@ -3,6 +3,8 @@ package charliecloud
 import (
 	"bufio"
 	"errors"
+	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"os/exec"
@@ -14,8 +16,10 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
-	"github.com/ci-exec/ci-exec/internal/testenv"
 	"golang.org/x/sys/unix"
+
+	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
+	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
 func TestMkdirInImage(t *testing.T) {
@@ -214,10 +218,11 @@ func TestResolveInImage(t *testing.T) {
 	assert.False(t, executableInImage(root, "/etc/passwd"))
 }
 
-func TestLinkTree(t *testing.T) {
-	base := t.TempDir()
-	src := filepath.Join(base, "src")
-	dst := filepath.Join(base, "dst")
+// imageTree is an image directory with what copies must keep: modes,
+// symlinks (dangling ones too), sticky and setgid directories, read-only
+// directories.
+func imageTree(t *testing.T, src string) {
+	t.Helper()
 	makeTree(t, src, []entry{
 		file("bin/busybox", "busybox binary", 0o755),
 		symlink("bin/sh", "busybox"),
@@ -233,10 +238,104 @@ func TestLinkTree(t *testing.T) {
 	})
 	require.NoError(t, os.Chmod(filepath.Join(src, "ro/inner"), 0o555))
 	require.NoError(t, os.Chmod(filepath.Join(src, "ro"), 0o500))
+}
+
+// imageFiles are imageTree's regular files.
+var imageFiles = []string{"bin/busybox", "etc/passwd", "etc/shadow", "ro/inner/f", "ch/environment"}
+
+// TestCloneTree: a copy for a job that may write to its image has the
+// image's content, modes and symlinks, but no inode of it: writing to,
+// or changing the mode of, a copied file leaves the original as it was.
+func TestCloneTree(t *testing.T) {
+	base := t.TempDir()
+	src, dst := filepath.Join(base, "src"), filepath.Join(base, "dst")
+	imageTree(t, src)
+	require.NoError(t, cloneTree(src, dst))
+	for _, f := range imageFiles {
+		a, err := os.Lstat(filepath.Join(src, f))
+		require.NoError(t, err)
+		b, err := os.Lstat(filepath.Join(dst, f))
+		require.NoError(t, err)
+		assert.False(t, os.SameFile(a, b), "%s has an inode of its own", f)
+		assert.Equal(t, a.Mode(), b.Mode(), f)
+		assert.Equal(t, mechtest.ReadString(t, filepath.Join(src, f)), mechtest.ReadString(t, filepath.Join(dst, f)), f)
+	}
+	for f, target := range map[string]string{"bin/sh": "busybox", "etc/mtab": "/proc/self/mounts", "dangling": "/no/such/file"} {
+		got, err := os.Readlink(filepath.Join(dst, f))
+		require.NoError(t, err, f)
+		assert.Equal(t, target, got)
+	}
+	fi, err := os.Lstat(filepath.Join(dst, "tmp"))
+	require.NoError(t, err)
+	assert.Equal(t, fs.ModeDir|fs.ModeSticky|0o777, fi.Mode())
+
+	require.NoError(t, os.WriteFile(filepath.Join(dst, "etc/passwd"), []byte("changed\n"), 0o644))
+	require.NoError(t, os.Chmod(filepath.Join(dst, "bin/busybox"), 0o700))
+	assert.Equal(t, "root:x:0:0::/root:/bin/sh\n", mechtest.ReadString(t, filepath.Join(src, "etc/passwd")))
+	fi, err = os.Stat(filepath.Join(src, "bin/busybox"))
+	require.NoError(t, err)
+	assert.Equal(t, os.FileMode(0o755), fi.Mode().Perm())
+
+	require.Error(t, cloneTree(src, dst), "the destination must not exist yet")
+}
+
+// BenchmarkJobCopy measures the two ways of giving a job its copy of an
+// image directory: hard links (the default) and files of its own (when
+// ch-run -w is allowed). The tree has the shape of a small distribution
+// image: 2,000 files averaging 8 KiB (16 MiB) in 200 directories. Set
+// CI_EXEC_BENCH_DIR to measure another file system (a btrfs or XFS one
+// has reflinks).
+func BenchmarkJobCopy(b *testing.B) {
+	base := os.Getenv("CI_EXEC_BENCH_DIR")
+	if base == "" {
+		base = b.TempDir()
+	} else {
+		var err error
+		base, err = os.MkdirTemp(base, "bench-")
+		require.NoError(b, err)
+		b.Cleanup(func() { _ = removeTree(base) })
+	}
+	src := filepath.Join(base, "src")
+	var size int64
+	for d := 0; d < 200; d++ {
+		dir := filepath.Join(src, fmt.Sprintf("usr/lib/d%03d", d))
+		require.NoError(b, os.MkdirAll(dir, 0o755))
+		for f := 0; f < 10; f++ {
+			n := 1024 * (1 + (d*10+f)%15) // 1 to 15 KiB
+			require.NoError(b, os.WriteFile(filepath.Join(dir, fmt.Sprintf("f%d.so", f)), make([]byte, n), 0o644))
+			size += int64(n)
+		}
+	}
+	for _, m := range []struct {
+		name string
+		copy func(src, dst string) error
+	}{{"hard links", linkTree}, {"own files", cloneTree}} {
+		b.Run(m.name, func(b *testing.B) {
+			b.SetBytes(size)
+			for i := 0; i < b.N; i++ {
+				dst := filepath.Join(base, fmt.Sprintf("dst-%d", i))
+				if err := m.copy(src, dst); err != nil {
+					b.Fatal(err)
+				}
+				b.StopTimer()
+				if err := removeTree(dst); err != nil {
+					b.Fatal(err)
+				}
+				b.StartTimer()
+			}
+		})
+	}
+}
+
+func TestLinkTree(t *testing.T) {
+	base := t.TempDir()
+	src := filepath.Join(base, "src")
+	dst := filepath.Join(base, "dst")
+	imageTree(t, src)
 
 	require.NoError(t, linkTree(src, dst))
 
-	for _, f := range []string{"bin/busybox", "etc/passwd", "etc/shadow", "ro/inner/f", "ch/environment"} {
+	for _, f := range imageFiles {
 		a, err := os.Lstat(filepath.Join(src, f))
 		require.NoError(t, err)
 		b, err := os.Lstat(filepath.Join(dst, f))
@@ -468,6 +567,9 @@ func TestLockStorage(t *testing.T) {
 		storage := t.TempDir()
 		cmd := exec.Command(os.Args[0])
 		cmd.Env = append(os.Environ(), "CI_EXEC_TEST_HOLD_LOCK="+storage)
+		hold, err := cmd.StdinPipe() // the holder waits on it: never written
+		require.NoError(t, err)
+		defer hold.Close()
 		out, err := cmd.StdoutPipe()
 		require.NoError(t, err)
 		require.NoError(t, cmd.Start())
@@ -490,7 +592,7 @@ func TestLockStorage(t *testing.T) {
 
 // TestMain makes the test binary, started with CI_EXEC_TEST_HOLD_LOCK, the
 // other process of TestLockStorage: it takes ch-image's storage lock and
-// holds it until killed.
+// holds it until killed (or its stdin closes).
 func TestMain(m *testing.M) {
 	storage := os.Getenv("CI_EXEC_TEST_HOLD_LOCK")
 	if storage == "" {
@@ -502,6 +604,6 @@ func TestMain(m *testing.M) {
 	}
 	_ = l
 	os.Stdout.WriteString("locked\n")
-	time.Sleep(time.Minute)
+	_, _ = io.Copy(io.Discard, os.Stdin)
 	os.Exit(0)
 }

@@ -88,7 +88,7 @@ func dirEntry(path string, mode os.FileMode) entry { return entry{path: path, di
 func symlink(path, target string) entry            { return entry{path: path, link: target} }
 
 // fakeChImage stands in for ch-image 0.31's pull. Its behaviour is set by
-// files in the record dir R (pull-sleep, pull-fail, pull-nowrite, no-env,
+// files in the record dir R (pull-gate: a FIFO to wait on, pull-fail, pull-nowrite, no-env,
 // pull-hook: shell code run on the new image dir $d before it appears, with
 // $OUTSIDE a directory outside the storage), and it records what it was
 // given there. Like ch-image, it stores NAME in STORAGE/img/<NAME with "/"
@@ -106,7 +106,7 @@ for a; do
 	prev=$a
 done
 name=$prev
-[ -f "$R/pull-sleep" ] && sleep "$(cat "$R/pull-sleep")"
+[ -p "$R/pull-gate" ] && read gate < "$R/pull-gate"
 echo "pulling image:    $name"
 if [ -f "$R/pull-fail" ]; then cat "$R/pull-fail" >&2; exit 1; fi
 [ -f "$R/pull-nowrite" ] && { mkdir -p "$S/img"; exit 0; }
@@ -126,7 +126,7 @@ echo "done"
 // fakeChConvert stands in for `ch-convert -i dir -o squash DIR OUT`. It
 // records its arguments, environment and the tree of DIR, and writes a
 // SquashFS superblock (from R/sqfs-header) followed by that tree to OUT.
-// Behaviour files: convert-sleep, convert-fail, convert-garbage.
+// Behaviour files: convert-fail, convert-garbage.
 const fakeChConvert = `#!/bin/sh
 R=@RECORD@
 echo convert >> "$R/converts"
@@ -134,7 +134,6 @@ printf '%s\n' "$@" > "$R/convert-argv"
 env > "$R/convert-env"
 readlink "/proc/$$/fd/0" > "$R/convert-stdin"
 for a; do dir=$out; out=$a; done
-[ -f "$R/convert-sleep" ] && sleep "$(cat "$R/convert-sleep")"
 if [ -f "$R/convert-fail" ]; then cat "$R/convert-fail" >&2; exit 1; fi
 [ -e "$out" ] && { echo "error: $out exists" >&2; exit 1; }
 (cd "$dir" && find . | LC_ALL=C sort) > "$R/convert-tree" || exit 1

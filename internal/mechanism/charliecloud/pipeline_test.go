@@ -465,14 +465,13 @@ func TestPullSingleFileFromStorage(t *testing.T) {
 // TestConcurrentJobsPullOnce: jobs of the same user that need the same
 // image at once run ch-image once, and ch-convert once for single files.
 func TestConcurrentJobsPullOnce(t *testing.T) {
-	slowConvert := func(t *testing.T, f *fakeCharliecloud) { f.Set(t, "convert-sleep", "0.3") }
 	t.Run("copy", func(t *testing.T) {
-		f, _ := suite.ConcurrentJobsPullOnce(t, false, slowConvert, nil)
+		f, _ := suite.ConcurrentJobsPullOnce(t, false, nil, nil)
 		assert.Zero(t, f.converts(t))
 	})
 	t.Run("single file", func(t *testing.T) {
 		waited := "hit after waiting (another job built it)"
-		f, imgs := suite.ConcurrentJobsPullOnce(t, true, slowConvert, []string{"miss", waited, waited})
+		f, imgs := suite.ConcurrentJobsPullOnce(t, true, nil, []string{"miss", waited, waited})
 		for _, img := range imgs {
 			assert.Equal(t, "/bin/sh", img.Shell)
 		}

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -27,6 +28,9 @@ const (
 	FormatStorage = "storage"
 	// FormatSquash: a SquashFS file, mounted by ch-run itself.
 	FormatSquash = "squashfs"
+	// FormatDir: the job's own image directory outside the storage, run
+	// by path (where ch-run -w works); see copyForJob.
+	FormatDir = "dir"
 )
 
 // busyWait is how long a pull waits for another ch-image to release the
@@ -41,12 +45,17 @@ var busyWait = 10 * time.Minute
 //     jobs of the user pull it once;
 //  3. with req.SingleFile, it is converted once per digest (and mount-point
 //     set) to SquashFS in the user's store (imagecache), and the job takes a
-//     lease on that file; else the job gets its own hard-linked copy in the
-//     storage. Either way the bind mount points are created in the image
-//     (Charliecloud 0.31 cannot bind to a path the image lacks), and its
-//     shell is found.
+//     lease on that file; else the job gets its own copy in the storage
+//     (hard links, or files of its own when its run options may write to
+//     the image: see copyForJob). Either way the bind mount points are
+//     created in the image (Charliecloud 0.31 cannot bind to a path the
+//     image lacks), and its shell is found.
+//
+// Pulls, conversions and full copies take one of the user's build slots
+// (max_concurrent_builds).
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
+	ctx = mechanism.StoreTrace(ctx, req.Log)
 	img := mechanism.Image{Ref: req.Ref.Full}
 	info, err := r.Probe(ctx)
 	if err != nil {
@@ -95,15 +104,25 @@ func (r *Runtime) inStorage(name string) bool {
 
 // ensurePulled puts the image's digest into the storage unless it is
 // there. Jobs of the same user that need it at once wait for one another
-// (the store's lock), so it is pulled once.
-func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, digest string) (pulled bool, err error) {
+// (the store's lock), so it is pulled once. takeSlot takes a build slot for
+// the pull; false when the caller holds one (a conversion's build).
+func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, digest string, takeSlot bool) (pulled bool, err error) {
 	name := req.Ref.FamiliarAtDigest(digest)
 	if r.inStorage(name) {
 		return false, nil
 	}
-	unlock, err := st.Lock(ctx, "pull-"+strings.ReplaceAll(digest, ":", "-"))
+	if takeSlot {
+		// Before the pull lock (the store's lock order): a conversion holds
+		// its slot when it takes that lock.
+		release, err := st.BuildSlot(ctx)
+		if err != nil {
+			return false, mechanism.StoreError(err)
+		}
+		defer release()
+	}
+	unlock, err := st.Lock(ctx, "pull-"+strings.ReplaceAll(digest, ":", "-"), "another job of yours is pulling this image")
 	if err != nil {
-		return false, failure.Systemf("charliecloud: %v", err)
+		return false, mechanism.StoreError(err)
 	}
 	defer unlock()
 	if r.inStorage(name) {
@@ -118,11 +137,24 @@ func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *ima
 	return true, nil
 }
 
-// copyForJob gives the job its own copy of the stored image (hard links,
-// under a per-job name), with the mount points, and finds its shell.
+// copyForJob gives the job its own copy of the stored image, under a
+// per-job name, with the mount points, and finds its shell.
+//
+// The copy is made of hard links in the storage, run by name (one
+// directory entry per file, about as fast as listing the image; ch-run
+// refuses -w by name, so nothing writes to the shared files), unless the
+// admin's run options or the user arguments the admin allows can include
+// ch-run -w. -w works only on an image directory run by path, outside the
+// storage, and a job could then change the stored image's files through
+// shared inodes (every later job would run the changed image). So then the
+// copy is a directory of its own in <user>.ci-exec/charliecloud-jobs, run
+// by path, whose every file is a copy (reflinked where the file system
+// can, so near free on btrfs or XFS, a full copy elsewhere), made under a
+// build slot. The choice rests on the configuration only, nothing the job
+// or its state file says.
 func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, img *mechanism.Image) error {
 	t := time.Now()
-	pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
+	pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest, true)
 	if err != nil {
 		return err
 	}
@@ -130,19 +162,37 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	if pulled {
 		img.Cache, img.PullTime = "miss", time.Since(t)
 	}
-	img.Format = FormatStorage
-	img.Handle = jobImageRepo + ":" + req.JobKey
-	copyDir := filepath.Join(r.Storage, "img", forPath(img.Handle))
+	var copyDir string
+	makeCopy := linkTree
+	if r.mayWriteImage() {
+		if err := mechanism.EnsureUserDir(r.jobsDir()); err != nil {
+			return failure.Systemf("charliecloud: job image copies: %v", err)
+		}
+		copyDir = filepath.Join(r.jobsDir(), req.JobKey)
+		img.Format, img.Handle = FormatDir, copyDir
+		makeCopy = cloneTree
+	} else {
+		img.Format, img.Handle = FormatStorage, jobImageRepo+":"+req.JobKey
+		copyDir = filepath.Join(r.Storage, "img", forPath(img.Handle))
+	}
 	img.Private = []string{copyDir}
 	// A copy left by an earlier attempt of this job (prepare is retried).
 	if err := removeTree(copyDir); err != nil {
 		return failure.Systemf("charliecloud: remove the old job copy %s: %v", copyDir, err)
 	}
+	if img.Format == FormatDir {
+		release, err := st.BuildSlot(ctx)
+		if err != nil {
+			return mechanism.StoreError(err)
+		}
+		defer release()
+		req.Log.Printf("Copying the image for this job to %s: ch-run -w is allowed, so the job gets files of its own, not those of your stored image.", copyDir)
+	}
 	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
 	if err != nil {
 		return failure.Systemf("charliecloud: %v", err)
 	}
-	err = linkTree(filepath.Join(r.Storage, "img", forPath(req.Ref.FamiliarAtDigest(img.Digest))), copyDir)
+	err = makeCopy(filepath.Join(r.Storage, "img", forPath(req.Ref.FamiliarAtDigest(img.Digest))), copyDir)
 	lock.Unlock()
 	if err == nil {
 		img.Shell, img.RunOptions, err = prepareTree(copyDir, req)
@@ -175,7 +225,7 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	key := squashKey(img.Digest, req.MountPoints)
 	res, err := st.Ensure(ctx, key, req.JobKey, imagecache.ValidSquashFS, func(ctx context.Context, tmp string) error {
 		t := time.Now()
-		pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest)
+		pulled, err := r.ensurePulled(ctx, info, st, req, img.Digest, false)
 		if pulled {
 			img.PullTime = time.Since(t)
 		}
@@ -189,6 +239,7 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	if err != nil {
 		return mechanism.StoreError(err)
 	}
+	mechanism.LogDamaged(req.Log, res)
 	img.Cache = mechanism.CacheState(res)
 	img.Format = FormatSquash
 	img.Handle, img.Lease = res.Path, res.Lease
@@ -307,7 +358,14 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 		kind = mechanism.PullTLS
 	case strings.Contains(tail, "storage directory seems invalid") || strings.Contains(tail, "invalid storage directory"):
 		kind = mechanism.PullStorage
-	case strings.Contains(tail, "Max retries exceeded") || strings.Contains(tail, "Connection refused") ||
+	case strings.Contains(tail, "Connection refused"):
+		// ch-image is Python: its output is all there is to read. The
+		// address is urllib3's, "HTTPSConnectionPool(host='H', port=P)".
+		kind, last = mechanism.PullRefused, ""
+		if m := poolAddr.FindStringSubmatch(tail); m != nil {
+			last = net.JoinHostPort(m[1], m[2])
+		}
+	case strings.Contains(tail, "Max retries exceeded") ||
 		strings.Contains(tail, "Name or service not known") || strings.Contains(tail, "timed out"):
 		kind = mechanism.PullUnreachable
 	default:
@@ -316,13 +374,26 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
 
+// poolAddr finds the address in urllib3's "HTTPSConnectionPool(host='H',
+// port=P)".
+var poolAddr = regexp.MustCompile(`ConnectionPool\(host='([^']+)', port=([0-9]+)\)`)
+
+// jobsDir holds the job copies run by path (FormatDir):
+// <image_storage_dir>/<user>.ci-exec/charliecloud-jobs, next to the store
+// and on the same file system as the storage as a rule (so copies can be
+// reflinks), but not inside the storage, whose directories ch-run runs only
+// by name.
+func (r *Runtime) jobsDir() string {
+	return filepath.Join(filepath.Dir(r.StoreRoot()), Name+"-jobs")
+}
+
 // jobKeyRE is the form of a per-job key (mechanism.PullRequest.JobKey).
 var jobKeyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
 
 // Release ends the job's lease on a stored SquashFS file and removes its
-// own copies: its directory in the storage (img/ci-exec-job+KEY) or its
-// mount point in jobDir (KEY.mnt). Nothing else is ever removed, whatever
-// the state file says.
+// own copies: its directory in the storage (img/ci-exec-job+KEY) or in
+// the jobs dir (charliecloud-jobs/KEY), or its mount point in jobDir
+// (KEY.mnt). Nothing else is ever removed, whatever the state file says.
 func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string) error {
 	errs := []error{r.ReleaseLease(img)}
 	imgDir := filepath.Join(r.Storage, "img")
@@ -333,7 +404,8 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 		key, isCopy := strings.CutPrefix(base, forPath(jobImageRepo+":"))
 		ext := filepath.Ext(base)
 		switch {
-		case isCopy && dir == imgDir && jobKeyRE.MatchString(key):
+		case isCopy && dir == imgDir && jobKeyRE.MatchString(key),
+			dir == r.jobsDir() && jobKeyRE.MatchString(base):
 			if err := removeTree(p); err != nil {
 				errs = append(errs, err)
 			}

@@ -160,9 +160,10 @@ func TestClassifyPull(t *testing.T) {
 			"hint: if your registry needs authentication, use --auth\n"
 		tlsFail = "pulling image:    127.0.0.1:5443/ci/tiny:latest\n" +
 			"error: HTTPSConnectionPool(host='127.0.0.1', port=5443): Max retries exceeded with url: /v2/ (Caused by SSLError(SSLCertVerificationError(1, '[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: self-signed certificate (_ssl.c:992)')))\n"
-		unreachable = "error: HTTPSConnectionPool(host='127.0.0.1', port=5443): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno 111] Connection refused'))\n"
-		badStorage  = "error: storage directory seems invalid: /var/tmp/ciuser.ch\n"
-		unknown     = "pulling image:    127.0.0.1:5443/ci/tiny:latest\nerror: something new went wrong\n"
+		refused    = "error: HTTPSConnectionPool(host='127.0.0.1', port=5999): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno 111] Connection refused'))\n"
+		noHost     = "error: HTTPSConnectionPool(host='registry.invalid', port=443): Max retries exceeded with url: /v2/ (Caused by NewConnectionError('<urllib3.connection.HTTPSConnection object at 0x7f>: Failed to establish a new connection: [Errno -2] Name or service not known'))\n"
+		badStorage = "error: storage directory seems invalid: /var/tmp/ciuser.ch\n"
+		unknown    = "pulling image:    127.0.0.1:5443/ci/tiny:latest\nerror: something new went wrong\n"
 	)
 	tests := []struct {
 		name      string
@@ -173,11 +174,12 @@ func TestClassifyPull(t *testing.T) {
 	}{
 		{"refused user credentials", user, authGiveUp, failure.User, []string{ref, "CH_IMAGE_USERNAME", "user u"}},
 		{"refused job token", token, authGiveUp, failure.System, []string{ref, "job token", "retry"}},
-		{"not found anonymous", auth.Credential{}, notFound, failure.User, []string{ref, "image not found", "CH_IMAGE_USERNAME and CH_IMAGE_PASSWORD"}},
+		{"not found anonymous", auth.Credential{}, notFound, failure.User, []string{ref, "image not found", `tag "latest" of 127.0.0.1:5443/ci/tiny`, "CH_IMAGE_USERNAME and CH_IMAGE_PASSWORD"}},
 		{"not found with user credential", user, notFound, failure.User, []string{"image not found"}},
 		{"not found with job token", token, notFound, failure.User, []string{"image not found", "job token may read it"}},
 		{"untrusted certificate", auth.Credential{}, tlsFail, failure.System, []string{"TLS certificate", "insecure_registries", "CERTIFICATE_VERIFY_FAILED"}},
-		{"unreachable", auth.Credential{}, unreachable, failure.System, []string{"unreachable", "Connection refused"}},
+		{"registry down", auth.Credential{}, refused, failure.System, []string{ref, "connection refused by 127.0.0.1:5999: is the registry up?"}},
+		{"unknown host", auth.Credential{}, noHost, failure.System, []string{"unreachable", "Name or service not known"}},
 		{"broken storage", auth.Credential{}, badStorage, failure.System, []string{"/scratch/ciuser.ch", "broken"}},
 		{"unknown error", user, unknown, failure.System, []string{"error: something new went wrong"}},
 		{"no error line", auth.Credential{}, "Killed\n", failure.System, []string{"Killed"}},

@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"io"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -203,7 +206,7 @@ func (s Suite[F]) FailedPullKeepsTheStoredImage(t *testing.T) {
 	_, err := f.Pull(anon(f, ref, "j2-second", config.PullAlways))
 	require.Error(t, err)
 	assert.Equal(t, failure.System, failure.ClassOf(err))
-	assert.Contains(t, err.Error(), "unreachable")
+	assert.Contains(t, err.Error(), "connection refused by")
 	assert.Equal(t, Digest1, f.Store(t).Tag(ref.Full))
 	s.Kept(t, rig, ref, "j2-second")
 
@@ -321,9 +324,9 @@ func (s Suite[F]) PullResolveFailures(t *testing.T) {
 		{name: "job token refused", login: true, cred: func(t *testing.T, h string) auth.Credential { return s.Creds.JobToken(t, h, s.Token) },
 			class: failure.System, wantErr: "job token"},
 		{name: "unknown tag", cred: func(t *testing.T, h string) auth.Credential { return s.Creds.FromUser(t, h, s.Password) }, tag: "nope",
-			class: failure.User, wantErr: "image not found"},
+			class: failure.User, wantErr: `image not found, or access denied (tag "nope" of `},
 		{name: s.NotListed.Name, cred: anonymous, secure: true, class: failure.System, wantErr: s.NotListed.WantErr},
-		{name: "registry down", cred: anonymous, down: true, class: failure.System, wantErr: "unreachable"},
+		{name: "registry down", cred: anonymous, down: true, class: failure.System, wantErr: ": is the registry up?"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -349,6 +352,11 @@ func (s Suite[F]) PullResolveFailures(t *testing.T) {
 			assert.Equal(t, tt.class, failure.ClassOf(err), err.Error())
 			assert.Contains(t, err.Error(), tt.wantErr)
 			assert.Contains(t, err.Error(), ref.Full)
+			if tt.down {
+				assert.Contains(t, err.Error(), "connection refused by "+host+": is the registry up?")
+				assert.NotContains(t, err.Error(), "HTTP response to HTTPS client", "not a plain-HTTP problem")
+				assert.NotContains(t, err.Error(), "plain HTTP")
+			}
 			s.Secrets.AssertAbsent(t, "error", err.Error())
 			assert.NotContains(t, err.Error(), "wrong-password-1")
 			assert.Zero(t, f.Pulls(t), s.Tool+" not run")
@@ -458,15 +466,18 @@ func (s Suite[F]) PullAnonymously(t *testing.T, hostEnv map[string]string, check
 }
 
 // ConcurrentJobsPullOnce: jobs of the same user that need the same image
-// at once (three, and the pull is slow) run the pull program once, as a
-// single file when single. setup prepares the fake further (nil for
-// nothing); caches are the cache states the jobs see, in any order (nil:
-// not checked). It returns the fake and the jobs' images.
+// at once (three) run the pull program once, as a single file when single:
+// the pull is held (its fake waits on the FIFO Rec/pull-gate) until the two
+// other jobs say in their logs that they wait for it. setup prepares the
+// fake further (nil for nothing); caches are the cache states the jobs
+// see, in any order (nil: not checked). It returns the fake and the jobs'
+// images.
 func (s Suite[F]) ConcurrentJobsPullOnce(t *testing.T, single bool, setup func(t *testing.T, f F), caches []string) (F, []mechanism.Image) {
 	g := StartRegistry(t, s.Scheme)
 	rig := s.Install(t, config.Mechanism{}, nil)
 	f := rig.Shared()
-	f.Set(t, "pull-sleep", "0.5")
+	gate := filepath.Join(f.Rec, "pull-gate")
+	require.NoError(t, syscall.Mkfifo(gate, 0o600))
 	if setup != nil {
 		setup(t, rig)
 	}
@@ -474,16 +485,39 @@ func (s Suite[F]) ConcurrentJobsPullOnce(t *testing.T, single bool, setup func(t
 	keys := []string{"j1-a", "j2-b", "j3-c"}
 	imgs := make([]mechanism.Image, len(keys))
 	errs := make([]error, len(keys))
+	logs := make([]*LogWatch, len(keys))
 	var wg sync.WaitGroup
 	for i, k := range keys {
+		logs[i] = &LogWatch{}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			req := anon(f, ref, k, config.PullAlways)
+			req := f.Request(ref, k, config.PullAlways, auth.Credential{}, logs[i])
 			req.SingleFile = single
 			imgs[i], errs[i] = f.Pull(req)
 		}()
 	}
+	// Two jobs wait (for the pull, or for a build slot): then the pull
+	// may end.
+	seen := make([]<-chan struct{}, len(keys))
+	for i := range logs {
+		seen[i] = logs[i].Seen("Waiting: ")
+	}
+	timeout := time.After(time.Minute)
+	for waiting := 0; waiting < 2; {
+		select {
+		case <-seen[0]:
+			seen[0] = nil
+		case <-seen[1]:
+			seen[1] = nil
+		case <-seen[2]:
+			seen[2] = nil
+		case <-timeout:
+			t.Fatalf("two jobs did not say they wait; their logs:\n%s\n%s\n%s", logs[0], logs[1], logs[2])
+		}
+		waiting++
+	}
+	release(t, gate)
 	wg.Wait()
 	var got []string
 	for i, k := range keys {
@@ -499,4 +533,27 @@ func (s Suite[F]) ConcurrentJobsPullOnce(t *testing.T, single bool, setup func(t
 		assert.ElementsMatch(t, caches, got)
 	}
 	return rig, imgs
+}
+
+// release lets the fake program waiting on the FIFO gate go on: opening
+// it for writing waits for the program to open it for reading.
+func release(t *testing.T, gate string) {
+	t.Helper()
+	opened := make(chan error, 1)
+	go func() {
+		w, err := os.OpenFile(gate, os.O_WRONLY, 0)
+		if err == nil {
+			_, err = w.WriteString("go\n")
+			if cerr := w.Close(); err == nil {
+				err = cerr
+			}
+		}
+		opened <- err
+	}()
+	select {
+	case err := <-opened:
+		require.NoError(t, err)
+	case <-time.After(time.Minute):
+		t.Fatal("the pull program never waited on " + gate)
+	}
 }
