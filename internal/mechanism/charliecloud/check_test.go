@@ -28,6 +28,11 @@ func TestCheckImageAcceptsOnlyWhatPullMakes(t *testing.T) {
 	squash := mechanism.Image{Format: FormatSquash, Handle: entry, Shell: "/bin/bash", Lease: lease,
 		Private: []string{mnt}, RunOptions: []string{"--mount=" + mnt, "--set-env"}}
 	assert.NoError(t, r.CheckImage(copyImg, jobDir))
+	own := filepath.Join(r.jobsDir(), "j42-abc")
+	dirImg := mechanism.Image{Format: FormatDir, Handle: own, Shell: "/bin/sh", Private: []string{own}}
+	assert.NoError(t, r.CheckImage(dirImg, jobDir))
+	dirImg.Handle, dirImg.Private = "/builds/evil", []string{"/builds/evil"}
+	assert.Error(t, r.CheckImage(dirImg, jobDir), "a directory image outside the jobs dir")
 	assert.NoError(t, r.CheckImage(squash, jobDir))
 
 	bad := map[string]func(*mechanism.Image){

@@ -123,13 +123,13 @@ func TestJobCopyWhenTheJobMayWrite(t *testing.T) {
 			if tt.shared {
 				assert.Equal(t, FormatStorage, img.Format)
 				assert.Equal(t, "ci-exec-job:j1-write", img.Handle)
-				assert.Equal(t, []string{info.Program("ch-run"), "-s", f.Storage, "--set-env", "ci-exec-job:j1-write", "--", "/bin/sh", "/s"}, argv, "run by name")
+				assert.Equal(t, []string{info.Program("ch-run"), "-s", f.Storage, "--private-tmp", "--set-env", "ci-exec-job:j1-write", "--", "/bin/sh", "/s"}, argv, "run by name")
 			} else {
 				copyDir = filepath.Join(f.r.jobsDir(), "j1-write")
 				assert.Equal(t, FormatDir, img.Format)
 				assert.Equal(t, copyDir, img.Handle)
 				assert.NoDirExists(t, f.jobCopy("j1-write"))
-				assert.Equal(t, []string{info.Program("ch-run"), "--set-env", copyDir, "--", "/bin/sh", "/s"}, argv, "run by path, without -s")
+				assert.Equal(t, []string{info.Program("ch-run"), "--private-tmp", "--set-env", copyDir, "--", "/bin/sh", "/s"}, argv, "run by path, without -s")
 				assert.DirExists(t, filepath.Join(copyDir, "builds/ci"), "with the mount points")
 			}
 			assert.Equal(t, []string{copyDir}, img.Private)

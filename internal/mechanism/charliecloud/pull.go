@@ -424,7 +424,8 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 var squashEntry = regexp.MustCompile(`^sha256-[0-9a-f]{64}-[0-9a-f]{12}\.sqfs$`)
 
 // CheckImage accepts only what Pull makes: a per-job copy in the storage
-// by name (run options: at most --set-env), or a SquashFS entry of the
+// by name or in the jobs dir by path (run options: at most --set-env), or
+// a SquashFS entry of the
 // user's store with a lease and a mount point in jobDir (run options:
 // that --mount and --set-env). Anything else in a state file, a planted
 // --bind above all, is refused.
@@ -440,6 +441,14 @@ func (r *Runtime) CheckImage(img mechanism.Image, jobDir string) error {
 			return fmt.Errorf("image %s is not a per-job copy", img.Handle)
 		}
 		if len(img.Private) != 1 || img.Private[0] != filepath.Join(r.Storage, "img", forPath(img.Handle)) {
+			return fmt.Errorf("image %s lists paths that are not its copy", img.Handle)
+		}
+	case FormatDir:
+		key := filepath.Base(img.Handle)
+		if filepath.Dir(filepath.Clean(img.Handle)) != r.jobsDir() || !jobKeyRE.MatchString(key) || img.Lease != "" {
+			return fmt.Errorf("image %s is not a per-job copy in %s", img.Handle, r.jobsDir())
+		}
+		if len(img.Private) != 1 || filepath.Clean(img.Private[0]) != filepath.Clean(img.Handle) {
 			return fmt.Errorf("image %s lists paths that are not its copy", img.Handle)
 		}
 	case FormatSquash:
