@@ -89,7 +89,7 @@ func TestUserVolumesMayNotCoverTheJobsDirs(t *testing.T) {
 	require.NoError(t, os.MkdirAll(src, 0o755))
 	for _, dst := range []string{"/srv/ci/u", "/srv/ci", "/srv/ci/u/builds/r/000/x", "/srv"} {
 		s := viewSetup("/srv/ci/u")
-		s.Runtime = nil
+		s.Runtime = namedRuntime{}
 		s.Cfg.UserVolumeVariable = "CH_VOLUMES"
 		s.Cfg.VolumePrefixes = []string{filepath.Join(root, "scratch")}
 		s.Job = &job.Job{Vars: map[string]string{"CH_VOLUMES_0": src + ":" + dst}}
@@ -98,3 +98,8 @@ func TestUserVolumesMayNotCoverTheJobsDirs(t *testing.T) {
 		assert.Contains(t, err.Error(), "would cover the job's own", dst)
 	}
 }
+
+// namedRuntime is a Runtime with only a name: the policy code asks no more.
+type namedRuntime struct{ Runtime }
+
+func (namedRuntime) Name() string { return "test" }
