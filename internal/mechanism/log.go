@@ -4,6 +4,7 @@ import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // LogCommand prints a container command line to the job log in a collapsed
@@ -24,8 +25,8 @@ func LogCommand(log *joblog.Logger, section, header string, argv, env []string) 
 }
 
 // Describe is the short job-log form of where a stage runs.
-func Describe(p Placement, img *Image, runtime string) string {
-	if p == OnHost || img == nil {
+func Describe(p policy.Placement, img *Image, runtime string) string {
+	if p == policy.OnHost || img == nil {
 		return "on the host"
 	}
 	var b strings.Builder

@@ -15,6 +15,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/job"
 	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
@@ -44,8 +45,8 @@ type Setup struct {
 func (s Setup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
 
 // Placement returns the stage placement policy for state.
-func (s Setup) Placement(st *State) PlacementPolicy {
-	return PlacementPolicy{
+func (s Setup) Placement(st *State) policy.PlacementPolicy {
+	return policy.PlacementPolicy{
 		HasJobImage:    st != nil && st.Job != nil,
 		HasRunnerImage: st != nil && st.Runner != nil,
 		StepScriptOnly: s.Cfg.StepScriptOnly,
@@ -80,7 +81,7 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 			// prep_script runs in every prepare, as Jacamar's does in
 			// prepare_exec: the admin's hook for the user's directories and
 			// configuration does not depend on the job naming an image.
-			if err := s.runPrepScript(ctx, Ref{}); err != nil {
+			if err := s.runPrepScript(ctx, policy.Ref{}); err != nil {
 				return nil, err
 			}
 			s.Log.Printf("The job names no image: its scripts run on the host.")
@@ -94,7 +95,7 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 		given, admin = s.Cfg.DefaultImage, true
 		s.Log.Printf("The job names no image: using the default image %s (force_mechanism).", given)
 	}
-	ref, err := ParseImage(given)
+	ref, err := policy.ParseImage(given)
 	if err != nil {
 		if admin {
 			return nil, failure.Systemf("%s: %v", s.key("default_image"), err)
@@ -104,7 +105,7 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 	if !admin {
 		// The admin's own default_image and runner_image are trusted and
 		// not subject to the allowlist.
-		allow, err := NewAllowlist(s.Cfg.ImageAllowlist)
+		allow, err := policy.NewAllowlist(s.Cfg.ImageAllowlist)
 		if err != nil {
 			return nil, failure.AsSystem(err)
 		}
@@ -139,13 +140,13 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 	// in whatever the pull tool prints.
 	s.Log.AddSecrets(cred.Password())
 
-	var runnerRef *Ref
+	var runnerRef *policy.Ref
 	var runnerCred auth.Credential
 	switch {
 	case s.Cfg.RunnerImage != "" && s.Cfg.StepScriptOnly:
 		s.Log.Printf("runner_image is not used: step_script_only keeps the runner's stages on the host.")
 	case s.Cfg.RunnerImage != "":
-		r, err := ParseImage(s.Cfg.RunnerImage)
+		r, err := policy.ParseImage(s.Cfg.RunnerImage)
 		if err != nil {
 			return nil, failure.Systemf("%s: %v", s.key("runner_image"), err)
 		}
@@ -187,14 +188,14 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 }
 
 // pull pulls one image and converts it when the executor or the admin asks.
-func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, role string, mounts []string) (*Image, error) {
+func (s Setup) pull(ctx context.Context, ref policy.Ref, cred auth.Credential, pullPolicy, role string, mounts []string) (*Image, error) {
 	rt := s.Runtime
-	s.Log.Printf("Pulling %s (pull policy %s, credentials: %s)", ref.Full, policy, cred)
+	s.Log.Printf("Pulling %s (pull policy %s, credentials: %s)", ref.Full, pullPolicy, cred)
 	img, err := rt.Pull(ctx, PullRequest{
 		Ref:         ref,
-		Policy:      policy,
+		Policy:      pullPolicy,
 		Credential:  cred,
-		Insecure:    MatchRegistry(s.Cfg.InsecureRegistries, ref.Registry),
+		Insecure:    policy.MatchRegistry(s.Cfg.InsecureRegistries, ref.Registry),
 		JobKey:      s.jobKey() + role,
 		MountPoints: mounts,
 		Dir:         s.Layout.StateDir,
@@ -223,7 +224,7 @@ func (s Setup) pull(ctx context.Context, ref Ref, cred auth.Credential, policy, 
 
 // mountPoints are the container paths binds need: the data dir and the
 // user volumes' destinations.
-func (s Setup) mountPoints(vols []Bind) []string {
+func (s Setup) mountPoints(vols []policy.Bind) []string {
 	out := []string{s.Layout.DataDir}
 	for _, v := range vols {
 		out = append(out, v.Dst)
@@ -239,13 +240,13 @@ func (s Setup) jobKey() string {
 	return "j" + strconv.FormatInt(s.Job.ID(), 10) + "-" + hex.EncodeToString(h[:5])
 }
 
-func (s Setup) volumePolicy() VolumePolicy {
-	return VolumePolicy{Table: "general." + s.Runtime.Name(), Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
+func (s Setup) volumePolicy() policy.VolumePolicy {
+	return policy.VolumePolicy{Table: "general." + s.Runtime.Name(), Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
 }
 
-func (s Setup) userArgsPolicy() UserArgsPolicy {
+func (s Setup) userArgsPolicy() policy.UserArgsPolicy {
 	rt := s.Runtime
-	return UserArgsPolicy{
+	return policy.UserArgsPolicy{
 		Variable: rt.UserArgsVariable(),
 		Disabled: s.Cfg.DisableUserArgs,
 		Allowed:  s.Cfg.AllowedUserArgs,
@@ -259,7 +260,7 @@ func (s Setup) userArgsPolicy() UserArgsPolicy {
 // before any runtime command; CI_EXEC_IMAGE is empty for a job that runs on
 // the host. Its failure is a system failure: the admin's script broke, not
 // the job.
-func (s Setup) runPrepScript(ctx context.Context, ref Ref) error {
+func (s Setup) runPrepScript(ctx context.Context, ref policy.Ref) error {
 	script := s.Cfg.PrepScript
 	if script == "" {
 		return nil
@@ -281,17 +282,6 @@ func (s Setup) runPrepScript(ctx context.Context, ref Ref) error {
 		return failure.Systemf("%s %s failed with exit code %d (see its output above); the runner will retry", s.key("prep_script"), script, res.ExitCode)
 	}
 	return nil
-}
-
-// MatchRegistry reports whether registry (host[:port]) is in list, exactly
-// (host names case-insensitively).
-func MatchRegistry(list []string, registry string) bool {
-	for _, r := range list {
-		if auth.SameRegistry(registry, r) {
-			return true
-		}
-	}
-	return false
 }
 
 // Readiness is the job-log summary of how an image became ready: the

@@ -25,6 +25,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // Runtime is one container runtime. Methods that touch the system take a
@@ -46,7 +47,7 @@ type Runtime interface {
 	// RunFlags describes the run command's options, for checking user
 	// arguments; DefaultUserArgs is the safe subset users may pass when the
 	// admin lists none (no bind, write, uid/gid, storage or mount flags).
-	RunFlags() FlagTable
+	RunFlags() policy.FlagTable
 	DefaultUserArgs() []string
 
 	// Probe finds the runtime's programs and reports its version and
@@ -151,7 +152,7 @@ type Image struct {
 
 // PullRequest is one image to make available.
 type PullRequest struct {
-	Ref Ref
+	Ref policy.Ref
 	// Policy is config.PullAlways, PullIfNotPresent or PullNever.
 	Policy string
 	// Credential is what the registry gets (see package auth).
@@ -181,7 +182,7 @@ type RunSpec struct {
 	Info  Info
 	Image Image
 	// Binds in order: same-path dirs first, then user volumes.
-	Binds []Bind
+	Binds []policy.Bind
 	// Workdir is the initial working directory inside the container.
 	Workdir string
 	// Env is the container's complete environment (KEY=VALUE, sorted);

@@ -10,6 +10,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // ContainerPath is PATH inside containers unless the image's own
@@ -19,7 +20,7 @@ const ContainerPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/
 
 // StagePlan is how one stage runs under a mechanism.
 type StagePlan struct {
-	Placement Placement
+	Placement policy.Placement
 	// Image is nil when the stage runs on the host; Argv and Env are then
 	// empty and the caller builds its host command.
 	Image *Image
@@ -49,11 +50,11 @@ func StageCommand(ctx context.Context, s Setup, st *State, stage, script string)
 	p := s.Placement(st).Place(stage)
 	plan := StagePlan{Placement: p}
 	switch p {
-	case OnHost:
+	case policy.OnHost:
 		return plan, nil
-	case InJobImage:
+	case policy.InJobImage:
 		plan.Image = st.Job
-	case InRunnerImage:
+	case policy.InRunnerImage:
 		plan.Image = st.Runner
 	}
 	if err := s.Runtime.CheckImage(*plan.Image, s.Layout.StateDir); err != nil {
@@ -70,8 +71,8 @@ func StageCommand(ctx context.Context, s Setup, st *State, stage, script string)
 		Env:     s.containerEnv(),
 		Argv:    []string{plan.Image.Shell, script},
 	}
-	var vols []Bind
-	if p == InJobImage {
+	var vols []policy.Bind
+	if p == policy.InJobImage {
 		if vols, err = s.UserVolumes(info); err != nil {
 			return plan, err
 		}
@@ -100,7 +101,7 @@ func StageCommand(ctx context.Context, s Setup, st *State, stage, script string)
 // again in every stage (a source resolved at prepare could be swapped for
 // a symlink before a later stage mounts it). A volume may not cover the
 // job's own dirs or the data dir that holds them.
-func (s Setup) UserVolumes(info Info) ([]Bind, error) {
+func (s Setup) UserVolumes(info Info) ([]policy.Bind, error) {
 	vols, err := s.volumePolicy().UserVolumes(s.Job.Vars)
 	if err != nil {
 		return nil, err
@@ -121,7 +122,7 @@ func (s Setup) UserVolumes(info Info) ([]Bind, error) {
 // overlaps reports whether a and b are the same path or one contains the
 // other.
 func overlaps(a, b string) bool {
-	return underAny(a, []string{b}) || underAny(b, []string{a})
+	return policy.UnderAny(a, []string{b}) || policy.UnderAny(b, []string{a})
 }
 
 // View is the list of binds that shows a container the job's own dirs at
@@ -138,25 +139,25 @@ func overlaps(a, b string) bool {
 // job's state dir. When a bind lands under /tmp (a data dir under /tmp, a
 // volume there), the skeleton covers /tmp too and is the job's private
 // /tmp; otherwise the runtime gives the container a private /tmp itself.
-func (s Setup) View(info Info, vols []Bind) ([]Bind, error) {
+func (s Setup) View(info Info, vols []policy.Bind) ([]policy.Bind, error) {
 	l := s.Layout
-	own := []Bind{SamePath(l.BuildsDir), SamePath(l.CacheDir), {Src: l.ScriptsDir, Dst: l.ScriptsDir, ReadOnly: info.ReadOnlyBinds}}
+	own := []policy.Bind{policy.SamePath(l.BuildsDir), policy.SamePath(l.CacheDir), {Src: l.ScriptsDir, Dst: l.ScriptsDir, ReadOnly: info.ReadOnlyBinds}}
 	if !info.FixedMountPoints {
 		return append(own, vols...), nil
 	}
-	all := append(append([]Bind(nil), own...), vols...)
+	all := append(append([]policy.Bind(nil), own...), vols...)
 	var anchors []string
-	if underAny(l.DataDir, []string{"/tmp"}) || anyUnder(all, "/tmp") {
+	if policy.UnderAny(l.DataDir, []string{"/tmp"}) || anyUnder(all, "/tmp") {
 		anchors = append(anchors, "/tmp")
 	}
-	if !underAny(l.DataDir, []string{"/tmp"}) {
+	if !policy.UnderAny(l.DataDir, []string{"/tmp"}) {
 		anchors = append(anchors, l.DataDir)
 	}
 	root := filepath.Join(l.StateDir, "view")
 	if err := os.RemoveAll(root); err != nil {
 		return nil, fmt.Errorf("reset the container view %s: %w", root, err)
 	}
-	var out []Bind
+	var out []policy.Bind
 	for i, anchor := range anchors {
 		skel := filepath.Join(root, fmt.Sprint(i))
 		if err := os.MkdirAll(skel, 0o700); err != nil {
@@ -171,15 +172,15 @@ func (s Setup) View(info Info, vols []Bind) ([]Bind, error) {
 				return nil, fmt.Errorf("create the container view: %w", err)
 			}
 		}
-		out = append(out, Bind{Src: skel, Dst: anchor})
+		out = append(out, policy.Bind{Src: skel, Dst: anchor})
 	}
 	return append(out, all...), nil
 }
 
 // anyUnder reports whether a bind's destination lies under dir.
-func anyUnder(binds []Bind, dir string) bool {
+func anyUnder(binds []policy.Bind, dir string) bool {
 	for _, b := range binds {
-		if underAny(b.Dst, []string{dir}) {
+		if policy.UnderAny(b.Dst, []string{dir}) {
 			return true
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ci-exec/ci-exec/internal/job"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 func viewSetup(data string) Setup {
@@ -24,10 +25,10 @@ func viewSetup(data string) Setup {
 
 func TestViewCreatesMountPointsOnlyWhereNeeded(t *testing.T) {
 	s := viewSetup("/srv/ci/u")
-	got, err := s.View(Info{ReadOnlyBinds: true}, []Bind{{Src: "/scratch/x", Dst: "/data"}})
+	got, err := s.View(Info{ReadOnlyBinds: true}, []policy.Bind{{Src: "/scratch/x", Dst: "/data"}})
 	require.NoError(t, err)
-	assert.Equal(t, []Bind{
-		SamePath(s.Layout.BuildsDir), SamePath(s.Layout.CacheDir),
+	assert.Equal(t, []policy.Bind{
+		policy.SamePath(s.Layout.BuildsDir), policy.SamePath(s.Layout.CacheDir),
 		{Src: s.Layout.ScriptsDir, Dst: s.Layout.ScriptsDir, ReadOnly: true},
 		{Src: "/scratch/x", Dst: "/data"},
 	}, got, "a runtime that makes its own mount points gets the job's dirs and volumes only, never the data dir")
@@ -50,8 +51,8 @@ func TestViewSkeletonHidesTheDataDir(t *testing.T) {
 	require.NoError(t, err)
 	require.Len(t, got, 4)
 	skel := filepath.Join(s.Layout.StateDir, "view", "0")
-	require.Equal(t, Bind{Src: skel, Dst: data}, got[0], "the skeleton covers the data dir first")
-	assert.Equal(t, []Bind{SamePath(s.Layout.BuildsDir), SamePath(s.Layout.CacheDir), SamePath(s.Layout.ScriptsDir)}, got[1:])
+	require.Equal(t, policy.Bind{Src: skel, Dst: data}, got[0], "the skeleton covers the data dir first")
+	assert.Equal(t, []policy.Bind{policy.SamePath(s.Layout.BuildsDir), policy.SamePath(s.Layout.CacheDir), policy.SamePath(s.Layout.ScriptsDir)}, got[1:])
 	for _, rel := range []string{"builds/r/000", "cache/r", "scripts/r/000/7"} {
 		fi, err := os.Lstat(filepath.Join(skel, rel))
 		require.NoError(t, err)
@@ -74,7 +75,7 @@ func TestViewUnderTmpIsThePrivateTmp(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll("/tmp/ci-exec-view-test") })
 	s := viewSetup(data)
 	s.Layout.StateDir = filepath.Join(t.TempDir(), "state")
-	got, err := s.View(Info{FixedMountPoints: true}, []Bind{{Src: "/scratch/a", Dst: "/tmp/in"}})
+	got, err := s.View(Info{FixedMountPoints: true}, []policy.Bind{{Src: "/scratch/a", Dst: "/tmp/in"}})
 	require.NoError(t, err)
 	require.Len(t, got, 5)
 	assert.Equal(t, "/tmp", got[0].Dst, "one skeleton at /tmp, no second one for the data dir")

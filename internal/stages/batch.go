@@ -11,6 +11,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // isBatchStage reports whether a stage goes to the scheduler: only the
@@ -18,7 +19,7 @@ import (
 // runner's stages and after_script run on the login node, where the
 // runner's binary and the network are.
 func isBatchStage(stage string) bool {
-	return !mechanism.IsRunnerStage(stage) && stage != "after_script"
+	return !policy.IsRunnerStage(stage) && stage != "after_script"
 }
 
 // schedulerArgs checks the admin's sbatch options and the user's scheduler

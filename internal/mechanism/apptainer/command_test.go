@@ -10,6 +10,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 func TestIdentityAndStorage(t *testing.T) {
@@ -33,7 +34,7 @@ func TestDefaultUserArgs(t *testing.T) {
 	// Every option that takes a value must be declared so: a value-taking
 	// flag declared NoArg would let its value pass as the image.
 	for _, long := range []string{"--bind", "--env", "--pwd", "--overlay", "--home", "--mount", "--security"} {
-		assert.Equal(t, mechanism.RequiredArg, known[long], long)
+		assert.Equal(t, policy.RequiredArg, known[long], long)
 	}
 }
 
@@ -43,9 +44,9 @@ func TestCommandArgv(t *testing.T) {
 	sif := mechanism.Image{Handle: "/builds/scripts/j42-abc.sif", Format: FormatSIF, Shell: "/bin/bash"}
 	sifWithOpts := sif
 	sifWithOpts.RunOptions = []string{"--underlay"}
-	binds := []mechanism.Bind{
-		mechanism.SamePath("/builds/ci"),
-		mechanism.SamePath("/builds/scripts"),
+	binds := []policy.Bind{
+		policy.SamePath("/builds/ci"),
+		policy.SamePath("/builds/scripts"),
 		{Src: "/data/ref", Dst: "/ref", ReadOnly: true},
 	}
 	script := []string{"/bin/bash", "/builds/scripts/step_script"}
@@ -163,16 +164,16 @@ func TestCommandEnv(t *testing.T) {
 func TestCommandErrors(t *testing.T) {
 	sif := mechanism.Image{Handle: "/job/j42-abc.sif", Format: FormatSIF}
 	argv := []string{"/bin/sh", "/builds/scripts/step_script"}
-	withBind := func(b mechanism.Bind) mechanism.RunSpec {
-		return mechanism.RunSpec{Image: sif, Binds: []mechanism.Bind{mechanism.SamePath("/builds"), b}, Argv: argv}
+	withBind := func(b policy.Bind) mechanism.RunSpec {
+		return mechanism.RunSpec{Image: sif, Binds: []policy.Bind{policy.SamePath("/builds"), b}, Argv: argv}
 	}
 	tests := []mechtest.CommandError{
-		{Name: "colon in source", Spec: withBind(mechanism.Bind{Src: "/data/a:b", Dst: "/data"}), WantErr: "':' or ','"},
-		{Name: "colon in destination", Spec: withBind(mechanism.Bind{Src: "/data", Dst: "/mnt/a:b"}), WantErr: "':' or ','"},
-		{Name: "comma in source", Spec: withBind(mechanism.Bind{Src: "/data/a,b", Dst: "/data"}), WantErr: "/data/a,b"},
-		{Name: "comma in destination", Spec: withBind(mechanism.Bind{Src: "/data", Dst: "/mnt/x,/etc"}), WantErr: "':' or ','"},
-		{Name: "comma in a read-only bind", Spec: withBind(mechanism.Bind{Src: "/d,ro", Dst: "/d", ReadOnly: true}), WantErr: "':' or ','"},
-		{Name: "same-path dir with a colon", Spec: withBind(mechanism.SamePath("/builds/a:b")), WantErr: "':' or ','"},
+		{Name: "colon in source", Spec: withBind(policy.Bind{Src: "/data/a:b", Dst: "/data"}), WantErr: "':' or ','"},
+		{Name: "colon in destination", Spec: withBind(policy.Bind{Src: "/data", Dst: "/mnt/a:b"}), WantErr: "':' or ','"},
+		{Name: "comma in source", Spec: withBind(policy.Bind{Src: "/data/a,b", Dst: "/data"}), WantErr: "/data/a,b"},
+		{Name: "comma in destination", Spec: withBind(policy.Bind{Src: "/data", Dst: "/mnt/x,/etc"}), WantErr: "':' or ','"},
+		{Name: "comma in a read-only bind", Spec: withBind(policy.Bind{Src: "/d,ro", Dst: "/d", ReadOnly: true}), WantErr: "':' or ','"},
+		{Name: "same-path dir with a colon", Spec: withBind(policy.SamePath("/builds/a:b")), WantErr: "':' or ','"},
 	}
 	mechtest.CommandErrors(t, runtimeFor(config.Mechanism{}, nil).Command, append(tests, mechtest.SpecErrors(sif, nil, argv)...))
 }

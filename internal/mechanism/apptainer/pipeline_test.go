@@ -17,6 +17,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
+	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
@@ -47,7 +48,7 @@ var suite = mechtest.Suite[*fakeApptainer]{
 	NotListed: mechtest.Failure{Name: "plain HTTP, not listed", WantErr: "insecure_registries"},
 	Refused:   tailRefused,
 
-	Got: func(t *testing.T, f *fakeApptainer, _ mechanism.Ref, img mechanism.Image, key, digest string) {
+	Got: func(t *testing.T, f *fakeApptainer, _ policy.Ref, img mechanism.Image, key, digest string) {
 		t.Helper()
 		assert.Equal(t, f.storedSIF(digest), img.Handle)
 		assert.Equal(t, f.lease(digest, key), img.Lease)
@@ -55,10 +56,10 @@ var suite = mechtest.Suite[*fakeApptainer]{
 		assert.Equal(t, sifs[digest].text, sifText(t, img.Handle))
 	},
 	Retag: func(t *testing.T, f *fakeApptainer) { f.setImage(t, sifs[mechtest.Digest2].text) },
-	Remove: func(t *testing.T, f *fakeApptainer, _ mechanism.Ref, digest string) {
+	Remove: func(t *testing.T, f *fakeApptainer, _ policy.Ref, digest string) {
 		require.NoError(t, os.Remove(f.storedSIF(digest)))
 	},
-	Kept: func(t *testing.T, f *fakeApptainer, _ mechanism.Ref, key string) {
+	Kept: func(t *testing.T, f *fakeApptainer, _ policy.Ref, key string) {
 		assert.Equal(t, []string{sifKey(mechtest.Digest1)}, f.Entries(t))
 		assert.Equal(t, sifs[mechtest.Digest1].text, sifText(t, f.storedSIF(mechtest.Digest1)))
 		assert.NoFileExists(t, f.lease(mechtest.Digest2, key))
@@ -251,11 +252,11 @@ func TestPullIfNotPresent(t *testing.T) { suite.PullIfNotPresent(t) }
 // not a SIF.
 func TestPullNever(t *testing.T) {
 	suite.PullNever(t,
-		mechtest.NeverCase[*fakeApptainer]{Name: "a directory is not an image", Setup: func(t *testing.T, f *fakeApptainer, ref mechanism.Ref) {
+		mechtest.NeverCase[*fakeApptainer]{Name: "a directory is not an image", Setup: func(t *testing.T, f *fakeApptainer, ref policy.Ref) {
 			require.NoError(t, f.Store(t).SetTag(ref.Full, mechtest.Digest1))
 			require.NoError(t, os.MkdirAll(f.storedSIF(mechtest.Digest1), 0o700))
 		}},
-		mechtest.NeverCase[*fakeApptainer]{Name: "a truncated SIF is not an image", Setup: func(t *testing.T, f *fakeApptainer, ref mechanism.Ref) {
+		mechtest.NeverCase[*fakeApptainer]{Name: "a truncated SIF is not an image", Setup: func(t *testing.T, f *fakeApptainer, ref policy.Ref) {
 			require.NoError(t, f.Store(t).SetTag(ref.Full, mechtest.Digest1))
 			require.NoError(t, os.WriteFile(f.storedSIF(mechtest.Digest1), sifFile("SIF image with bash\n")[:sifHeaderSize+4], 0o600))
 		}},
@@ -304,7 +305,7 @@ func TestPullFailures(t *testing.T) {
 			require.NoError(t, os.Remove(filepath.Join(f.App, "apptainer")))
 		}, Cred: anonymous, Class: failure.System, WantErr: "apptainer not found"},
 	}...)
-	suite.PullFailures(t, tests, []bool{false}, func(t *testing.T, f *fakeApptainer, tt mechtest.PullFailure[*fakeApptainer], ref mechanism.Ref, _ string) {
+	suite.PullFailures(t, tests, []bool{false}, func(t *testing.T, f *fakeApptainer, tt mechtest.PullFailure[*fakeApptainer], ref policy.Ref, _ string) {
 		assert.Empty(t, mechtest.Ls(t, f.Jobs), "nothing left in the job dir")
 		assert.Empty(t, mechtest.Ls(t, filepath.Join(f.StoreRoot(), "refs")), "no lease left")
 		assert.Empty(t, mechtest.Ls(t, filepath.Join(f.StoreRoot(), "tmp")), "no temporary pull file left")

@@ -29,6 +29,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // Name is the run_mechanism value.
@@ -72,38 +73,38 @@ func (r *Runtime) PrepEnv() []string { return []string{"CH_IMAGE_STORAGE=" + r.S
 // RunFlags is ch-run's option table (0.31 plus the newer --write-fake,
 // --seccomp and friends, so that they are recognised and refused rather
 // than taken for the image name).
-func (r *Runtime) RunFlags() mechanism.FlagTable { return runFlags }
+func (r *Runtime) RunFlags() policy.FlagTable { return runFlags }
 
-var runFlags = mechanism.FlagTable{
-	{Long: "--bind", Short: "-b", Arg: mechanism.RequiredArg},
-	{Long: "--ch-ssh", Arg: mechanism.NoArg},
-	{Long: "--cd", Short: "-c", Arg: mechanism.RequiredArg},
-	{Long: "--env-no-expand", Arg: mechanism.NoArg},
-	{Long: "--feature", Arg: mechanism.RequiredArg},
-	{Long: "--gid", Short: "-g", Arg: mechanism.RequiredArg},
-	{Long: "--home", Arg: mechanism.NoArg},
-	{Long: "--join-ct", Arg: mechanism.RequiredArg},
-	{Long: "--join-pid", Arg: mechanism.RequiredArg},
-	{Long: "--join-tag", Arg: mechanism.RequiredArg},
-	{Long: "--join", Short: "-j", Arg: mechanism.NoArg},
-	{Long: "--mount", Short: "-m", Arg: mechanism.RequiredArg},
-	{Long: "--no-home", Arg: mechanism.NoArg},
-	{Long: "--no-passwd", Arg: mechanism.NoArg},
-	{Long: "--set-env", Arg: mechanism.OptionalArg},
-	{Long: "--storage", Short: "-s", Arg: mechanism.RequiredArg},
-	{Long: "--private-tmp", Short: "-t", Arg: mechanism.NoArg},
-	{Long: "--unsafe", Arg: mechanism.NoArg},
-	{Long: "--unset-env", Arg: mechanism.RequiredArg},
-	{Long: "--uid", Short: "-u", Arg: mechanism.RequiredArg},
-	{Long: "--verbose", Short: "-v", Arg: mechanism.NoArg},
-	{Long: "--quiet", Short: "-q", Arg: mechanism.NoArg},
-	{Long: "--write", Short: "-w", Arg: mechanism.NoArg},
-	{Long: "--write-fake", Short: "-W", Arg: mechanism.NoArg},
-	{Long: "--seccomp", Arg: mechanism.NoArg},
-	{Long: "--test", Arg: mechanism.RequiredArg},
-	{Long: "--help", Short: "-?", Arg: mechanism.NoArg},
-	{Long: "--usage", Arg: mechanism.NoArg},
-	{Long: "--version", Short: "-V", Arg: mechanism.NoArg},
+var runFlags = policy.FlagTable{
+	{Long: "--bind", Short: "-b", Arg: policy.RequiredArg},
+	{Long: "--ch-ssh", Arg: policy.NoArg},
+	{Long: "--cd", Short: "-c", Arg: policy.RequiredArg},
+	{Long: "--env-no-expand", Arg: policy.NoArg},
+	{Long: "--feature", Arg: policy.RequiredArg},
+	{Long: "--gid", Short: "-g", Arg: policy.RequiredArg},
+	{Long: "--home", Arg: policy.NoArg},
+	{Long: "--join-ct", Arg: policy.RequiredArg},
+	{Long: "--join-pid", Arg: policy.RequiredArg},
+	{Long: "--join-tag", Arg: policy.RequiredArg},
+	{Long: "--join", Short: "-j", Arg: policy.NoArg},
+	{Long: "--mount", Short: "-m", Arg: policy.RequiredArg},
+	{Long: "--no-home", Arg: policy.NoArg},
+	{Long: "--no-passwd", Arg: policy.NoArg},
+	{Long: "--set-env", Arg: policy.OptionalArg},
+	{Long: "--storage", Short: "-s", Arg: policy.RequiredArg},
+	{Long: "--private-tmp", Short: "-t", Arg: policy.NoArg},
+	{Long: "--unsafe", Arg: policy.NoArg},
+	{Long: "--unset-env", Arg: policy.RequiredArg},
+	{Long: "--uid", Short: "-u", Arg: policy.RequiredArg},
+	{Long: "--verbose", Short: "-v", Arg: policy.NoArg},
+	{Long: "--quiet", Short: "-q", Arg: policy.NoArg},
+	{Long: "--write", Short: "-w", Arg: policy.NoArg},
+	{Long: "--write-fake", Short: "-W", Arg: policy.NoArg},
+	{Long: "--seccomp", Arg: policy.NoArg},
+	{Long: "--test", Arg: policy.RequiredArg},
+	{Long: "--help", Short: "-?", Arg: policy.NoArg},
+	{Long: "--usage", Arg: policy.NoArg},
+	{Long: "--version", Short: "-V", Arg: policy.NoArg},
 }
 
 // DefaultUserArgs are the ch-run flags users may pass unless the admin
@@ -161,7 +162,7 @@ func hasFlag(args []string, flag string) bool {
 			if f.Long == flag {
 				return true
 			}
-			if f.Arg == mechanism.RequiredArg && !hasValue {
+			if f.Arg == policy.RequiredArg && !hasValue {
 				i++
 			}
 		case strings.HasPrefix(w, "-") && len(w) > 1:
@@ -173,7 +174,7 @@ func hasFlag(args []string, flag string) bool {
 				if f.Long == flag {
 					return true
 				}
-				if f.Arg == mechanism.RequiredArg {
+				if f.Arg == policy.RequiredArg {
 					if j == len(w)-1 {
 						i++
 					}
@@ -186,13 +187,13 @@ func hasFlag(args []string, flag string) bool {
 }
 
 // lookupFlag finds a ch-run option by its long or short name.
-func lookupFlag(name string) (mechanism.Flag, bool) {
+func lookupFlag(name string) (policy.Flag, bool) {
 	for _, f := range runFlags {
 		if f.Long == name || f.Short == name {
 			return f, true
 		}
 	}
-	return mechanism.Flag{}, false
+	return policy.Flag{}, false
 }
 
 // toolEnv is the environment of ch-image and ch-convert (see

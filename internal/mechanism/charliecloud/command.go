@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // Command builds the ch-run command line for one stage. It is pure.
@@ -93,7 +94,7 @@ func (r *Runtime) Diagnose(exitCode int, stderrTail string) string {
 }
 
 // bindsAt reports whether a bind's destination is dst.
-func bindsAt(binds []mechanism.Bind, dst string) bool {
+func bindsAt(binds []policy.Bind, dst string) bool {
 	for _, b := range binds {
 		if b.Dst == dst {
 			return true

@@ -9,6 +9,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 func TestStorageDir(t *testing.T) {
@@ -40,9 +41,9 @@ func TestCommand(t *testing.T) {
 	storageImg := mechanism.Image{Handle: "ci-exec-job:j42-build", Format: FormatStorage, Shell: "/bin/bash", RunOptions: []string{"--set-env"}}
 	squashImg := mechanism.Image{Handle: "/builds/scripts/j42-build.sqfs", Format: FormatSquash, Shell: "/bin/sh",
 		RunOptions: []string{"--mount=/builds/scripts/j42-build.mnt", "--set-env"}}
-	binds := []mechanism.Bind{
-		mechanism.SamePath("/builds/ci"),
-		mechanism.SamePath("/builds/scripts"),
+	binds := []policy.Bind{
+		policy.SamePath("/builds/ci"),
+		policy.SamePath("/builds/scripts"),
 		{Src: "/data/shared", Dst: "/data"},
 	}
 	argv := []string{"/bin/bash", "/builds/scripts/step_script"}
@@ -83,7 +84,7 @@ func TestCommand(t *testing.T) {
 		{
 			name: "a bind at /tmp (the view's skeleton) replaces --private-tmp",
 			info: info031,
-			spec: mechanism.RunSpec{Image: squashImg, Binds: []mechanism.Bind{{Src: "/state/view/0", Dst: "/tmp"}, mechanism.SamePath("/tmp/ci/builds")},
+			spec: mechanism.RunSpec{Image: squashImg, Binds: []policy.Bind{{Src: "/state/view/0", Dst: "/tmp"}, policy.SamePath("/tmp/ci/builds")},
 				Env: env, Argv: []string{"/bin/sh", "/s"}},
 			want: []string{"/usr/bin/ch-run", "--bind=/state/view/0:/tmp", "--bind=/tmp/ci/builds:/tmp/ci/builds",
 				"--mount=/builds/scripts/j42-build.mnt", "--set-env", "/builds/scripts/j42-build.sqfs", "--", "/bin/sh", "/s"},
@@ -130,11 +131,11 @@ func TestCommandErrors(t *testing.T) {
 	argv := []string{"/bin/sh", "script"}
 	tests := []mechtest.CommandError{
 		{Name: "colon in bind source", Spec: mechanism.RunSpec{Image: img, Env: env, Argv: argv,
-			Binds: []mechanism.Bind{{Src: "/data/a:b", Dst: "/data"}}}, WantErr: "':'"},
+			Binds: []policy.Bind{{Src: "/data/a:b", Dst: "/data"}}}, WantErr: "':'"},
 		{Name: "colon in bind destination", Spec: mechanism.RunSpec{Image: img, Env: env, Argv: argv,
-			Binds: []mechanism.Bind{{Src: "/data", Dst: "/mnt/a:b"}}}, WantErr: "':'"},
+			Binds: []policy.Bind{{Src: "/data", Dst: "/mnt/a:b"}}}, WantErr: "':'"},
 		{Name: "read-only bind", Spec: mechanism.RunSpec{Image: img, Env: env, Argv: argv,
-			Binds: []mechanism.Bind{mechanism.SamePath("/builds"), {Src: "/data", Dst: "/data", ReadOnly: true}}}, WantErr: "read-only"},
+			Binds: []policy.Bind{policy.SamePath("/builds"), {Src: "/data", Dst: "/data", ReadOnly: true}}}, WantErr: "read-only"},
 		{Name: "no USER", Spec: mechanism.RunSpec{Image: img, Env: []string{"HOME=/home/ciuser", "USERNAME=ciuser"}, Argv: argv}, WantErr: "USER"},
 		{Name: "nil env", Spec: mechanism.RunSpec{Image: img, Argv: argv}, WantErr: "USER"},
 	}

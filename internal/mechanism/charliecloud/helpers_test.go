@@ -11,8 +11,8 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
-	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 const (
@@ -174,7 +174,7 @@ func newFake(t *testing.T, cfg config.Mechanism, hostEnv map[string]string) *fak
 func (f *fakeCharliecloud) converts(t *testing.T) int { return f.Count(t, "converts") }
 
 // stored is the storage dir of ref's image at digest.
-func (f *fakeCharliecloud) stored(ref mechanism.Ref, digest string) string {
+func (f *fakeCharliecloud) stored(ref policy.Ref, digest string) string {
 	return filepath.Join(f.Storage, "img", forPath(ref.FamiliarAtDigest(digest)))
 }
 

@@ -16,6 +16,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // These tests run Pull, Command and Release against shell-script stand-ins
@@ -42,7 +43,7 @@ var suite = mechtest.Suite[*fakeCharliecloud]{
 	SingleFile: true,
 	Refused:    "error: HTTPSConnectionPool(host='x', port=1): Max retries exceeded (Connection refused)\n",
 
-	Got: func(t *testing.T, f *fakeCharliecloud, ref mechanism.Ref, img mechanism.Image, key, digest string) {
+	Got: func(t *testing.T, f *fakeCharliecloud, ref policy.Ref, img mechanism.Image, key, digest string) {
 		t.Helper()
 		assert.Equal(t, "ci-exec-job:"+key, img.Handle)
 		assert.Equal(t, []string{f.jobCopy(key)}, img.Private)
@@ -52,10 +53,10 @@ var suite = mechtest.Suite[*fakeCharliecloud]{
 			assert.DirExists(t, filepath.Join(f.jobCopy(key), m))
 		}
 	},
-	Remove: func(t *testing.T, f *fakeCharliecloud, ref mechanism.Ref, digest string) {
+	Remove: func(t *testing.T, f *fakeCharliecloud, ref policy.Ref, digest string) {
 		require.NoError(t, removeTree(f.stored(ref, digest)))
 	},
-	Kept: func(t *testing.T, f *fakeCharliecloud, ref mechanism.Ref, key string) {
+	Kept: func(t *testing.T, f *fakeCharliecloud, ref policy.Ref, key string) {
 		assert.DirExists(t, f.stored(ref, mechtest.Digest1))
 		assert.NoDirExists(t, f.stored(ref, mechtest.Digest2))
 		assert.NoDirExists(t, f.jobCopy(key))
@@ -65,13 +66,13 @@ var suite = mechtest.Suite[*fakeCharliecloud]{
 		assert.NoDirExists(t, f.mnt(key))
 		assert.Zero(t, f.converts(t), "nothing converted")
 	},
-	Plant: func(t *testing.T, f *fakeCharliecloud, ref mechanism.Ref, digest string) {
+	Plant: func(t *testing.T, f *fakeCharliecloud, ref policy.Ref, digest string) {
 		makeTree(t, filepath.Join(f.Storage, "img", forPath(ref.Familiar+"@"+digest), "ch"), nil)
 	},
 }
 
 // squashRequest is a request with SingleFile.
-func (f *fakeCharliecloud) squashRequest(ref mechanism.Ref, key, policy string, cred auth.Credential, log io.Writer) mechanism.PullRequest {
+func (f *fakeCharliecloud) squashRequest(ref policy.Ref, key, policy string, cred auth.Credential, log io.Writer) mechanism.PullRequest {
 	req := f.Request(ref, key, policy, cred, log)
 	req.SingleFile = true
 	return req
@@ -135,7 +136,7 @@ func TestPullCopyRunRelease(t *testing.T) {
 	info, err := f.r.Probe(ctx)
 	require.NoError(t, err)
 	argv, _, err = f.r.Command(mechanism.RunSpec{
-		Info: info, Image: img, Binds: []mechanism.Bind{mechanism.SamePath("/builds/ci")}, Workdir: "/builds/ci",
+		Info: info, Image: img, Binds: []policy.Bind{policy.SamePath("/builds/ci")}, Workdir: "/builds/ci",
 		Env: []string{"USER=ciuser"}, Argv: []string{img.Shell, "/builds/scripts/step_script"},
 	})
 	require.NoError(t, err)
@@ -230,7 +231,7 @@ func TestPullIfNotPresent(t *testing.T) { suite.PullIfNotPresent(t) }
 func TestPullNever(t *testing.T) {
 	suite.PullNever(t, mechtest.NeverCase[*fakeCharliecloud]{
 		Name: "image dir without ch/, as a killed pull may leave",
-		Setup: func(t *testing.T, f *fakeCharliecloud, ref mechanism.Ref) {
+		Setup: func(t *testing.T, f *fakeCharliecloud, ref policy.Ref) {
 			require.NoError(t, f.Store(t).SetTag(ref.Full, mechtest.Digest1))
 			makeTree(t, f.stored(ref, mechtest.Digest1), []entry{file("bin/sh", "#!", 0o755)})
 		},
@@ -307,7 +308,7 @@ func TestPullSingleFile(t *testing.T) {
 	info, err := f.r.Probe(ctx)
 	require.NoError(t, err)
 	argv, _, err := f.r.Command(mechanism.RunSpec{
-		Info: info, Image: img, Binds: []mechanism.Bind{mechanism.SamePath("/builds/ci")}, Workdir: "/builds/ci",
+		Info: info, Image: img, Binds: []policy.Bind{policy.SamePath("/builds/ci")}, Workdir: "/builds/ci",
 		Env: []string{"USER=ciuser"}, Argv: []string{img.Shell, "/builds/scripts/step_script"},
 	})
 	require.NoError(t, err)
@@ -526,7 +527,7 @@ func TestPullFailures(t *testing.T) {
 			require.NoError(t, os.Symlink(elsewhere, f.Storage))
 		}, Cred: anonymous, Class: failure.System, WantErr: "not a directory"},
 	}...)
-	suite.PullFailures(t, tests, []bool{false, true}, func(t *testing.T, f *fakeCharliecloud, _ mechtest.PullFailure[*fakeCharliecloud], ref mechanism.Ref, key string) {
+	suite.PullFailures(t, tests, []bool{false, true}, func(t *testing.T, f *fakeCharliecloud, _ mechtest.PullFailure[*fakeCharliecloud], ref policy.Ref, key string) {
 		assert.NoDirExists(t, f.jobCopy(key), "no job copy left behind")
 		assert.NoDirExists(t, f.mnt(key), "no mount dir left behind")
 		assert.NoDirExists(t, filepath.Join(filepath.Dir(f.Storage), "outside", "data"), "nothing created outside the image")

@@ -15,9 +15,10 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
-var tinyRef = mechanism.Ref{
+var tinyRef = policy.Ref{
 	Given:    "127.0.0.1:5443/ci/tiny:latest",
 	Full:     "127.0.0.1:5443/ci/tiny:latest",
 	Familiar: "127.0.0.1:5443/ci/tiny:latest",

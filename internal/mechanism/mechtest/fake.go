@@ -16,6 +16,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/joblog"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // Runtime is a runtime under test as a Fake drives it: a mechanism
@@ -97,7 +98,7 @@ func (f *Fake) Shared() *Fake { return f }
 // Request is a pull of ref for job key with policy and cred, logging to
 // log. Insecure is set: the fake registry can only be reached as an
 // insecure registry (self-signed certificate, plain HTTP).
-func (f *Fake) Request(ref mechanism.Ref, key, policy string, cred auth.Credential, log io.Writer) mechanism.PullRequest {
+func (f *Fake) Request(ref policy.Ref, key, policy string, cred auth.Credential, log io.Writer) mechanism.PullRequest {
 	return mechanism.PullRequest{
 		Ref: ref, Policy: policy, Credential: cred, Insecure: true, JobKey: key,
 		MountPoints: append([]string(nil), f.MountPoints...), Dir: f.Jobs, Log: joblog.New(log),
@@ -185,7 +186,7 @@ func (f *Fake) Entries(t *testing.T) []string {
 
 // TagRecord is the store's record of the digest of ref's last pull
 // (imagecache's layout).
-func (f *Fake) TagRecord(ref mechanism.Ref) string {
+func (f *Fake) TagRecord(ref policy.Ref) string {
 	return filepath.Join(f.StoreRoot(), "tags", strings.NewReplacer("/", "%", ":", "+", "@", "=").Replace(ref.Full))
 }
 

@@ -10,9 +10,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/stretchr/testify/require"
-
-	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
 // Digests the fake registry serves.
@@ -122,7 +121,7 @@ func (g *Registry) Resolved() int {
 }
 
 // Ref is the tiny test image (TinyTag) on this registry.
-func (g *Registry) Ref(t *testing.T) mechanism.Ref { return ParsedRef(t, g.Host+"/"+TinyTag) }
+func (g *Registry) Ref(t *testing.T) policy.Ref { return ParsedRef(t, g.Host+"/"+TinyTag) }
 
 // ClosedPort is a loopback address nothing listens on.
 func ClosedPort(t *testing.T) string {
@@ -135,9 +134,9 @@ func ClosedPort(t *testing.T) string {
 }
 
 // ParsedRef is a validated reference, as Prepare hands it to Pull.
-func ParsedRef(t *testing.T, s string) mechanism.Ref {
+func ParsedRef(t *testing.T, s string) policy.Ref {
 	t.Helper()
-	ref, err := mechanism.ParseImage(s)
+	ref, err := policy.ParseImage(s)
 	require.NoError(t, err)
 	return ref
 }

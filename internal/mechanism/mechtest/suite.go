@@ -18,6 +18,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // Rig is a runtime's own fake, which embeds *Fake (Shared is promoted).
@@ -57,23 +58,23 @@ type Suite[F Rig] struct {
 
 	// Got checks that job key got the image of ref at digest, pulled
 	// without SingleFile.
-	Got func(t *testing.T, f F, ref mechanism.Ref, img mechanism.Image, key, digest string)
+	Got func(t *testing.T, f F, ref policy.Ref, img mechanism.Image, key, digest string)
 	// Retag is called when the registry's tag moves to Digest2, so that
 	// the fake's next pull can be told from the first; nil for nothing.
 	Retag func(t *testing.T, f F)
 	// Remove takes the image of ref at digest out of the store, as
 	// eviction or a hand would.
-	Remove func(t *testing.T, f F, ref mechanism.Ref, digest string)
+	Remove func(t *testing.T, f F, ref policy.Ref, digest string)
 	// Kept checks, after a pull of Digest2 for job key failed, that the
 	// image of Digest1 stays as it was and nothing of Digest2 or key's is
 	// left.
-	Kept func(t *testing.T, f F, ref mechanism.Ref, key string)
+	Kept func(t *testing.T, f F, ref policy.Ref, key string)
 	// Untouched checks what a refused pull (pull policy never) for job key
 	// must not have done.
 	Untouched func(t *testing.T, f F, key string)
 	// Plant puts an image for ref at digest where the runtime would look
 	// if it believed a tag record naming digest; nil for nothing.
-	Plant func(t *testing.T, f F, ref mechanism.Ref, digest string)
+	Plant func(t *testing.T, f F, ref policy.Ref, digest string)
 }
 
 // Failure is an expected failure: the test name and what the error says.
@@ -90,12 +91,12 @@ const unitRegistry = "127.0.0.1:5443"
 
 // pinned is the tiny image on unitRegistry pinned at digest: pulled
 // without asking a registry.
-func pinned(t *testing.T, digest string) mechanism.Ref {
+func pinned(t *testing.T, digest string) policy.Ref {
 	return ParsedRef(t, unitRegistry+"/ci/tiny@"+digest)
 }
 
 // anon is an anonymous pull request of ref for job k.
-func anon(f *Fake, ref mechanism.Ref, k, policy string) mechanism.PullRequest {
+func anon(f *Fake, ref policy.Ref, k, policy string) mechanism.PullRequest {
 	return f.Request(ref, k, policy, auth.Credential{}, io.Discard)
 }
 
@@ -112,7 +113,7 @@ func pullOK(t *testing.T, f *Fake, req mechanism.PullRequest) mechanism.Image {
 type FirstPull[F Rig] struct {
 	Reg  *Registry
 	F    F
-	Ref  mechanism.Ref
+	Ref  policy.Ref
 	Cred auth.Credential
 	Log  *bytes.Buffer
 	Img  mechanism.Image
@@ -140,7 +141,7 @@ func (s Suite[F]) PullFirst(t *testing.T, hostEnv map[string]string, k string, s
 // PullPinned pulls the tiny image pinned at digest on a registry that is
 // down, for job k, after edit changed the request (nil for none): a
 // pinned reference needs no registry.
-func (s Suite[F]) PullPinned(t *testing.T, digest, k string, edit func(*mechanism.PullRequest)) (F, mechanism.Ref, mechanism.Image) {
+func (s Suite[F]) PullPinned(t *testing.T, digest, k string, edit func(*mechanism.PullRequest)) (F, policy.Ref, mechanism.Image) {
 	t.Helper()
 	f := s.Install(t, config.Mechanism{}, nil)
 	ref := ParsedRef(t, ClosedPort(t)+"/ci/tiny@"+digest)
@@ -220,7 +221,7 @@ func (s Suite[F]) FailedPullKeepsTheStoredImage(t *testing.T) {
 // tiny image pinned at Digest1 and nothing in the store.
 type NeverCase[F Rig] struct {
 	Name  string
-	Setup func(t *testing.T, f F, ref mechanism.Ref)
+	Setup func(t *testing.T, f F, ref policy.Ref)
 }
 
 // PullNever: pull policy never uses what the store has, without asking a
@@ -266,10 +267,10 @@ func (s Suite[F]) PullNever(t *testing.T, refused ...NeverCase[F]) {
 
 	shared := []NeverCase[F]{
 		{Name: "pinned digest absent"},
-		{Name: "tag record without its " + s.Image, Setup: func(t *testing.T, f F, ref mechanism.Ref) {
+		{Name: "tag record without its " + s.Image, Setup: func(t *testing.T, f F, ref policy.Ref) {
 			require.NoError(t, f.Shared().Store(t).SetTag(ref.Full, Digest1))
 		}},
-		{Name: "a tag record that is not a digest", Setup: func(t *testing.T, f F, ref mechanism.Ref) {
+		{Name: "a tag record that is not a digest", Setup: func(t *testing.T, f F, ref policy.Ref) {
 			const bad = "sha256:../../../etc/passwd"
 			st := f.Shared().Store(t)
 			require.NoError(t, st.SetTag(ref.Full, Digest1))
@@ -403,7 +404,7 @@ func (s Suite[F]) RegistryFailures(refused, notFound string) []PullFailure[F] {
 // PullFailures runs each case, once for each of singleFile (named ",
 // single file" when true): the pull fails as the case says, without a
 // secret in the error or the job log; check looks at what is left.
-func (s Suite[F]) PullFailures(t *testing.T, cases []PullFailure[F], singleFile []bool, check func(t *testing.T, f F, c PullFailure[F], ref mechanism.Ref, key string)) {
+func (s Suite[F]) PullFailures(t *testing.T, cases []PullFailure[F], singleFile []bool, check func(t *testing.T, f F, c PullFailure[F], ref policy.Ref, key string)) {
 	for _, tt := range cases {
 		for _, single := range singleFile {
 			name := tt.Name

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
 // Version is a row of a version parser's table: the name, the program's
@@ -91,9 +92,9 @@ func Diagnoses(t *testing.T, diagnose func(exitCode int, stderrTail string) stri
 // DefaultUserArgs checks that every default user argument of r is in its
 // run flag table and that none of dangerous is among them. It returns the
 // table's flags, long and short, with the kind of their argument.
-func DefaultUserArgs(t *testing.T, r mechanism.Runtime, dangerous []string) map[string]mechanism.ArgKind {
+func DefaultUserArgs(t *testing.T, r mechanism.Runtime, dangerous []string) map[string]policy.ArgKind {
 	t.Helper()
-	known := map[string]mechanism.ArgKind{}
+	known := map[string]policy.ArgKind{}
 	for _, f := range r.RunFlags() {
 		known[f.Long] = f.Arg
 		if f.Short != "" {

@@ -1,4 +1,4 @@
-package mechanism
+package policy
 
 // Where a stage runs.
 type Placement int

@@ -1,4 +1,4 @@
-package mechanism
+package policy
 
 import (
 	"fmt"
@@ -7,6 +7,7 @@ import (
 
 	"github.com/distribution/reference"
 
+	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/failure"
 )
 
@@ -173,4 +174,15 @@ func (r Ref) FamiliarAtDigest(digest string) string {
 		return r.Full
 	}
 	return reference.FamiliarString(reference.TrimNamed(named)) + "@" + digest
+}
+
+// MatchRegistry reports whether registry (host[:port]) is in list, exactly
+// (host names case-insensitively).
+func MatchRegistry(list []string, registry string) bool {
+	for _, r := range list {
+		if auth.SameRegistry(registry, r) {
+			return true
+		}
+	}
+	return false
 }

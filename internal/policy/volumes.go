@@ -1,4 +1,4 @@
-package mechanism
+package policy
 
 import (
 	"fmt"
@@ -131,7 +131,7 @@ func parseVolume(name, value string, prefixes []string, roSupported bool, eval f
 		return bad("the source does not exist or cannot be resolved on this host")
 	}
 	resolved = filepath.Clean(resolved)
-	if !underAny(resolved, prefixes) {
+	if !UnderAny(resolved, prefixes) {
 		return bad("the source resolves to %s, which is not under an allowed volume prefix (%s); use a directory under one of them",
 			resolved, strings.Join(prefixes, ", "))
 	}
@@ -146,14 +146,14 @@ func parseVolume(name, value string, prefixes []string, roSupported bool, eval f
 	}
 	// The runtimes mount the host's own /proc, /sys and /dev there: a mount
 	// point below them would have to be made on the host.
-	if underAny(b.Dst, []string{"/proc", "/sys", "/dev"}) {
+	if UnderAny(b.Dst, []string{"/proc", "/sys", "/dev"}) {
 		return bad("the destination cannot be under /proc, /sys or /dev; choose another path, e.g. /data")
 	}
 	return b, nil
 }
 
-// underAny reports whether path is one of prefixes or below one of them.
-func underAny(path string, prefixes []string) bool {
+// UnderAny reports whether path is one of prefixes or below one of them.
+func UnderAny(path string, prefixes []string) bool {
 	for _, p := range prefixes {
 		if path == p || strings.HasPrefix(path, strings.TrimSuffix(p, "/")+"/") {
 			return true
