@@ -10,7 +10,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/failure"
-	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -67,7 +67,7 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		Logf:         st.Log.Printf,
 	}
 	var out io.Writer = st.Inv.Stdout
-	tail := mechanism.NewTail(diagnoseTail)
+	tail := kit.NewTail(diagnoseTail)
 	if plan.Runtime != nil {
 		out = io.MultiWriter(out, tail)
 	}

@@ -23,6 +23,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -35,7 +36,7 @@ const toolPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Runtime is the Apptainer mechanism for one job user.
 type Runtime struct {
-	mechanism.Base
+	kit.Base
 }
 
 var _ mechanism.Runtime = (*Runtime)(nil)
@@ -44,7 +45,7 @@ var _ mechanism.PrepEnver = (*Runtime)(nil)
 // New returns the runtime for the job user. hostEnv is the driver's own
 // environment, consulted only for proxy and CA settings of pulls.
 func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
-	return &Runtime{Base: mechanism.NewBase(Name, cfg, user, hostEnv, grace, ".apptainer")}
+	return &Runtime{Base: kit.NewBase(Name, cfg, user, hostEnv, grace, ".apptainer")}
 }
 
 // cacheDir and tmpDir are APPTAINER_CACHEDIR and APPTAINER_TMPDIR: under
@@ -71,11 +72,11 @@ func (r *Runtime) CredentialVariables() auth.VariableNames { return credentialVa
 // PrepEnv tells prep_script where the user's image storage is.
 func (r *Runtime) PrepEnv() []string { return []string{"CI_EXEC_APPTAINER_STORAGE=" + r.Storage} }
 
-// toolEnv is the environment of `apptainer pull` (see mechanism.ToolEnv).
+// toolEnv is the environment of `apptainer pull` (see kit.ToolEnv).
 func (r *Runtime) toolEnv(cred auth.Credential) []string {
 	path := r.ToolPath(toolPath)
 	settings := []string{"APPTAINER_CACHEDIR=" + r.cacheDir(), "APPTAINER_TMPDIR=" + r.tmpDir()}
-	return mechanism.ToolEnv(r.User, path, settings, r.HostEnv, false, cred, credentialVariables)
+	return kit.ToolEnv(r.User, path, settings, r.HostEnv, false, cred, credentialVariables)
 }
 
 // RunFlags is `apptainer exec`'s option table (1.5.3, cmd/internal/cli).

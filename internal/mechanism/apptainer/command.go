@@ -5,6 +5,7 @@ import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 )
 
 // Command builds the apptainer exec command line for one stage. It is pure.
@@ -17,7 +18,7 @@ import (
 // container gets the variables in spec.Env as APPTAINERENV_ settings in
 // apptainer's own, explicit environment (never on the command line).
 func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
-	if err := mechanism.CheckSpec(spec); err != nil {
+	if err := kit.CheckSpec(spec); err != nil {
 		return nil, nil, err
 	}
 	// --contain: no host $HOME, /tmp or /var/tmp (Apptainer binds them by
@@ -73,5 +74,5 @@ func (r *Runtime) Diagnose(exitCode int, stderrTail string) string {
 	if exitCode != 255 {
 		return ""
 	}
-	return mechanism.LastLine(stderrTail, "FATAL:")
+	return kit.LastLine(stderrTail, "FATAL:")
 }

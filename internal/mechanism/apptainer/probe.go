@@ -9,6 +9,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 )
 
 // probeTimeout bounds each probe command.
@@ -32,14 +33,14 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	bin := info.Programs["apptainer"]
 	out, err := r.Query(ctx, toolPath, bin, "version")
 	if err != nil {
-		return info, failure.Systemf("apptainer: %s version failed: %v: %s", bin, err, mechanism.OneLine(out))
+		return info, failure.Systemf("apptainer: %s version failed: %v: %s", bin, err, kit.OneLine(out))
 	}
 	if info.Version, err = ParseVersion(out); err != nil {
 		return info, failure.Systemf("apptainer: %v", err)
 	}
 	help, err := r.Query(ctx, toolPath, bin, "exec", "--help")
 	if err != nil {
-		return info, failure.Systemf("apptainer: %s exec --help failed: %v: %s", bin, err, mechanism.OneLine(help))
+		return info, failure.Systemf("apptainer: %s exec --help failed: %v: %s", bin, err, kit.OneLine(help))
 	}
 	info.Features[FeatureUnderlay] = strings.Contains(help, "--underlay")
 	return info, nil
@@ -52,7 +53,7 @@ var versionRE = regexp.MustCompile(`(?m)^\s*(?:apptainer version\s+)?v?([0-9]+\.
 func ParseVersion(out string) (string, error) {
 	m := versionRE.FindStringSubmatch(out)
 	if m == nil {
-		return "", fmt.Errorf("cannot read the version from apptainer version output %q", mechanism.OneLine(out))
+		return "", fmt.Errorf("cannot read the version from apptainer version output %q", kit.OneLine(out))
 	}
 	return m[1], nil
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
@@ -20,14 +21,14 @@ const FormatSIF = "sif"
 
 // Pull makes the image available as a SIF in the user's store, keyed by
 // its manifest digest (sha256-HEX.sif): the digest is resolved by the pull
-// policy (mechanism.ResolveDigest), exactly that digest is pulled unless
+// policy (kit.ResolveDigest), exactly that digest is pulled unless
 // the store has it, concurrent jobs pull it once (imagecache.Store.Ensure),
 // and the job takes a lease on the entry, so eviction leaves it alone until
 // cleanup. A SIF is already a single file, so req.SingleFile needs nothing
 // more.
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
-	ctx = mechanism.StoreTrace(ctx, req.Log)
+	ctx = kit.StoreTrace(ctx, req.Log)
 	img := mechanism.Image{Ref: req.Ref.Full, Format: FormatSIF}
 	info, err := r.Probe(ctx)
 	if err != nil {
@@ -41,7 +42,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		return img, failure.Systemf("apptainer: %v", err)
 	}
 	key := func(digest string) string { return strings.ReplaceAll(digest, ":", "-") + ".sif" }
-	img.Digest, err = mechanism.ResolveDigest(ctx, st, req, credentialVariables, registry.Options{PlainHTTP: req.Insecure},
+	img.Digest, err = kit.ResolveDigest(ctx, st, req, credentialVariables, registry.Options{PlainHTTP: req.Insecure},
 		func(d string) bool { return imagecache.ValidSIF(st.Path(key(d))) == nil })
 	if err != nil {
 		return img, err
@@ -53,10 +54,10 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		return r.pull(ctx, info, req, req.Ref.AtDigest(img.Digest), tmp)
 	})
 	if err != nil {
-		return img, mechanism.StoreError(err)
+		return img, kit.StoreError(err)
 	}
-	mechanism.LogDamaged(req.Log, res)
-	img.Cache = mechanism.CacheState(res)
+	kit.LogDamaged(req.Log, res)
+	img.Cache = kit.CacheState(res)
 	if err := st.SetTag(req.Ref.Full, img.Digest); err != nil {
 		req.Log.Warnf("could not record the digest of %s: %v", req.Ref.Full, err)
 	}
@@ -75,7 +76,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 // prepareDirs makes the user's storage, cache and tmp dirs, checking those
 // in admin-chosen (possibly shared) parents.
 func (r *Runtime) prepareDirs() error {
-	if err := mechanism.EnsureUserDir(r.Storage); err != nil {
+	if err := kit.EnsureUserDir(r.Storage); err != nil {
 		return fmt.Errorf("image storage: %w", err)
 	}
 	for _, d := range []struct{ key, root, dir string }{{"cache_dir", r.Cfg.CacheDir, r.cacheDir()}, {"tmp_dir", r.Cfg.TmpDir, r.tmpDir()}} {
@@ -83,7 +84,7 @@ func (r *Runtime) prepareDirs() error {
 		if d.root == "" {
 			err = os.MkdirAll(d.dir, 0o700)
 		} else {
-			err = mechanism.EnsureUserDir(d.dir)
+			err = kit.EnsureUserDir(d.dir)
 		}
 		if err != nil {
 			return fmt.Errorf("general.apptainer.%s: %w", d.key, err)
@@ -97,7 +98,7 @@ func (r *Runtime) prepareDirs() error {
 func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, source, out string) error {
 	end := req.Log.Section("apptainer_pull", "apptainer pull "+source, false)
 	w := req.Log.Writer()
-	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.pullArgv(info, req, source, out), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.Grace})
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: r.pullArgv(info, req, source, out), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.Grace})
 	w.Close()
 	end()
 	if err != nil {
@@ -120,40 +121,40 @@ func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest, sourc
 }
 
 // classifyPull reads a failed apptainer pull's output; the class and the
-// advice are the shared ones (mechanism.PullError).
+// advice are the shared ones (kit.PullError).
 func classifyPull(ref string, cred auth.Credential, tail, storage string) error {
-	last := mechanism.LastLine(tail, "FATAL:", "ERROR:")
+	last := kit.LastLine(tail, "FATAL:", "ERROR:")
 	if last == "" {
-		last = mechanism.LastLine(tail)
+		last = kit.LastLine(tail)
 	}
 	// The FATAL line decides: INFO and WARNING lines before it may contain
 	// the same words harmlessly ("gocryptfs not found").
-	kind := mechanism.PullOther
+	kind := kit.PullOther
 	switch {
 	case strings.Contains(last, "authentication required") || strings.Contains(last, "unauthorized"):
-		kind = mechanism.PullAuthRefused
+		kind = kit.PullAuthRefused
 	case strings.Contains(last, "manifest unknown") || strings.Contains(last, "name unknown") || strings.Contains(last, "not found"):
-		kind = mechanism.PullNotFound
+		kind = kit.PullNotFound
 	case strings.Contains(last, "server gave HTTP response to HTTPS client"):
-		kind = mechanism.PullPlainHTTP
+		kind = kit.PullPlainHTTP
 	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
-		kind = mechanism.PullTLS
+		kind = kit.PullTLS
 	case strings.Contains(last, "connect: connection refused"):
 		// Apptainer is a separate program: its output is all there is to
 		// read. The address is Go's, "dial tcp H:P: connect: ...".
-		kind, last = mechanism.PullRefused, ""
+		kind, last = kit.PullRefused, ""
 		if m := dialAddr.FindStringSubmatch(tail); m != nil {
 			last = m[1]
 		}
 	case strings.Contains(last, "no such host") ||
 		strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
-		kind = mechanism.PullUnreachable
+		kind = kit.PullUnreachable
 	case strings.Contains(last, "no space left on device"):
-		kind = mechanism.PullStorage
+		kind = kit.PullStorage
 	default:
 		last = "apptainer pull failed: " + last
 	}
-	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
+	return kit.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
 
 // dialAddr finds the address in Go's "dial tcp H:P: connect: connection
@@ -170,22 +171,22 @@ const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then ec
 func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, sif string, req mechanism.PullRequest) (string, error) {
 	var out strings.Builder
 	argv := []string{info.Program("apptainer"), "exec", "--cleanenv", sif, "/bin/sh", "-c", shellProbe}
-	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: argv, Env: r.execEnv(nil), Dir: req.Dir, Output: &out, Grace: r.Grace})
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: argv, Env: r.execEnv(nil), Dir: req.Dir, Output: &out, Grace: r.Grace})
 	if err != nil {
 		return "", failure.Systemf("apptainer: run %s: %v", req.Ref.Full, err)
 	}
 	if res.ExitCode == 0 {
-		shell := mechanism.LastLine(out.String(), "/")
+		shell := kit.LastLine(out.String(), "/")
 		if shell != "" {
 			return shell, nil
 		}
 	}
-	fatal := mechanism.LastLine(res.Tail, "FATAL:")
+	fatal := kit.LastLine(res.Tail, "FATAL:")
 	if strings.Contains(fatal, "/bin/sh") && (strings.Contains(fatal, "no such file") || strings.Contains(fatal, "not found")) {
 		return "", failure.Userf("image %s has no /bin/sh; use an image with a POSIX shell", req.Ref.Full)
 	}
 	if fatal == "" {
-		fatal = mechanism.LastLine(res.Tail)
+		fatal = kit.LastLine(res.Tail)
 	}
 	return "", failure.Systemf("apptainer could not run image %s (exit code %d): %s", req.Ref.Full, res.ExitCode, fatal)
 }
@@ -204,7 +205,7 @@ func (r *Runtime) CheckImage(img mechanism.Image, _ string) error {
 	if img.Format != FormatSIF {
 		return fmt.Errorf("unknown image format %q", img.Format)
 	}
-	if err := mechanism.CheckShell(img.Shell); err != nil {
+	if err := kit.CheckShell(img.Shell); err != nil {
 		return err
 	}
 	if len(img.RunOptions) > 0 || len(img.Private) > 0 {

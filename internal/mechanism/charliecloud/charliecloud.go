@@ -29,6 +29,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -46,7 +47,7 @@ const toolPath = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 // Runtime is the Charliecloud mechanism for one job user.
 type Runtime struct {
-	mechanism.Base
+	kit.Base
 }
 
 var _ mechanism.Runtime = (*Runtime)(nil)
@@ -56,7 +57,7 @@ var _ mechanism.PrepEnver = (*Runtime)(nil)
 // environment (without CUSTOM_ENV_), consulted only for proxy and CA
 // settings that ch-image's downloads need.
 func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, grace time.Duration) *Runtime {
-	return &Runtime{Base: mechanism.NewBase(Name, cfg, user, hostEnv, grace, ".ch")}
+	return &Runtime{Base: kit.NewBase(Name, cfg, user, hostEnv, grace, ".ch")}
 }
 
 func (r *Runtime) Name() string             { return Name }
@@ -197,7 +198,7 @@ func lookupFlag(name string) (policy.Flag, bool) {
 }
 
 // toolEnv is the environment of ch-image and ch-convert (see
-// mechanism.ToolEnv).
+// kit.ToolEnv).
 func (r *Runtime) toolEnv(cred auth.Credential, insecure bool) []string {
 	path := r.ToolPath(toolPath)
 	settings := []string{
@@ -206,5 +207,5 @@ func (r *Runtime) toolEnv(cred auth.Credential, insecure bool) []string {
 		// ch-convert has no -s option: it asks ch-image, which reads this.
 		"CH_IMAGE_STORAGE=" + r.Storage,
 	}
-	return mechanism.ToolEnv(r.User, path, settings, r.HostEnv, insecure, cred, credentialVariables)
+	return kit.ToolEnv(r.User, path, settings, r.HostEnv, insecure, cred, credentialVariables)
 }

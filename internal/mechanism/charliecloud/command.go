@@ -7,6 +7,7 @@ import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -22,7 +23,7 @@ import (
 // the container, so this list is exactly what the container sees (plus the
 // image's ENV with --set-env and ch-run's CH_RUNNING).
 func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
-	if err := mechanism.CheckSpec(spec); err != nil {
+	if err := kit.CheckSpec(spec); err != nil {
 		return nil, nil, err
 	}
 	argv = []string{spec.Info.Program("ch-run")}

@@ -8,6 +8,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 )
 
 // convert builds the store entry key at out: a hard-linked copy of the
@@ -17,7 +18,7 @@ import (
 // it has ENV settings are recorded with the entry.
 func (r *Runtime) convert(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, digest, key, out string) error {
 	if tmp := r.convertTmp(); tmp != "" {
-		if err := mechanism.EnsureUserDir(tmp); err != nil {
+		if err := kit.EnsureUserDir(tmp); err != nil {
 			return failure.Systemf("charliecloud: general.charliecloud.tmp_dir: %v", err)
 		}
 	}
@@ -32,14 +33,14 @@ func (r *Runtime) convert(ctx context.Context, info mechanism.Info, st *imagecac
 	}
 	end := req.Log.Section("ch_convert", "ch-convert "+req.Ref.Full+" to SquashFS", false)
 	w := req.Log.Writer()
-	res, err := mechanism.RunTool(ctx, mechanism.Tool{Argv: r.convertArgv(info, dir, out), Env: r.toolEnv(auth.Credential{}, false), Dir: req.Dir, Output: w, Grace: r.Grace})
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: r.convertArgv(info, dir, out), Env: r.toolEnv(auth.Credential{}, false), Dir: req.Dir, Output: w, Grace: r.Grace})
 	w.Close()
 	end()
 	if err != nil {
 		return failure.Systemf("charliecloud: ch-convert %s: %v", req.Ref.Full, err)
 	}
 	if res.ExitCode != 0 {
-		return failure.Systemf("charliecloud: ch-convert %s failed: %s", req.Ref.Full, mechanism.LastLine(res.Tail, "error:", "ch-convert"))
+		return failure.Systemf("charliecloud: ch-convert %s failed: %s", req.Ref.Full, kit.LastLine(res.Tail, "error:", "ch-convert"))
 	}
 	setenv := "no"
 	if len(runOptions) > 0 {

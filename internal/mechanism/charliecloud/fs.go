@@ -14,7 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ci-exec/ci-exec/internal/imagecache"
-	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 )
 
 // forPath is ch-image's storage name for a reference: "/" becomes "%" and
@@ -37,7 +37,7 @@ func checkStorage(dir string) error {
 	if _, err := os.Lstat(dir); errors.Is(err, fs.ErrNotExist) {
 		return nil
 	}
-	if err := mechanism.CheckOwnDir(dir); err != nil {
+	if err := kit.CheckOwnDir(dir); err != nil {
 		return fmt.Errorf("image storage: %w", err)
 	}
 	if ents, err := os.ReadDir(dir); err == nil && len(ents) == 0 {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 )
 
 // Features Probe reports in Info.Features.
@@ -31,14 +32,14 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	chRun := info.Programs["ch-run"]
 	out, err := r.Query(ctx, toolPath, chRun, "--version")
 	if err != nil {
-		return info, failure.Systemf("charliecloud: %s --version failed: %v: %s", chRun, err, mechanism.OneLine(out))
+		return info, failure.Systemf("charliecloud: %s --version failed: %v: %s", chRun, err, kit.OneLine(out))
 	}
 	if info.Version, err = ParseVersion(out); err != nil {
 		return info, failure.Systemf("charliecloud: %v", err)
 	}
 	help, err := r.Query(ctx, toolPath, chRun, "--help")
 	if err != nil {
-		return info, failure.Systemf("charliecloud: %s --help failed: %v: %s", chRun, err, mechanism.OneLine(help))
+		return info, failure.Systemf("charliecloud: %s --help failed: %v: %s", chRun, err, kit.OneLine(help))
 	}
 	for k, v := range ParseFeatures(help) {
 		info.Features[k] = v
@@ -58,7 +59,7 @@ var versionRE = regexp.MustCompile(`(?m)^\s*(?:ch-run\s+)?v?([0-9]+\.[0-9]+(?:\.
 func ParseVersion(out string) (string, error) {
 	m := versionRE.FindStringSubmatch(out)
 	if m == nil {
-		return "", fmt.Errorf("cannot read the version from ch-run --version output %q", mechanism.OneLine(out))
+		return "", fmt.Errorf("cannot read the version from ch-run --version output %q", kit.OneLine(out))
 	}
 	return m[1], nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
@@ -39,7 +40,7 @@ var busyWait = 10 * time.Minute
 
 // Pull makes the image available to the job:
 //
-//  1. its digest is resolved by the pull policy (mechanism.ResolveDigest);
+//  1. its digest is resolved by the pull policy (kit.ResolveDigest);
 //  2. that exact digest is pulled into the user's ch-image storage
 //     (stored as NAME@sha256+HEX) unless it is there already; concurrent
 //     jobs of the user pull it once;
@@ -55,7 +56,7 @@ var busyWait = 10 * time.Minute
 // (max_concurrent_builds).
 func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanism.Image, error) {
 	start := time.Now()
-	ctx = mechanism.StoreTrace(ctx, req.Log)
+	ctx = kit.StoreTrace(ctx, req.Log)
 	img := mechanism.Image{Ref: req.Ref.Full}
 	info, err := r.Probe(ctx)
 	if err != nil {
@@ -74,7 +75,7 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		return r.inStorage(req.Ref.FamiliarAtDigest(d)) ||
 			req.SingleFile && imagecache.ValidSquashFS(st.Path(squashKey(d, req.MountPoints))) == nil
 	}
-	img.Digest, err = mechanism.ResolveDigest(ctx, st, req, credentialVariables, registry.Options{SkipVerify: req.Insecure}, present)
+	img.Digest, err = kit.ResolveDigest(ctx, st, req, credentialVariables, registry.Options{SkipVerify: req.Insecure}, present)
 	if err != nil {
 		return img, err
 	}
@@ -116,13 +117,13 @@ func (r *Runtime) ensurePulled(ctx context.Context, info mechanism.Info, st *ima
 		// its slot when it takes that lock.
 		release, err := st.BuildSlot(ctx)
 		if err != nil {
-			return false, mechanism.StoreError(err)
+			return false, kit.StoreError(err)
 		}
 		defer release()
 	}
 	unlock, err := st.Lock(ctx, "pull-"+strings.ReplaceAll(digest, ":", "-"), "another job of yours is pulling this image")
 	if err != nil {
-		return false, mechanism.StoreError(err)
+		return false, kit.StoreError(err)
 	}
 	defer unlock()
 	if r.inStorage(name) {
@@ -165,7 +166,7 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	var copyDir string
 	makeCopy := linkTree
 	if r.mayWriteImage() {
-		if err := mechanism.EnsureUserDir(r.jobsDir()); err != nil {
+		if err := kit.EnsureUserDir(r.jobsDir()); err != nil {
 			return failure.Systemf("charliecloud: job image copies: %v", err)
 		}
 		copyDir = filepath.Join(r.jobsDir(), req.JobKey)
@@ -183,7 +184,7 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	if img.Format == FormatDir {
 		release, err := st.BuildSlot(ctx)
 		if err != nil {
-			return mechanism.StoreError(err)
+			return kit.StoreError(err)
 		}
 		defer release()
 		req.Log.Printf("Copying the image for this job to %s: ch-run -w is allowed, so the job gets files of its own, not those of your stored image.", copyDir)
@@ -199,7 +200,7 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	}
 	if err != nil {
 		_ = removeTree(copyDir)
-		return mechanism.StoreError(err)
+		return kit.StoreError(err)
 	}
 	return nil
 }
@@ -220,7 +221,7 @@ func squashKey(digest string, mounts []string) string {
 func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, img *mechanism.Image) error {
 	if _, ok := info.Programs["ch-convert"]; !ok {
 		return failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert",
-			strings.Join(mechanism.ProgramDirs(r.Cfg.ApplicationPath), ":"))
+			strings.Join(kit.ProgramDirs(r.Cfg.ApplicationPath), ":"))
 	}
 	key := squashKey(img.Digest, req.MountPoints)
 	res, err := st.Ensure(ctx, key, req.JobKey, imagecache.ValidSquashFS, func(ctx context.Context, tmp string) error {
@@ -237,10 +238,10 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 		return r.convert(ctx, info, st, req, img.Digest, key, tmp)
 	})
 	if err != nil {
-		return mechanism.StoreError(err)
+		return kit.StoreError(err)
 	}
-	mechanism.LogDamaged(req.Log, res)
-	img.Cache = mechanism.CacheState(res)
+	kit.LogDamaged(req.Log, res)
+	img.Cache = kit.CacheState(res)
 	img.Format = FormatSquash
 	img.Handle, img.Lease = res.Path, res.Lease
 	img.Shell = st.Meta(key, "shell")
@@ -291,7 +292,7 @@ func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.P
 	defer end()
 	w := req.Log.Writer()
 	defer w.Close()
-	res, err := r.runBusy(ctx, mechanism.Tool{Argv: argv, Env: r.toolEnv(req.Credential, req.Insecure), Dir: req.Dir, Output: w, Grace: r.Grace}, req)
+	res, err := r.runBusy(ctx, kit.Tool{Argv: argv, Env: r.toolEnv(req.Credential, req.Insecure), Dir: req.Dir, Output: w, Grace: r.Grace}, req)
 	if err != nil {
 		return failure.Systemf("charliecloud: ch-image pull %s: %v", req.Ref.Full, err)
 	}
@@ -318,10 +319,10 @@ func (r *Runtime) pullArgv(info mechanism.Info, req mechanism.PullRequest, name 
 
 // runBusy runs a ch-image based tool and repeats it while the storage is
 // locked by another ch-image (ch-image fails at once instead of waiting).
-func (r *Runtime) runBusy(ctx context.Context, t mechanism.Tool, req mechanism.PullRequest) (mechanism.ToolResult, error) {
+func (r *Runtime) runBusy(ctx context.Context, t kit.Tool, req mechanism.PullRequest) (kit.ToolResult, error) {
 	deadline := time.Now().Add(busyWait)
 	for delay := 250 * time.Millisecond; ; {
-		res, err := mechanism.RunTool(ctx, t)
+		res, err := kit.RunTool(ctx, t)
 		if err != nil || res.ExitCode == 0 || !strings.Contains(res.Tail, "storage directory is already in use") {
 			return res, err
 		}
@@ -341,37 +342,37 @@ func (r *Runtime) runBusy(ctx context.Context, t mechanism.Tool, req mechanism.P
 }
 
 // classifyPull reads a failed ch-image pull's output; the class and the
-// advice are the shared ones (mechanism.PullError). ch-image 0.31 reports a
+// advice are the shared ones (kit.PullError). ch-image 0.31 reports a
 // 401 and a 404 alike ("unauthorized or not in registry").
 func classifyPull(ref string, cred auth.Credential, tail, storage string) error {
-	last := mechanism.LastLine(tail, "error:")
+	last := kit.LastLine(tail, "error:")
 	if last == "" {
-		last = mechanism.LastLine(tail)
+		last = kit.LastLine(tail)
 	}
-	kind := mechanism.PullOther
+	kind := kit.PullOther
 	switch {
 	case strings.Contains(tail, "no further authentication possible"):
-		kind = mechanism.PullAuthRefused
+		kind = kit.PullAuthRefused
 	case strings.Contains(tail, "unauthorized or not in registry"):
-		kind = mechanism.PullNotFound
+		kind = kit.PullNotFound
 	case strings.Contains(tail, "CERTIFICATE_VERIFY_FAILED") || strings.Contains(tail, "SSLError"):
-		kind = mechanism.PullTLS
+		kind = kit.PullTLS
 	case strings.Contains(tail, "storage directory seems invalid") || strings.Contains(tail, "invalid storage directory"):
-		kind = mechanism.PullStorage
+		kind = kit.PullStorage
 	case strings.Contains(tail, "Connection refused"):
 		// ch-image is Python: its output is all there is to read. The
 		// address is urllib3's, "HTTPSConnectionPool(host='H', port=P)".
-		kind, last = mechanism.PullRefused, ""
+		kind, last = kit.PullRefused, ""
 		if m := poolAddr.FindStringSubmatch(tail); m != nil {
 			last = net.JoinHostPort(m[1], m[2])
 		}
 	case strings.Contains(tail, "Max retries exceeded") ||
 		strings.Contains(tail, "Name or service not known") || strings.Contains(tail, "timed out"):
-		kind = mechanism.PullUnreachable
+		kind = kit.PullUnreachable
 	default:
 		last = "ch-image failed: " + last
 	}
-	return mechanism.PullError(kind, ref, cred, credentialVariables, storage, last)
+	return kit.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
 
 // poolAddr finds the address in urllib3's "HTTPSConnectionPool(host='H',
@@ -430,7 +431,7 @@ var squashEntry = regexp.MustCompile(`^sha256-[0-9a-f]{64}-[0-9a-f]{12}\.sqfs$`)
 // that --mount and --set-env). Anything else in a state file, a planted
 // --bind above all, is refused.
 func (r *Runtime) CheckImage(img mechanism.Image, jobDir string) error {
-	if err := mechanism.CheckShell(img.Shell); err != nil {
+	if err := kit.CheckShell(img.Shell); err != nil {
 		return err
 	}
 	allowed := map[string]bool{"--set-env": true}

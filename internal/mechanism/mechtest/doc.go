@@ -20,6 +20,6 @@
 //   - Suite: the pull scenarios both runtimes must pass, with hooks for
 //     what each checks of its own way of keeping images.
 //   - Table runners for what both runtimes test alike: CommandErrors and
-//     SpecErrors (mechanism.CheckSpec), Diagnoses, Versions,
+//     SpecErrors (kit.CheckSpec), Diagnoses, Versions,
 //     DefaultUserArgs, StorageDirs.
 package mechtest

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -44,7 +45,7 @@ type CommandError struct {
 }
 
 // SpecErrors are the specs every runtime's Command refuses
-// (mechanism.CheckSpec): no command, no image. img is an image of the
+// (kit.CheckSpec): no command, no image. img is an image of the
 // runtime, env and argv a valid environment and command.
 func SpecErrors(img mechanism.Image, env, argv []string) []CommandError {
 	noHandle := img
@@ -113,7 +114,7 @@ func DefaultUserArgs(t *testing.T, r mechanism.Runtime, dangerous []string) map[
 
 // StorageDirs checks where a runtime keeps the user's image storage,
 // <image_storage_dir>/<name>, for the default image_storage_dir (/var/tmp),
-// a configured one and one with a trailing slash: mechanism.StorageDir
+// a configured one and one with a trailing slash: kit.StorageDir
 // gives it, the runtime made by newRuntime uses it (storage reads it) and
 // prep_script is told of it in envVar.
 func StorageDirs[R mechanism.PrepEnver](t *testing.T, name, envVar string, newRuntime func(config.Mechanism, map[string]string) R, storage func(R) string) {
@@ -124,7 +125,7 @@ func StorageDirs[R mechanism.PrepEnver](t *testing.T, name, envVar string, newRu
 	}
 	for _, tt := range tests {
 		t.Run(tt.test, func(t *testing.T) {
-			assert.Equal(t, tt.want, mechanism.StorageDir(tt.dir, name))
+			assert.Equal(t, tt.want, kit.StorageDir(tt.dir, name))
 			r := newRuntime(config.Mechanism{ImageStorageDir: tt.dir}, nil)
 			assert.Equal(t, tt.want, storage(r))
 			assert.Equal(t, []string{envVar + "=" + tt.want}, r.PrepEnv())

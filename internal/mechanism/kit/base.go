@@ -1,4 +1,4 @@
-package mechanism
+package kit
 
 import (
 	"bytes"
@@ -19,6 +19,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
 // Base is what every runtime keeps about one job user: its table of the
@@ -41,7 +42,7 @@ type Base struct {
 
 type probeOnce struct {
 	once sync.Once
-	info Info
+	info mechanism.Info
 	err  error
 }
 
@@ -93,23 +94,23 @@ func (b *Base) Store() (*imagecache.Store, error) {
 // process and remembered in the store, keyed by the programs' paths, sizes
 // and modification times, so that a prepare on a warm image does not run
 // the runtime's own start-up again.
-func (b *Base) Probed(ctx context.Context, required, optional []string, probe func(context.Context, Info) (Info, error)) (Info, error) {
+func (b *Base) Probed(ctx context.Context, required, optional []string, probe func(context.Context, mechanism.Info) (mechanism.Info, error)) (mechanism.Info, error) {
 	b.probe.once.Do(func() { b.probe.info, b.probe.err = b.probeCached(ctx, required, optional, probe) })
 	return b.probe.info, b.probe.err
 }
 
-func (b *Base) probeCached(ctx context.Context, required, optional []string, probe func(context.Context, Info) (Info, error)) (Info, error) {
+func (b *Base) probeCached(ctx context.Context, required, optional []string, probe func(context.Context, mechanism.Info) (mechanism.Info, error)) (mechanism.Info, error) {
 	programs, err := FindPrograms(b.Name, b.Cfg.ApplicationPath, required, optional)
 	if err != nil {
-		return Info{}, err
+		return mechanism.Info{}, err
 	}
 	key := programsKey(programs)
 	var cacheFile string
 	if st, err := b.Store(); err == nil {
 		cacheFile = filepath.Join(st.Root, "probe.json")
 		var cached struct {
-			Key  string `json:"key"`
-			Info Info   `json:"info"`
+			Key  string         `json:"key"`
+			Info mechanism.Info `json:"info"`
 		}
 		// The cache is the user's own file: it may only repeat what a probe
 		// of exactly these programs said, never name other programs.
@@ -118,7 +119,7 @@ func (b *Base) probeCached(ctx context.Context, required, optional []string, pro
 			return cached.Info, nil
 		}
 	}
-	info, err := probe(ctx, Info{Programs: programs, Features: map[string]bool{}})
+	info, err := probe(ctx, mechanism.Info{Programs: programs, Features: map[string]bool{}})
 	if err != nil || cacheFile == "" {
 		return info, err
 	}
@@ -176,7 +177,7 @@ func (b *Base) Query(ctx context.Context, path string, argv ...string) (string, 
 }
 
 // ReleaseLease ends the job's lease on a store entry, if it has one.
-func (b *Base) ReleaseLease(img Image) error {
+func (b *Base) ReleaseLease(img mechanism.Image) error {
 	if img.Lease == "" {
 		return nil
 	}
@@ -197,7 +198,7 @@ func (b *Base) Evict(ctx context.Context) ([]imagecache.Evicted, error) {
 }
 
 // CheckSpec rejects a RunSpec no runtime can build a command from.
-func CheckSpec(spec RunSpec) error {
+func CheckSpec(spec mechanism.RunSpec) error {
 	if len(spec.Argv) == 0 {
 		return errors.New("no command to run")
 	}
@@ -211,7 +212,7 @@ func CheckSpec(spec RunSpec) error {
 // store: its handle must be an entry file of the store whose name matches
 // entry, and its lease, if any, a lease in the store. A handle anywhere
 // else (a file the job planted) is refused.
-func (b *Base) CheckStored(img Image, entry *regexp.Regexp) error {
+func (b *Base) CheckStored(img mechanism.Image, entry *regexp.Regexp) error {
 	st, err := b.Store()
 	if err != nil {
 		return err

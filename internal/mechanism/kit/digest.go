@@ -1,4 +1,4 @@
-package mechanism
+package kit
 
 import (
 	"context"
@@ -7,6 +7,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/imagecache"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/registry"
 )
 
@@ -21,7 +22,7 @@ import (
 //   - "never": the digest of the last pull, and the image must be present.
 //
 // present reports whether the runtime already has a digest.
-func ResolveDigest(ctx context.Context, st *imagecache.Store, req PullRequest, names auth.VariableNames, o registry.Options, present func(digest string) bool) (string, error) {
+func ResolveDigest(ctx context.Context, st *imagecache.Store, req mechanism.PullRequest, names auth.VariableNames, o registry.Options, present func(digest string) bool) (string, error) {
 	digest := req.Ref.Digest
 	if digest == "" && req.Policy != config.PullAlways {
 		if d := st.Tag(req.Ref.Full); d != "" && present(d) {
