@@ -12,6 +12,7 @@ import (
 func runCleanup(ctx context.Context, st *Stage) {
 	releaseImages(ctx, st)
 	if st.Cfg.General.RetainLogs {
+		redactRetainedDir(st)
 		st.Log.Printf("retain_logs: keeping %s", st.Layout.ScriptsDir)
 		return
 	}
