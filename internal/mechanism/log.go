@@ -10,7 +10,7 @@ import (
 // section, as one copy-pasteable line (env -i KEY=VALUE... argv...), so a
 // user can see exactly what ran and rerun it by hand. Every word is masked
 // before it is quoted: quoting a pass_env value that holds a masked
-// variable's value and a ' would split the secret ('\'') where the logger's
+// variable's value and a ' would split the secret ('\”) where the logger's
 // own masking of the finished line could no longer find it. Credentials
 // never appear because they are never part of a run command.
 func LogCommand(log *joblog.Logger, section, header string, argv, env []string) {
