@@ -10,9 +10,9 @@ import (
 // section, as one copy-pasteable line (env -i KEY=VALUE... argv...), so a
 // user can see exactly what ran and rerun it by hand. Every word is masked
 // before it is quoted: quoting a pass_env value that holds a masked
-// variable's value and a ' would split the secret ('\”) where the logger's
-// own masking of the finished line could no longer find it. Credentials
-// never appear because they are never part of a run command.
+// variable's value and a single quote splits the secret around the quote,
+// and the logger's masking of the finished line would no longer find it.
+// Credentials never appear because they are never part of a run command.
 func LogCommand(log *joblog.Logger, section, header string, argv, env []string) {
 	end := log.Section(section, header, false)
 	defer end()
