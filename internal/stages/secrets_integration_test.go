@@ -45,19 +45,20 @@ func withHelperOnPath(t *testing.T, c runnerdouble.Config) runnerdouble.Config {
 	return c
 }
 
-// helperJobs are two jobs of one project: the first fills the cache and
-// uploads artifacts, the second restores the cache and downloads the
-// first one's artifacts with a dependency token.
-func helperJobs(token, image string, id int64) (first, second runnerdouble.Job) {
+// helperJobs are two jobs of one project (base gives the token, image and
+// registry): the first fills the cache and uploads artifacts, the second
+// restores the cache and downloads the first one's artifacts with a
+// dependency token.
+func helperJobs(base runnerdouble.Job, id int64) (first, second runnerdouble.Job) {
 	first = runnerdouble.Job{
-		ID: id, Token: token, Image: image,
+		ID: id, Token: base.Token, Image: base.Image, Registry: base.Registry,
 		MaskedVariables: map[string]string{"DEPLOY_KEY": maskedValue},
 		Script:          []string{"mkdir -p out", `echo "built by $CI_JOB_ID" > out/result.txt`},
 		Cache:           &runnerdouble.Cache{Key: "secrets-cache", Paths: []string{"out/"}},
 		Artifacts:       &runnerdouble.Artifacts{Name: "secrets-artifacts", Paths: []string{"out/"}, ExpireIn: "1 day"},
 	}
 	second = runnerdouble.Job{
-		ID: id + 1, Token: token, Image: image,
+		ID: id + 1, Token: base.Token, Image: base.Image, Registry: base.Registry,
 		MaskedVariables: map[string]string{"DEPLOY_KEY": maskedValue},
 		Script:          []string{"cat out/result.txt"},
 		Cache:           &runnerdouble.Cache{Key: "secrets-cache"},
@@ -68,9 +69,10 @@ func helperJobs(token, image string, id int64) (first, second runnerdouble.Job) 
 
 // runHelperJobs runs both jobs while every exec is watched and checks
 // that no helper, and no process at all, saw a token on its command line.
-func runHelperJobs(t *testing.T, c runnerdouble.Config, data, token, image string, id int64) {
+func runHelperJobs(t *testing.T, c runnerdouble.Config, data string, base runnerdouble.Job, id int64) (first, second *runnerdouble.Result) {
 	t.Helper()
-	first, second := helperJobs(token, image, id)
+	token := base.Token
+	first, second := helperJobs(base, id)
 	watch := testenv.WatchCmdlines(token, depToken, maskedValue)
 	res1 := runJob(t, c, first)
 	res2 := runJob(t, c, second)
@@ -139,13 +141,14 @@ func runHelperJobs(t *testing.T, c runnerdouble.Config, data, token, image strin
 	assert.True(t, names["upload_artifacts_on_success.bash"], "retain_logs kept the upload script: %v", kept)
 	assertSecretFilesPrivate(t, []string{data}, token)
 	assertSecretFilesPrivate(t, []string{data}, depToken)
+	return res1, res2
 }
 
 func TestSecretsHostHelperTokenNotOnArgv(t *testing.T) {
 	for _, u := range hostUsers(t) {
 		t.Run(u.Name, func(t *testing.T) {
 			c, data := hostRunner(t, u, "retain_logs = true")
-			runHelperJobs(t, withHelperOnPath(t, c), data, "glcbt-64_host-job-token-for-"+u.Name, "", 9100)
+			runHelperJobs(t, withHelperOnPath(t, c), data, runnerdouble.Job{Token: "glcbt-64_host-job-token-for-" + u.Name}, 9100)
 		})
 	}
 }
@@ -155,7 +158,7 @@ func TestSecretsContainerHelperTokenNotOnArgv(t *testing.T) {
 		image := testenv.Fact(t, "CI_EXEC_TEST_IMAGE")
 		t.Run("runner stages on the host", func(t *testing.T) {
 			e := containerRunner(t, rt, u, "retain_logs = true", "")
-			runHelperJobs(t, withHelperOnPath(t, e.runner), e.data, tokenJob(t, image).Token, image, 9200)
+			runHelperJobs(t, withHelperOnPath(t, e.runner), e.data, tokenJob(t, image), 9200)
 		})
 		t.Run("runner stages in runner_image", func(t *testing.T) {
 			// The admin binds a gitlab-runner helper into the runner image
@@ -167,7 +170,9 @@ func TestSecretsContainerHelperTokenNotOnArgv(t *testing.T) {
 			}
 			e := containerRunner(t, rt, u, "retain_logs = true", fmt.Sprintf("runner_image = %q\nrunner_options = [%q, %q]",
 				image, "--bind="+helper+":/mnt", pathOpt))
-			runHelperJobs(t, e.runner, e.data, tokenJob(t, image).Token, image, 9300)
+			res1, res2 := runHelperJobs(t, e.runner, e.data, tokenJob(t, image), 9300)
+			assert.Contains(t, res1.Log, "Running upload_artifacts_on_success in "+image, "the uploader ran in the container")
+			assert.Contains(t, res2.Log, "Running download_artifacts in "+image)
 		})
 	})
 }
