@@ -69,7 +69,7 @@ func helperJobs(base runnerdouble.Job, id int64) (first, second runnerdouble.Job
 
 // runHelperJobs runs both jobs while every exec is watched and checks
 // that no helper, and no process at all, saw a token on its command line.
-func runHelperJobs(t *testing.T, c runnerdouble.Config, data string, base runnerdouble.Job, id int64) (first, second *runnerdouble.Result) {
+func runHelperJobs(t *testing.T, c runnerdouble.Config, data string, base runnerdouble.Job, id int64) (*runnerdouble.Result, *runnerdouble.Result) {
 	t.Helper()
 	token := base.Token
 	first, second := helperJobs(base, id)
