@@ -10,6 +10,8 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Masked replaces a secret in a redacted copy, as in the job log.
@@ -79,35 +81,61 @@ func RedactFile(path string, secrets []string) error {
 	return os.Rename(tmp.Name(), path)
 }
 
-// Check runs bash's syntax check (bash -n, script on stdin, no shell
-// command line) on script and on each eval body: bash -n alone does not
-// look into the string an eval would run. bash is the path of bash. What
-// bash prints about the script is redacted with secrets.
+// Check runs bash's syntax check (bash -n, the text on stdin, no shell
+// command line) on script and its eval bodies: bash -n alone does not look
+// into the string an eval would run. One bash reads the script and then
+// the bodies: the script ends at the top level, so the whole parses only if
+// each part does, and a stage pays for one process, not two. bash is the
+// path of bash. What bash prints is redacted with secrets.
 func Check(ctx context.Context, bash string, script []byte, bodies []string, secrets []string) error {
-	inputs := append([]string{string(script)}, bodies...)
-	for i, in := range inputs {
-		cmd := exec.CommandContext(ctx, bash, "--noprofile", "--norc", "-n")
-		cmd.Stdin = strings.NewReader(in)
-		cmd.Env = []string{"PATH=/usr/bin:/bin", "LC_ALL=C"}
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		err := cmd.Run()
-		if err == nil {
-			continue
-		}
-		what := "the script"
-		if i > 0 {
-			what = "its eval body"
-		}
-		var ee *exec.ExitError
-		if !errors.As(err, &ee) {
-			return fmt.Errorf("check the script's syntax with %s: %w", bash, err)
-		}
-		msg := strings.TrimSpace(string(Redact(stderr.Bytes(), secrets)))
-		if i := strings.IndexByte(msg, '\n'); i >= 0 {
-			msg = msg[:i]
-		}
-		return fmt.Errorf("after moving the job token out of the helpers' arguments, bash -n finds %s invalid: %s", what, msg)
+	var in strings.Builder
+	in.Write(script)
+	for _, b := range bodies {
+		in.WriteString("\n")
+		in.WriteString(b)
 	}
-	return nil
+	// The text goes in as a file (a memfd: never on disk, and the secrets
+	// it holds stay in this process and its child): with a pipe Go would
+	// copy it through a goroutine, which costs as much as the check.
+	stdin, err := memFile(in.String())
+	if err != nil {
+		return fmt.Errorf("check the script's syntax: %w", err)
+	}
+	defer stdin.Close()
+	cmd := exec.CommandContext(ctx, bash, "--noprofile", "--norc", "-n")
+	cmd.Stdin = stdin
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "LC_ALL=C"}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	err = cmd.Run()
+	if err == nil {
+		return nil
+	}
+	var ee *exec.ExitError
+	if !errors.As(err, &ee) {
+		return fmt.Errorf("check the script's syntax with %s: %w", bash, err)
+	}
+	msg := strings.TrimSpace(string(Redact(stderr.Bytes(), secrets)))
+	if i := strings.IndexByte(msg, '\n'); i >= 0 {
+		msg = msg[:i]
+	}
+	return fmt.Errorf("bash -n finds the rewritten script invalid: %s", msg)
+}
+
+// memFile returns an anonymous in-memory file holding s, read from the start.
+func memFile(s string) (*os.File, error) {
+	fd, err := unix.MemfdCreate("ci-exec-script-check", unix.MFD_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	f := os.NewFile(uintptr(fd), "memfd:ci-exec-script-check")
+	if _, err := f.WriteString(s); err != nil {
+		f.Close()
+		return nil, err
+	}
+	if _, err := f.Seek(0, 0); err != nil {
+		f.Close()
+		return nil, err
+	}
+	return f, nil
 }

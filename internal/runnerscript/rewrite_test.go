@@ -406,12 +406,12 @@ func TestCheckFindsBrokenBody(t *testing.T) {
 	require.Len(t, res.Bodies, 1)
 	err = Check(context.Background(), bash, res.Script, res.Bodies, []string{secret})
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "eval body invalid")
+	assert.Contains(t, err.Error(), "bash -n finds the rewritten script invalid")
 	assert.NotContains(t, err.Error(), secret)
 
 	err = Check(context.Background(), bash, []byte("(\n"), nil, nil)
 	require.Error(t, err)
-	assert.Contains(t, err.Error(), "finds the script invalid")
+	assert.Contains(t, err.Error(), "finds the rewritten script invalid")
 }
 
 func TestQuoteRoundTrip(t *testing.T) {
