@@ -4,8 +4,10 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net/url"
 	"path"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 )
@@ -265,6 +267,28 @@ func (s scriptContext) cacheFile(hashed bool) string {
 	return abs
 }
 
+// gitCredentials is the part of the runner's setupExternalGitConfig that
+// matters here: unless FF_GIT_URLS_WITHOUT_TOKENS is on, the runner hands
+// git an insteadOf rule whose key is the repository URL with the job
+// token in it, on git's command line (shells/abstract.go, 19.4).
+func (s scriptContext) gitCredentials(w *scriptWriter) {
+	if s.flag("FF_GIT_URLS_WITHOUT_TOKENS") {
+		return
+	}
+	u, err := url.Parse(s.repoURL)
+	if err != nil || u.User != nil || u.Scheme != "http" && u.Scheme != "https" {
+		return
+	}
+	withCreds := *u
+	withCreds.User = url.UserPassword("gitlab-ci-token", s.token)
+	ext := s.tmpFile(".gitlab-runner.ext.conf")
+	w.linef("mkdir -p %q", s.tmpProjectDir())
+	w.rmFile(ext)
+	// CommandArgExpand: the command quoted, every argument in plain double quotes.
+	w.linef(`%s "config" "--file" "%s" "--replace-all" "url.%s.insteadOf" "%s" "^%s$"`,
+		w.escape("git"), ext, withCreds.String(), u.String(), regexp.QuoteMeta(u.String()))
+}
+
 // runnerGuard is the runner's guardRunnerCommand: the helper call only if
 // gitlab-runner is on PATH, a warning otherwise.
 func runnerGuard(w *scriptWriter, action string, f func()) {
@@ -305,6 +329,7 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			w.command("mkdir", "-p", s.projectDir)
 		case "clone", "fetch":
 			w.noticef("Fetching changes...")
+			s.gitCredentials(w)
 			w.linef("if [ %q = clone ] || [ ! -d %q ]; then", s.gitStrategy, path.Join(s.projectDir, ".git"))
 			w.line("  rm -r -f " + strconv.Quote(s.projectDir))
 			w.line("  git clone -q " + w.escape(s.repoURL) + " " + w.escape(s.projectDir))

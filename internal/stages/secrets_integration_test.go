@@ -221,3 +221,27 @@ func TestSecretsPassEnvMaskedInCommandLog(t *testing.T) {
 		assert.NotContains(t, res.RawLog, "s3cret")
 	})
 }
+
+// The runner's get_sources puts the job token into git's arguments unless
+// FF_GIT_URLS_WITHOUT_TOKENS is on: ci-exec refuses it and says which flag
+// to set; with the flag the stage runs.
+func TestSecretsRefusesGitTokenOnCommandLine(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	c, _ := hostRunner(t, u, "")
+	const token = "glcbt-64_token-for-git-insteadof"
+	j := runnerdouble.Job{ID: 9500, Token: token, GitStrategy: "fetch", RepoURL: "http://127.0.0.1:1/g/p.git", Script: []string{"true"}}
+	watch := testenv.WatchCmdlines(token)
+	res := runJob(t, c, j)
+	assert.Empty(t, watch())
+	assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
+	assert.Contains(t, res.Log, `refusing to run the get_sources stage: the job token would be on a command line (line `)
+	assert.Contains(t, res.Log, `command "git"`)
+	assert.Contains(t, res.Log, "set FF_GIT_URLS_WITHOUT_TOKENS = true under [runners.feature_flags]")
+	assert.NotContains(t, res.RawLog, token)
+
+	j.Variables = map[string]string{"FF_GIT_URLS_WITHOUT_TOKENS": "true"}
+	res = runJob(t, c, j)
+	assert.NotContains(t, res.Log, "refusing to run")
+	assert.Contains(t, res.Log, "Fetching changes...", "get_sources ran (the clone itself fails: nothing serves the repository)")
+	assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
+}
