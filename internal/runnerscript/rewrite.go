@@ -97,18 +97,13 @@ func (e *LeakError) Error() string {
 }
 
 // Rewrite moves every helper --token argument of script into the helper's
-// environment and checks that none of tokens (the job token and the
-// dependencies' tokens) is left where a program would get it as an
-// argument. Only --token values that are one of tokens are moved (any value
-// when tokens is empty). An error is a *LeakError.
+// environment (whatever its value: a helper's --token is a credential) and
+// checks that none of tokens (the job token and the dependencies' tokens)
+// is left where a program would get it as an argument. An error is a
+// *LeakError.
 func Rewrite(script []byte, tokens []string) (Result, error) {
-	known := map[string]bool{}
 	var needles1, needles2 []string
 	for _, t := range tokens {
-		if t == "" {
-			continue
-		}
-		known[t] = true
 		if len(t) >= MinTokenLen {
 			n1 := representations(t)
 			needles1 = append(needles1, n1...)
@@ -140,7 +135,7 @@ func Rewrite(script []byte, tokens []string) (Result, error) {
 			pos += n
 			continue
 		}
-		body, moved := rewriteBody(ev.body, ev.q, known)
+		body, moved := rewriteBody(ev.body, ev.q)
 		if err := checkBody(body, ev.q, needles2); err != nil {
 			return Result{}, err
 		}
@@ -252,16 +247,16 @@ var helperNames = map[string]bool{"gitlab-runner": true, "gitlab-runner-helper":
 // IfCmdWithOutput; a plain Command line has none.
 var ifSuffixes = []string{" >/dev/null 2>&1 ; then", " ; then"}
 
-// rewriteBody moves the known tokens of every helper line into an
-// assignment in front of the helper.
-func rewriteBody(body string, q quoting, known map[string]bool) (string, int) {
+// rewriteBody moves the --token of every helper line into an assignment in
+// front of the helper.
+func rewriteBody(body string, q quoting) (string, int) {
 	lines := strings.Split(body, "\n")
 	moved := 0
 	for i, line := range lines {
 		if !strings.Contains(line, "--token") && !strings.Contains(line, "-token=") {
 			continue
 		}
-		if nl, n := rewriteHelperLine(line, q, known); n > 0 {
+		if nl, n := rewriteHelperLine(line, q); n > 0 {
 			lines[i] = nl
 			moved += n
 		}
@@ -319,30 +314,39 @@ func isIfSuffix(s string) bool {
 	return false
 }
 
-func rewriteHelperLine(line string, q quoting, known map[string]bool) (string, int) {
+// helperBoolFlags are the helpers' flags that take no value (gitlab-runner
+// 19.4 commands/helpers). Every other --flag takes the next word, so a
+// value that happens to read "--token" (an artifact called that) is never
+// taken for the flag. A boolean flag added later would swallow the word
+// after it: the token then stays where it was and checkBody refuses the
+// script, which is the safe way to be wrong.
+var helperBoolFlags = map[string]bool{"--untracked": true, "--verbose": true, "--direct-download": true, "--ci-debug-trace": true}
+
+func rewriteHelperLine(line string, q quoting) (string, int) {
 	indent, ifKw, words, suffix, ok := splitCommand(line, q)
 	if !ok || len(words) < 2 || !helperNames[path.Base(words[0].val)] {
 		return line, 0
 	}
-	isKnown := func(v string) bool { return len(known) == 0 || known[v] }
-	var kept []string
+	kept := []string{words[0].raw, words[1].raw}
 	token, moved := "", 0
-	for i := 0; i < len(words); i++ {
+	for i := 2; i < len(words); i++ {
 		w := words[i]
-		if i > 0 && w.val == "--token" && i+1 < len(words) && isKnown(words[i+1].val) {
+		switch v, isEq := strings.CutPrefix(w.val, "--token="); {
+		case w.val == "--token" && i+1 < len(words):
 			// The helper's flag parser keeps the last value of a repeated
 			// flag; so does the assignment.
 			token = words[i+1].val
 			moved++
 			i++
-			continue
-		}
-		if v, ok := strings.CutPrefix(w.val, "--token="); ok && i > 0 && isKnown(v) {
+		case isEq:
 			token = v
 			moved++
-			continue
+		case strings.HasPrefix(w.val, "--") && !strings.Contains(w.val, "=") && !helperBoolFlags[w.val] && i+1 < len(words):
+			kept = append(kept, w.raw, words[i+1].raw)
+			i++
+		default:
+			kept = append(kept, w.raw)
 		}
-		kept = append(kept, w.raw)
 	}
 	if moved == 0 {
 		return line, 0

@@ -358,24 +358,33 @@ func TestRewriteRefuses(t *testing.T) {
 	}
 }
 
-func TestRewriteLeavesOtherValues(t *testing.T) {
+func TestRewriteOtherValues(t *testing.T) {
 	const tok = "glcbt-64_job-token-0003"
 	q := ansiC
-	// A --token whose value is not a job token is the user's own business
-	// (their script, their tool): not touched, and no error.
-	in := script(q, false, command(q, "gitlab-runner", "artifacts-uploader", "--token", "some-other-value", "--id", "1"),
-		`mytool --token "$MY_TOKEN"`)
+	// A helper's --token is a credential whatever its value: it moves too.
+	in := script(q, false, command(q, "gitlab-runner", "artifacts-uploader", "--token", "some-other-value", "--id", "1"))
 	res, err := Rewrite(in, []string{tok})
-	require.NoError(t, err)
-	assert.Equal(t, in, res.Script)
-
-	// Without any known token (no job response) every helper --token moves.
-	in = script(q, false, command(q, "gitlab-runner", "artifacts-uploader", "--token", "some-other-value", "--id", "1"))
-	res, err = Rewrite(in, nil)
 	require.NoError(t, err)
 	assert.Equal(t, 1, res.Moved)
 	calls := runScript(t, res.Script)
 	assert.Equal(t, "some-other-value", calls[0].token)
+	assert.Equal(t, []string{"artifacts-uploader", "--id", "1"}, calls[0].argv[1:])
+
+	// Another program's --token, and a helper argument that is not literal
+	// text, are the user's own business: untouched, and no error.
+	in = script(q, false, `mytool --token "$MY_TOKEN"`, `gitlab-runner artifacts-uploader --token "$MY_TOKEN"`)
+	res, err = Rewrite(in, []string{tok})
+	require.NoError(t, err)
+	assert.Equal(t, in, res.Script)
+
+	// A value that reads "--token" is a value: the artifact keeps its name.
+	in = script(q, false, command(q, "gitlab-runner", "artifacts-uploader", "--name", "--token", "--token", tok, "--untracked", "--path", "out/"))
+	res, err = Rewrite(in, []string{tok})
+	require.NoError(t, err)
+	assert.Equal(t, 1, res.Moved)
+	calls = runScript(t, res.Script)
+	assert.Equal(t, []string{"artifacts-uploader", "--name", "--token", "--untracked", "--path", "out/"}, calls[0].argv[1:])
+	assert.Equal(t, tok, calls[0].token)
 
 	// A script of an unknown shape without a token runs unchanged.
 	odd := []byte("#!/bin/sh\necho hello\n")
