@@ -57,6 +57,15 @@ type Response struct {
 	Image     struct {
 		Name string `json:"name"`
 	} `json:"image"`
+	// Dependencies are the jobs whose artifacts this one downloads; the
+	// runner passes each one's token to its artifacts-downloader.
+	Dependencies []Dependency `json:"dependencies"`
+}
+
+// Dependency is one payload dependency (only what ci-exec needs).
+type Dependency struct {
+	ID    int64  `json:"id"`
+	Token string `json:"token"`
 }
 
 // Variable is one payload variable.
@@ -160,15 +169,43 @@ func (j *Job) TrustedVar(key string) (string, bool) {
 	return "", false
 }
 
+// Tokens are the credentials the runner writes into its helpers' command
+// lines (--token): the job token and the dependencies' tokens, from the
+// trusted payload. Without a payload only the CI_JOB_TOKEN variable is
+// known.
+func (j *Job) Tokens() []string {
+	if j.Response == nil {
+		if t := j.Vars["CI_JOB_TOKEN"]; t != "" {
+			return []string{t}
+		}
+		return nil
+	}
+	var out []string
+	if t := j.Response.Token; t != "" {
+		out = append(out, t)
+	}
+	for _, d := range j.Response.Dependencies {
+		if d.Token != "" && d.Token != j.Response.Token {
+			out = append(out, d.Token)
+		}
+	}
+	return out
+}
+
 // Secrets lists values that must never appear in a log or an argv: the job
-// token and every masked or non-public payload variable long enough to be
-// recognised.
+// token, the dependencies' tokens and every masked or non-public payload
+// variable long enough to be recognised.
 func (j *Job) Secrets() []string {
 	var out []string
 	if t := j.Token(); t != "" {
 		out = append(out, t)
 	}
 	if j.Response != nil {
+		for _, d := range j.Response.Dependencies {
+			if d.Token != "" && d.Token != j.Response.Token {
+				out = append(out, d.Token)
+			}
+		}
 		for _, v := range j.Response.Variables {
 			if (v.Masked || !v.Public) && len(v.Value) >= 8 {
 				out = append(out, v.Value)

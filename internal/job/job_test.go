@@ -24,7 +24,8 @@ func TestFromEnviron(t *testing.T) {
 		"variables":[{"key":"CI_REGISTRY","value":"registry.example.org:5050","public":true},
 		             {"key":"SECRET_THING","value":"s3cr3t-value","public":false,"masked":true},
 		             {"key":"CI_REGISTRY","value":"evil.example.com","public":true}],
-		"image":{"name":"alpine:3"},"unknown_field":{"x":1}}`)
+		"image":{"name":"alpine:3"},"unknown_field":{"x":1},
+		"dependencies":[{"id":70,"name":"build","token":"trusted-job-token"},{"id":71,"name":"other","token":"dependency-token"}]}`)
 	j, err := FromEnviron([]string{
 		"PATH=/usr/bin", "BUILD_FAILURE_EXIT_CODE=11", "SYSTEM_FAILURE_EXIT_CODE=12",
 		"BUILD_EXIT_CODE_FILE=/tmp/x/code", "JOB_RESPONSE_FILE=" + resp,
@@ -45,7 +46,8 @@ func TestFromEnviron(t *testing.T) {
 	assert.True(t, ok)
 	assert.Equal(t, "registry.example.org:5050", reg, "first occurrence is the server's predefined value")
 	assert.Equal(t, "alpine:3", j.Image(), "payload image when CI_JOB_IMAGE is absent")
-	assert.ElementsMatch(t, []string{"trusted-job-token", "s3cr3t-value", "user-overridden-token"}, j.Secrets())
+	assert.ElementsMatch(t, []string{"trusted-job-token", "dependency-token", "s3cr3t-value", "user-overridden-token"}, j.Secrets())
+	assert.Equal(t, []string{"trusted-job-token", "dependency-token"}, j.Tokens(), "only trusted tokens, each once")
 }
 
 func TestFromEnvironDefaultsAndErrors(t *testing.T) {
@@ -55,6 +57,10 @@ func TestFromEnvironDefaultsAndErrors(t *testing.T) {
 	assert.Equal(t, 2, j.SystemFailureCode)
 	assert.Nil(t, j.Response)
 	assert.Equal(t, "", j.Token())
+	assert.Empty(t, j.Tokens())
+	j, err = FromEnviron([]string{"CUSTOM_ENV_CI_JOB_TOKEN=from-the-variable"})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"from-the-variable"}, j.Tokens(), "without a payload the variable is all there is")
 
 	_, err = FromEnviron([]string{"BUILD_FAILURE_EXIT_CODE=abc"})
 	assert.ErrorContains(t, err, "BUILD_FAILURE_EXIT_CODE")

@@ -9,9 +9,11 @@ import (
 
 // LogCommand prints a container command line to the job log in a collapsed
 // section, as one copy-pasteable line (env -i KEY=VALUE... argv...), so a
-// user can see exactly what ran and rerun it by hand. The logger masks the
-// job's secrets; credentials never appear because they are never part of a
-// run command.
+// user can see exactly what ran and rerun it by hand. Every word is masked
+// before it is quoted: quoting a pass_env value that holds a masked
+// variable's value and a single quote splits the secret around the quote,
+// and the logger's masking of the finished line would no longer find it.
+// Credentials never appear because they are never part of a run command.
 func LogCommand(log *joblog.Logger, section, header string, argv, env []string) {
 	end := log.Section(section, header, false)
 	defer end()
@@ -21,6 +23,9 @@ func LogCommand(log *joblog.Logger, section, header string, argv, env []string) 
 		line = append(line, env...)
 	}
 	line = append(line, argv...)
+	for i, w := range line {
+		line[i] = log.Redact(w)
+	}
 	log.Printf("%s", joblog.QuoteArgv(line))
 }
 

@@ -18,8 +18,17 @@
 //   - prepare retried up to three times for non-build errors, with
 //     cleanup_exec after each failed attempt;
 //   - one new <tmp>/scriptNNNN/script (mode 0700) per run stage, written like
-//     the runner's bash shell writer, and run_exec called as
+//     the runner's bash shell writer (the same preamble, the body in
+//     eval $'...', words quoted with the runner's ShellEscape, or
+//     PosixShellEscape and ": | eval" under FF_POSIXLY_CORRECT_ESCAPES and
+//     FF_USE_LEGACY_BASH_EVAL), and run_exec called as
 //     run_args... <script> <stage> in the §6 stage order;
+//   - with Job.Cache, Job.Artifacts and Job.Dependencies the runner's
+//     restore_cache, download_artifacts, archive_cache[_on_failure] and
+//     upload_artifacts_on_{success,failure} stages, calling the helper as the
+//     runner does ("gitlab-runner artifacts-uploader --url ... --token
+//     <job token> --id ..."); ./fakehelper is a gitlab-runner stand-in that
+//     records its own argv (HelperCalls);
 //   - every call a new process in its own process group, stdin not
 //     connected; on job timeout or cancel SIGTERM to the group, SIGKILL after
 //     the graceful kill timeout, give up after the force kill timeout;

@@ -93,6 +93,7 @@ var featureFlags = []string{
 	"FF_SCRIPT_SECTIONS",
 	"FF_ENABLE_JOB_CLEANUP",
 	"FF_POSIXLY_CORRECT_ESCAPES",
+	"FF_GIT_URLS_WITHOUT_TOKENS",
 	"FF_USE_JOB_ROUTER",
 }
 
@@ -103,6 +104,13 @@ func isFeatureFlag(key string) bool {
 		}
 	}
 	return false
+}
+
+func whenOr(when string) string {
+	if when == "" {
+		return "on_success"
+	}
+	return when
 }
 
 func timeoutSeconds(j Job) int {
@@ -216,6 +224,18 @@ func (j Job) ResponseJSON() ([]byte, error) {
 		Credentials:  []any{},
 		Dependencies: []any{},
 		Features:     payloadFeatures{FailureReasons: []string{}},
+	}
+	if a := j.Artifacts; a != nil {
+		p.Artifacts = append(p.Artifacts, map[string]any{"name": a.Name, "untracked": false, "paths": a.Paths,
+			"when": whenOr(a.When), "artifact_type": "archive", "artifact_format": "zip", "expire_in": a.ExpireIn})
+	}
+	if c := j.Cache; c != nil {
+		p.Cache = append(p.Cache, map[string]any{"key": c.key(), "untracked": false, "policy": "pull-push",
+			"paths": c.Paths, "when": whenOr(c.When)})
+	}
+	for _, d := range j.Dependencies {
+		p.Dependencies = append(p.Dependencies, map[string]any{"id": d.ID, "name": d.Name, "token": d.token(j.Token),
+			"artifacts_file": map[string]any{"filename": "artifacts.zip", "size": 1}})
 	}
 	for _, s := range j.steps() {
 		st := payloadStep{Name: s.Name, Script: s.Script, Timeout: tmo, When: "on_success"}

@@ -70,6 +70,9 @@ type run struct {
 	projectDir string
 	jobStatus  string
 	tempDirs   []string
+	// failed is set once the user scripts are over and failed (the
+	// archive and upload stages pick their _on_failure variants).
+	failed bool
 }
 
 func (r *run) addCall(c StageCall) {

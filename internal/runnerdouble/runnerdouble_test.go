@@ -293,9 +293,10 @@ func TestScriptFiles(t *testing.T) {
 	assert.Len(t, seen, 5)
 	build := f.file(t, "run-build_script.script")
 	assert.Contains(t, build, "export CI_PROJECT_DIR=")
-	// the body is single-quoted inside eval '...'
-	assert.Contains(t, build, `cd '\''`+res.ProjectDir+`'\''`)
-	assert.Contains(t, build, `echo '\''$ echo one'\''`)
+	// the body is ANSI-C quoted inside eval $'...', its own quotes escaped
+	assert.Contains(t, build, "(trap 'exit 1' TERM; eval $'export ")
+	assert.Contains(t, build, `\ncd `+res.ProjectDir+`\n`)
+	assert.Contains(t, build, `\necho $\'$ echo one\'\necho one\n') < /dev/null`)
 	st, err := os.Stat(filepath.Join(res.TempDir, "response.json"))
 	require.NoError(t, err)
 	assert.Equal(t, os.FileMode(0o600), st.Mode().Perm())

@@ -1,8 +1,13 @@
 package runnerdouble
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
+	"net/url"
 	"path"
+	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 )
@@ -12,14 +17,95 @@ func shellQuote(s string) string {
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
+// The runner's word quoting, ported from gitlab-runner helpers/shell_escape.go
+// (19.4): ShellEscape (bash ANSI-C $'...', the default) and, under
+// FF_POSIXLY_CORRECT_ESCAPES, PosixShellEscape (double quotes). The double
+// keeps its own copy, independent of ci-exec's internal/runnerscript, so
+// that a mistake in one cannot hide one in the other.
+const (
+	ansiCLiteral = ",-./0123456789@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+	ansiCQuote   = " !\"#$%&()*+:;<=>?[]^`{|}~"
+	posixQuote   = " !#%&()*<=>?[|"
+)
+
+var ansiCEscapes = map[byte]string{'\a': `\a`, '\b': `\b`, '\t': `\t`, '\n': `\n`, '\v': `\v`, '\f': `\f`,
+	'\r': `\r`, '\'': `\'`, '\\': `\\`}
+
+var posixEscapes = map[byte]string{'`': "\\`", '"': `\"`, '\\': `\\`, '$': `\$`}
+
+// shellEscape is helpers.ShellEscape.
+func shellEscape(s string) string {
+	if s == "" {
+		return "''"
+	}
+	var b strings.Builder
+	quoted := false
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case strings.IndexByte(ansiCLiteral, c) >= 0:
+			b.WriteByte(c)
+		case strings.IndexByte(ansiCQuote, c) >= 0:
+			b.WriteByte(c)
+			quoted = true
+		case ansiCEscapes[c] != "":
+			b.WriteString(ansiCEscapes[c])
+			quoted = true
+		default:
+			fmt.Fprintf(&b, `\x%02x`, c)
+			quoted = true
+		}
+	}
+	if quoted {
+		return "$'" + b.String() + "'"
+	}
+	return b.String()
+}
+
+// posixShellEscape is helpers.PosixShellEscape.
+func posixShellEscape(s string) string {
+	if s == "" {
+		return "''"
+	}
+	var b strings.Builder
+	quoted := false
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case posixEscapes[c] != "":
+			b.WriteString(posixEscapes[c])
+			quoted = true
+		case strings.IndexByte(posixQuote, c) >= 0:
+			b.WriteByte(c)
+			quoted = true
+		default:
+			b.WriteByte(c)
+		}
+	}
+	if quoted {
+		return `"` + b.String() + `"`
+	}
+	return b.String()
+}
+
 // scriptWriter imitates gitlab-runner's shells/bash.go BashWriter: lines go
-// into a body that Finish wraps in the runner's fixed prologue and runs via
-// eval in a subshell with stdin from /dev/null. Unlike the runner it uses
-// POSIX single quotes (no $'...') and no ANSI colours, so the scripts also
-// run under busybox sh and the log stays plain.
+// into a body that finish wraps in the runner's fixed preamble and evals in
+// a subshell with stdin from /dev/null, every word quoted the runner's way
+// (see testdata of internal/runnerscript for the scripts a real 19.4
+// wrote). Unlike the runner its notices carry no ANSI colours, so the log
+// stays plain text for assertions. busybox sh runs these scripts too.
 type scriptWriter struct {
 	body   strings.Builder
 	indent int
+	// posix is FF_POSIXLY_CORRECT_ESCAPES; legacyEval FF_USE_LEGACY_BASH_EVAL.
+	posix, legacyEval bool
+}
+
+func (w *scriptWriter) escape(s string) string {
+	if w.posix {
+		return posixShellEscape(s)
+	}
+	return shellEscape(s)
 }
 
 func (w *scriptWriter) line(text string) {
@@ -30,27 +116,58 @@ func (w *scriptWriter) linef(format string, args ...any) {
 	w.line(fmt.Sprintf(format, args...))
 }
 
-// noticef is the runner's Noticef/Printf: an echo of a quoted message.
+// noticef is the runner's Noticef/Warningf/Printf: an echo of a quoted message.
 func (w *scriptWriter) noticef(format string, args ...any) {
-	w.line("echo " + shellQuote(fmt.Sprintf(format, args...)))
+	w.line("echo " + w.escape(fmt.Sprintf(format, args...)))
 }
 
+// export is the runner's Variable for a plain variable.
 func (w *scriptWriter) export(key, value string) {
-	w.linef("export %s=%s", key, shellQuote(value))
+	w.linef("export %s=%s", w.escape(key), w.escape(value))
 }
 
-// command writes one command with its arguments single-quoted.
-func (w *scriptWriter) command(cmd string, args ...string) {
-	parts := []string{cmd}
+// buildCommand is BashWriter.buildCommand: every word quoted.
+func (w *scriptWriter) buildCommand(cmd string, args ...string) string {
+	parts := []string{w.escape(cmd)}
 	for _, a := range args {
-		parts = append(parts, shellQuote(a))
+		parts = append(parts, w.escape(a))
 	}
-	w.line(strings.Join(parts, " "))
+	return strings.Join(parts, " ")
 }
 
-// rmFile is the runner's RmFile: rm -f "<path>".
+// command is BashWriter.Command.
+func (w *scriptWriter) command(cmd string, args ...string) {
+	w.line(w.buildCommand(cmd, args...))
+}
+
+// ifCmd is BashWriter.IfCmd (output hidden); ifCmdWithOutput IfCmdWithOutput.
+func (w *scriptWriter) ifCmd(cmd string, args ...string) {
+	w.linef("if %s >/dev/null 2>&1 ; then", w.buildCommand(cmd, args...))
+	w.indent++
+}
+
+func (w *scriptWriter) ifCmdWithOutput(cmd string, args ...string) {
+	w.linef("if %s ; then", w.buildCommand(cmd, args...))
+	w.indent++
+}
+
+func (w *scriptWriter) elseBranch() {
+	w.indent--
+	w.line("else")
+	w.indent++
+}
+
+func (w *scriptWriter) endIf() {
+	w.indent--
+	w.line("fi")
+}
+
+// cd is BashWriter.Cd.
+func (w *scriptWriter) cd(p string) { w.command("cd", p) }
+
+// rmFile is the runner's RmFile: rm "-f" "<path>".
 func (w *scriptWriter) rmFile(p string) {
-	w.line("rm -f " + strconv.Quote(p))
+	w.line(`rm "-f" ` + strconv.Quote(p))
 }
 
 // userCommands is the runner's writeCommands: every command echoed with a
@@ -78,25 +195,47 @@ func (w *scriptWriter) finish(shell string) string {
 	b.WriteString("trap 'exit 1' TERM\n\n")
 	b.WriteString(`case "$(set -o)" in *"pipefail"*) set -o pipefail;; esac; set -o errexit` + "\n")
 	b.WriteString("set +o noclobber\n")
-	b.WriteString("(trap 'exit 1' TERM; eval " + shellQuote(w.body.String()) + ") < /dev/null\n")
+	if w.legacyEval {
+		b.WriteString(": | eval " + w.escape(w.body.String()) + "\n")
+	} else {
+		b.WriteString("(trap 'exit 1' TERM; eval " + w.escape(w.body.String()) + ") < /dev/null\n")
+	}
 	b.WriteString("exit 0\n")
 	return b.String()
 }
 
 // scriptContext is what the stage scripts need from the running job.
 type scriptContext struct {
-	vars        []Variable
-	buildsDir   string
-	projectDir  string
-	hostname    string
-	gitStrategy string
-	repoURL     string
-	steps       []Step
+	vars         []Variable
+	buildsDir    string
+	cacheDir     string
+	projectDir   string
+	projectPath  string
+	hostname     string
+	gitStrategy  string
+	repoURL      string
+	steps        []Step
+	jobID        int64
+	token        string
+	cache        *Cache
+	artifacts    *Artifacts
+	dependencies []Dependency
 }
 
 func (s scriptContext) tmpProjectDir() string { return s.projectDir + ".tmp" }
 
 func (s scriptContext) tmpFile(name string) string { return path.Join(s.tmpProjectDir(), name) }
+
+// flag returns the last value of a feature flag among the job's variables.
+func (s scriptContext) flag(name string) bool {
+	on := false
+	for _, v := range s.vars {
+		if v.Key == name {
+			on, _ = strconv.ParseBool(v.Value)
+		}
+	}
+	return on
+}
 
 // exports is the runner's exportVariables: every job variable, GITLAB_ENV
 // and sourcing of the (empty) GITLAB_ENV file.
@@ -111,10 +250,59 @@ func (s scriptContext) exports(w *scriptWriter) {
 	w.linef(`while read -r line; do export "$line"; done < %q`, envFile)
 }
 
+// cacheFile is where the runner's local cache (no cache server) keeps a
+// key's archive: <cache_dir>/<project path>/<key>/cache.zip, given to the
+// helpers relative to the project dir; with hashed, the key's SHA-256
+// instead of the key (the runner's --alternate-file).
+func (s scriptContext) cacheFile(hashed bool) string {
+	key := s.cache.key()
+	if hashed {
+		sum := sha256.Sum256([]byte(key))
+		key = hex.EncodeToString(sum[:])
+	}
+	abs := filepath.Join(s.cacheDir, s.projectPath, key, "cache.zip")
+	if rel, err := filepath.Rel(s.projectDir, abs); err == nil {
+		return rel
+	}
+	return abs
+}
+
+// gitCredentials is the part of the runner's setupExternalGitConfig that
+// matters here: unless FF_GIT_URLS_WITHOUT_TOKENS is on, the runner hands
+// git an insteadOf rule whose key is the repository URL with the job
+// token in it, on git's command line (shells/abstract.go, 19.4).
+func (s scriptContext) gitCredentials(w *scriptWriter) {
+	if s.flag("FF_GIT_URLS_WITHOUT_TOKENS") {
+		return
+	}
+	u, err := url.Parse(s.repoURL)
+	if err != nil || u.User != nil || u.Scheme != "http" && u.Scheme != "https" {
+		return
+	}
+	withCreds := *u
+	withCreds.User = url.UserPassword("gitlab-ci-token", s.token)
+	ext := s.tmpFile(".gitlab-runner.ext.conf")
+	w.linef("mkdir -p %q", s.tmpProjectDir())
+	w.rmFile(ext)
+	// CommandArgExpand: the command quoted, every argument in plain double quotes.
+	w.linef(`%s "config" "--file" "%s" "--replace-all" "url.%s.insteadOf" "%s" "^%s$"`,
+		w.escape("git"), ext, withCreds.String(), u.String(), regexp.QuoteMeta(u.String()))
+}
+
+// runnerGuard is the runner's guardRunnerCommand: the helper call only if
+// gitlab-runner is on PATH, a warning otherwise.
+func runnerGuard(w *scriptWriter, action string, f func()) {
+	w.ifCmd("gitlab-runner", "--version")
+	f()
+	w.elseBranch()
+	w.noticef("Missing gitlab-runner. %s is disabled.", action)
+	w.endIf()
+}
+
 // stageScript returns the script for a run stage, or ok=false when the
 // runner would skip the stage (nothing to do).
 func (s scriptContext) stageScript(stage, shell string) (script string, ok bool, err error) {
-	w := &scriptWriter{}
+	w := &scriptWriter{posix: s.flag("FF_POSIXLY_CORRECT_ESCAPES"), legacyEval: s.flag("FF_USE_LEGACY_BASH_EVAL")}
 	switch stage {
 	case "prepare_script":
 		if s.hostname != "" {
@@ -141,15 +329,88 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			w.command("mkdir", "-p", s.projectDir)
 		case "clone", "fetch":
 			w.noticef("Fetching changes...")
+			s.gitCredentials(w)
 			w.linef("if [ %q = clone ] || [ ! -d %q ]; then", s.gitStrategy, path.Join(s.projectDir, ".git"))
 			w.line("  rm -r -f " + strconv.Quote(s.projectDir))
-			w.line("  git clone -q " + shellQuote(s.repoURL) + " " + shellQuote(s.projectDir))
+			w.line("  git clone -q " + w.escape(s.repoURL) + " " + w.escape(s.projectDir))
 			w.line("else")
-			w.line("  git -C " + shellQuote(s.projectDir) + " fetch -q origin")
+			w.line("  git -C " + w.escape(s.projectDir) + " fetch -q origin")
 			w.line("fi")
 		default:
 			return "", false, fmt.Errorf("unknown GIT_STRATEGY %q", s.gitStrategy)
 		}
+	case "restore_cache":
+		if s.cache == nil {
+			return "", false, nil
+		}
+		s.exports(w)
+		w.cd(s.projectDir)
+		runnerGuard(w, "Extracting cache", func() {
+			w.noticef("Checking cache for %s...", s.cache.key())
+			w.ifCmdWithOutput("gitlab-runner", "cache-extractor", "--file", s.cacheFile(false), "--timeout", "10")
+			w.noticef("Successfully extracted cache")
+			w.elseBranch()
+			w.noticef("Failed to extract cache")
+			w.endIf()
+		})
+	case "download_artifacts":
+		if len(s.dependencies) == 0 {
+			return "", false, nil
+		}
+		s.exports(w)
+		w.cd(s.projectDir)
+		runnerGuard(w, "Artifacts downloading", func() {
+			for _, d := range s.dependencies {
+				w.noticef("Downloading artifacts for %s (%d)...", d.Name, d.ID)
+				w.command("gitlab-runner", "artifacts-downloader", "--url", ServerURL, "--token", d.token(s.token),
+					"--id", strconv.FormatInt(d.ID, 10))
+			}
+		})
+	case "archive_cache", "archive_cache_on_failure":
+		if s.cache == nil || !s.cache.runsOn(stage == "archive_cache_on_failure") || len(s.cache.Paths) == 0 {
+			return "", false, nil
+		}
+		s.exports(w)
+		w.cd(s.projectDir)
+		runnerGuard(w, "Creating cache", func() {
+			w.noticef("Creating cache %s...", s.cache.key())
+			envFile := s.tmpFile("gitlab_runner_cache_env")
+			w.line(fmt.Sprintf("cat << EOF > %s\nCACHE_METADATA=\"{\\\"cachekey\\\":\\\"%s\\\"}\"\nEOF\n", envFile, s.cache.key()))
+			args := []string{"cache-archiver", "--file", s.cacheFile(false), "--alternate-file", s.cacheFile(true), "--timeout", "10"}
+			for _, p := range s.cache.Paths {
+				args = append(args, "--path", p)
+			}
+			args = append(args, "--env-file", envFile)
+			w.ifCmdWithOutput("gitlab-runner", args...)
+			w.noticef("Created cache")
+			w.elseBranch()
+			w.noticef("Failed to create cache")
+			w.endIf()
+			w.rmFile(envFile)
+		})
+	case "upload_artifacts_on_success", "upload_artifacts_on_failure":
+		a := s.artifacts
+		if a == nil || !a.runsOn(stage == "upload_artifacts_on_failure") || len(a.Paths) == 0 {
+			return "", false, nil
+		}
+		s.exports(w)
+		w.cd(s.projectDir)
+		runnerGuard(w, "Uploading artifacts", func() {
+			w.noticef("Uploading artifacts...")
+			args := []string{"artifacts-uploader", "--url", ServerURL, "--token", s.token,
+				"--id", strconv.FormatInt(s.jobID, 10), "--timeout", "1h0m0s", "--response-header-timeout", "10m0s"}
+			for _, p := range a.Paths {
+				args = append(args, "--path", p)
+			}
+			if a.Name != "" {
+				args = append(args, "--name", a.Name)
+			}
+			if a.ExpireIn != "" {
+				args = append(args, "--expire-in", a.ExpireIn)
+			}
+			args = append(args, "--artifact-format", "zip", "--artifact-type", "archive")
+			w.command("gitlab-runner", args...)
+		})
 	case "after_script":
 		var step *Step
 		for i := range s.steps {
@@ -162,7 +423,7 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			return "", false, nil
 		}
 		s.exports(w)
-		w.command("cd", s.projectDir)
+		w.cd(s.projectDir)
 		w.noticef("Running after script...")
 		w.userCommands(step.Script)
 	case "cleanup_file_variables":
@@ -183,7 +444,7 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			return "", false, nil
 		}
 		s.exports(w)
-		w.command("cd", s.projectDir)
+		w.cd(s.projectDir)
 		w.userCommands(step.Script)
 	}
 	return w.finish(shell), true, nil

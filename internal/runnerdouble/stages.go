@@ -11,9 +11,11 @@ import (
 const timeoutDocsHint = "For more control over job and script timeouts see: " +
 	"https://docs.gitlab.com/ci/runners/configure_runners/#set-script-and-after_script-timeouts"
 
-// executeScript is common.Build.executeScript for a job without cache and
-// artifacts: prepare_script, get_sources, the user scripts, after_script,
-// cleanup_file_variables.
+// executeScript is common.Build.executeScript: prepare_script, get_sources,
+// restore_cache, download_artifacts, the user scripts and after_script,
+// archive_cache and upload_artifacts (their _on_failure variants after a
+// failure), cleanup_file_variables. A stage with nothing to do (no cache,
+// no artifacts, no dependencies) is not called.
 func (r *run) executeScript(ctx context.Context) (error, error) {
 	err, fault := r.executeStage(ctx, "prepare_script")
 	if fault != nil {
@@ -28,7 +30,13 @@ func (r *run) executeScript(ctx context.Context) (error, error) {
 	if fault != nil {
 		return nil, fault
 	}
-	// restore_cache and download_artifacts have nothing to do: not called.
+	for _, stage := range []string{"restore_cache", "download_artifacts"} {
+		if err == nil {
+			if err, fault = r.executeStage(ctx, stage); fault != nil {
+				return nil, fault
+			}
+		}
+	}
 
 	if err == nil {
 		err, fault = r.executeUserScripts(ctx)
@@ -36,7 +44,29 @@ func (r *run) executeScript(ctx context.Context) (error, error) {
 			return nil, fault
 		}
 	}
-	// archive_cache*/upload_artifacts_*: nothing to do, not called.
+
+	// The runner's executeArchiveCache and executeUploadArtifacts: they
+	// run after a failure too, and the job's own error wins
+	// (pickPriorityError).
+	r.failed = err != nil
+	archive, upload := "archive_cache", "upload_artifacts_on_success"
+	if r.failed {
+		archive, upload = "archive_cache_on_failure", "upload_artifacts_on_failure"
+	}
+	aerr, fault := r.executeStage(ctx, archive)
+	if fault != nil {
+		return nil, fault
+	}
+	uerr, fault := r.executeStage(ctx, upload)
+	if fault != nil {
+		return nil, fault
+	}
+	if err == nil {
+		err = aerr
+	}
+	if err == nil {
+		err = uerr
+	}
 
 	cerr, fault := r.executeStage(ctx, "cleanup_file_variables")
 	if fault != nil {
@@ -104,13 +134,20 @@ func (r *run) variableValue(key string) string {
 
 func (r *run) scriptContext() scriptContext {
 	return scriptContext{
-		vars:        r.variables(),
-		buildsDir:   r.buildsDir,
-		projectDir:  r.projectDir,
-		hostname:    r.hostname,
-		gitStrategy: r.variableValue("GIT_STRATEGY"),
-		repoURL:     r.job.repoURL(),
-		steps:       r.job.steps(),
+		vars:         r.variables(),
+		buildsDir:    r.buildsDir,
+		cacheDir:     r.cacheDir,
+		projectDir:   r.projectDir,
+		projectPath:  r.job.ProjectFullPath,
+		hostname:     r.hostname,
+		gitStrategy:  r.variableValue("GIT_STRATEGY"),
+		repoURL:      r.job.repoURL(),
+		steps:        r.job.steps(),
+		jobID:        r.job.ID,
+		token:        r.job.Token,
+		cache:        r.job.Cache,
+		artifacts:    r.job.Artifacts,
+		dependencies: r.job.Dependencies,
 	}
 }
 

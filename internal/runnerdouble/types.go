@@ -133,12 +133,87 @@ type Job struct {
 	GitStrategy string
 	// RepoURL is git_info.repo_url; needed only for GIT_STRATEGY clone/fetch.
 	RepoURL string
+	// Cache, when set, is the job's cache (the runner's local cache, no
+	// cache server): restore_cache before the user steps and archive_cache
+	// or archive_cache_on_failure after them, through the helper's
+	// cache-extractor and cache-archiver as the runner writes them.
+	Cache *Cache
+	// Artifacts, when set, are uploaded after the user steps
+	// (upload_artifacts_on_success or _on_failure) with
+	// "gitlab-runner artifacts-uploader --url ... --token <job token> --id ...",
+	// the job token on the helper's command line as the real runner puts it.
+	Artifacts *Artifacts
+	// Dependencies are earlier jobs whose artifacts download_artifacts
+	// fetches with "gitlab-runner artifacts-downloader --token ...".
+	Dependencies []Dependency
 	// CancelOnLog, when set, cancels the job (UI/API cancel semantics) as soon
 	// as a job log line that is not a "$ command" echo contains this string.
 	CancelOnLog string
 	// Cancel, when not nil, cancels the job (UI/API cancel semantics) when it
 	// is closed or receives a value.
 	Cancel <-chan struct{}
+}
+
+// Cache is a job's cache: entry.
+type Cache struct {
+	// Key is the cache key; default "default".
+	Key string
+	// Paths are the paths archived (relative to the project dir).
+	Paths []string
+	// When is "on_success" (default), "on_failure" or "always".
+	When string
+}
+
+func (c *Cache) key() string {
+	if c.Key == "" {
+		return "default"
+	}
+	return c.Key
+}
+
+// runsOn reports whether the archive stage runs for a job that failed or not.
+func (c *Cache) runsOn(failed bool) bool { return whenAllows(c.When, failed) }
+
+// Artifacts is a job's artifacts: entry.
+type Artifacts struct {
+	// Name is the archive name (--name); "" leaves the flag out.
+	Name string
+	// Paths are the paths uploaded (relative to the project dir).
+	Paths []string
+	// When is "on_success" (default), "on_failure" or "always".
+	When string
+	// ExpireIn is --expire-in; "" leaves the flag out.
+	ExpireIn string
+}
+
+func (a *Artifacts) runsOn(failed bool) bool { return whenAllows(a.When, failed) }
+
+func whenAllows(when string, failed bool) bool {
+	switch when {
+	case "always":
+		return true
+	case "on_failure":
+		return failed
+	}
+	return !failed
+}
+
+// Dependency is an earlier job whose artifacts this one downloads.
+type Dependency struct {
+	// ID is the dependency's job ID (--id).
+	ID int64
+	// Name is its job name.
+	Name string
+	// Token is what the runner passes as --token; "" means the job's own
+	// token (what GitLab sends).
+	Token string
+}
+
+func (d Dependency) token(job string) string {
+	if d.Token == "" {
+		return job
+	}
+	return d.Token
 }
 
 // Config describes the runner side: the driver and the [runners.custom] settings.

@@ -49,7 +49,7 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		return err
 	}
 	b := st.Cfg.Batch
-	name := unsafeFileChars.ReplaceAllString(stage, "_")
+	name := stageFileName(stage)
 	spec := batch.SubmitSpec{
 		JobName:      batch.JobName(st.Job.ID(), stage),
 		Output:       filepath.Join(st.Layout.ScriptsDir, name+".slurm.out"),

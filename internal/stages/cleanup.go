@@ -12,6 +12,7 @@ import (
 func runCleanup(ctx context.Context, st *Stage) {
 	releaseImages(ctx, st)
 	if st.Cfg.General.RetainLogs {
+		redactRetainedDir(st)
 		st.Log.Printf("retain_logs: keeping %s", st.Layout.ScriptsDir)
 		// The state dir holds nothing a person reads (per-job image copies
 		// were just released): it always goes.

@@ -2,12 +2,8 @@ package stages
 
 import (
 	"context"
-	"fmt"
-	"os"
-	"path/filepath"
 	"regexp"
 
-	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
@@ -37,10 +33,11 @@ func runStage(ctx context.Context, st *Stage, scriptPath, stage string) error {
 	if err := st.Layout.Create(); err != nil {
 		return failure.AsSystem(err)
 	}
-	script, err := copyScript(scriptPath, st.Layout.ScriptsDir, stage)
+	script, err := copyScript(ctx, st, scriptPath, stage)
 	if err != nil {
-		return failure.AsSystem(err)
+		return err
 	}
+	defer retireScript(st, stage, script)
 	plan, err := planStage(ctx, st, stage, script)
 	if err != nil {
 		return err
@@ -49,24 +46,4 @@ func runStage(ctx context.Context, st *Stage, scriptPath, stage string) error {
 		return executeBatch(ctx, st, stage, plan)
 	}
 	return execute(ctx, st, stage, plan)
-}
-
-// copyScript copies src to <dir>/<stage>.bash, mode 0700.
-func copyScript(src, dir, stage string) (string, error) {
-	name := unsafeFileChars.ReplaceAllString(stage, "_")
-	if name == "" || name == "." || name == ".." {
-		name = "stage"
-	}
-	dst := filepath.Join(dir, name+".bash")
-	in, err := os.Open(src)
-	if err != nil {
-		return "", fmt.Errorf("open the runner's script: %w", err)
-	}
-	defer in.Close()
-	// Volatile: the copy is run at once and never after a crash, so it
-	// needs no fsync on the run path.
-	if err := atomicfile.WriteFrom(dst, in, 0o700, atomicfile.Volatile); err != nil {
-		return "", fmt.Errorf("copy the runner's script: %w", err)
-	}
-	return dst, nil
 }

@@ -256,6 +256,41 @@ func Driver(t testing.TB) string {
 	return buildPath
 }
 
+var (
+	helperOnce sync.Once
+	helperDir  string
+	helperErr  error
+)
+
+// FakeHelper builds the runner double's fake gitlab-runner helper
+// (internal/runnerdouble/fakehelper, static) once per test binary as
+// <dir>/gitlab-runner and returns dir, readable and executable by every
+// test user: put it first on a job's PATH, or bind it into a container.
+// Its calls are read back with runnerdouble.HelperCalls.
+func FakeHelper(t testing.TB) string {
+	t.Helper()
+	helperOnce.Do(func() {
+		dir, err := os.MkdirTemp("", "ci-exec-fake-helper-")
+		if err != nil {
+			helperErr = err
+			return
+		}
+		_ = os.Chmod(dir, 0o755)
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, "gitlab-runner"), "./internal/runnerdouble/fakehelper")
+		cmd.Dir = ModuleRoot()
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			helperErr = fmt.Errorf("go build ./internal/runnerdouble/fakehelper: %v\n%s", err, out)
+			return
+		}
+		helperDir = dir
+	})
+	if helperErr != nil {
+		t.Fatalf("%v", helperErr)
+	}
+	return helperDir
+}
+
 // ModuleRoot is the repository root (where go.mod is).
 func ModuleRoot() string {
 	_, file, _, _ := runtime.Caller(0)
@@ -273,44 +308,56 @@ func WriteConfig(t testing.TB, dir, content string) string {
 	return p
 }
 
-// WatchCmdlines polls every process's command line (/proc/PID/cmdline), as
-// `ps` would show it, until the returned stop function is called, and
+// WatchCmdlines watches every process's command line (/proc/PID/cmdline),
+// as `ps` would show it, until the returned stop function is called, and
 // reports the command lines that contained any of the needles. Secrets must
 // never be there: any user on the host can read them.
+//
+// With root (CAP_NET_ADMIN) it hears of every exec from the kernel's
+// process events connector and reads the new program's argv at once, so
+// even a process that lives a millisecond is seen unless it is gone before
+// the read (microseconds); a poll of all processes every 5 ms backs it up.
+// Where it matters that no call can slip through, make the program record
+// its own argv as well (the runner double's fake gitlab-runner helper does:
+// runnerdouble.HelperCalls).
 func WatchCmdlines(needles ...string) (stop func() []string) {
+	w := &cmdlineWatch{needles: needles, seen: map[string]bool{}}
+	l, err := listenExecs(func(pid int) { w.check(cmdline(itoa(pid))) })
+	if err != nil {
+		l = nil
+	}
 	done := make(chan struct{})
-	found := make(chan []string, 1)
+	polled := make(chan struct{})
 	go func() {
-		seen := map[string]bool{}
-		var hits []string
+		defer close(polled)
+		// Polling competes for the CPU with the exec events' reads: with
+		// those, it is only the backstop.
+		interval := 5 * time.Millisecond
+		if l != nil {
+			interval = 50 * time.Millisecond
+		}
+		t := time.NewTicker(interval)
+		defer t.Stop()
 		for {
-			ents, _ := os.ReadDir("/proc")
-			for _, e := range ents {
-				if e.Name()[0] < '0' || e.Name()[0] > '9' {
-					continue
-				}
-				b, err := os.ReadFile(filepath.Join("/proc", e.Name(), "cmdline"))
-				if err != nil || len(b) == 0 {
-					continue
-				}
-				line := strings.ReplaceAll(string(b), "\x00", " ")
-				for _, n := range needles {
-					if n != "" && strings.Contains(line, n) && !seen[line] {
-						seen[line] = true
-						hits = append(hits, line)
-					}
-				}
-			}
+			w.poll()
 			select {
 			case <-done:
-				found <- hits
 				return
-			case <-time.After(5 * time.Millisecond):
+			case <-t.C:
 			}
 		}
 	}()
 	return func() []string {
 		close(done)
-		return <-found
+		<-polled
+		if l != nil && l.close() {
+			w.mu.Lock()
+			w.hits = append(w.hits, "(the kernel dropped exec events: command lines may have been missed)")
+			w.mu.Unlock()
+		}
+		w.poll()
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		return append([]string(nil), w.hits...)
 	}
 }
