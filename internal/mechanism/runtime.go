@@ -1,19 +1,10 @@
-// Package mechanism is the runtime-neutral part of running a job's stages in
-// a container: the interface every container runtime implements
-// (Charliecloud in ./charliecloud, Apptainer in ./apptainer) and the policy
-// they all share, which is pure and table-tested:
-//
-//   - image references: validation and normalisation (ParseImage) and the
-//     admin's allowlist (Allowlist), checked before any network access;
-//   - stage placement: job image, runner image or host (PlacementPolicy);
-//   - user volumes under admin prefixes (VolumePolicy);
-//   - user runtime arguments, split without a shell and checked flag by flag
-//     against an allowlist (UserArgsPolicy, FlagTable);
-//   - the job-log form of a container command line (LogCommand).
-//
-// Prepare and StageCommand put these together for the stages package; the
-// result of prepare travels to the run stages in a small state file in the
-// job's scripts dir (State).
+// Package mechanism is the contract between the stages and a container
+// runtime (Charliecloud in ./charliecloud, Apptainer in ./apptainer): the
+// Runtime interface and the plain data it works with (Info, Image,
+// PullRequest, RunSpec). Command is pure, so every runtime's command line is
+// golden-tested without the runtime installed. The runtimes share their
+// helpers through ./kit; the admin's rules are in package policy; putting
+// them together per stage is package stages' job.
 package mechanism
 
 import (
@@ -24,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
+	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/joblog"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
@@ -79,6 +71,18 @@ type Runtime interface {
 	Release(ctx context.Context, img Image, jobDir string) error
 }
 
+// Evicter is implemented by runtimes with a store of converted images
+// (see Base.Evict): prepare applies the admin's limits after each pull.
+type Evicter interface {
+	Evict(ctx context.Context) ([]imagecache.Evicted, error)
+}
+
+// PrepEnver is implemented by runtimes that give prep_script extra
+// variables (e.g. where the user's image storage is).
+type PrepEnver interface {
+	PrepEnv() []string
+}
+
 // Info is what Probe found. Each stage probes (Base.Probed remembers the
 // answer in the user's store while the programs do not change) and hands
 // it to Command.
@@ -94,7 +98,7 @@ type Info struct {
 	ReadOnlyBinds bool `json:"read_only_binds"`
 	// FixedMountPoints says that a bind's destination must already exist
 	// in the image (Charliecloud without a writable image): stages then
-	// build the container's view on a skeleton (mechanism.Setup.View).
+	// build the container's view on a skeleton (see stages' container view).
 	FixedMountPoints bool `json:"fixed_mount_points,omitempty"`
 }
 

@@ -36,12 +36,12 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 }
 
 // setup is the mechanism's view of this job, or nil without a mechanism.
-func setup(st *Stage) (*mechanism.Setup, error) {
+func setup(st *Stage) (*containerSetup, error) {
 	rt, err := newRuntime(st)
 	if rt == nil || err != nil {
 		return nil, err
 	}
-	return &mechanism.Setup{
+	return &containerSetup{
 		Runtime:   rt,
 		Cfg:       *st.Cfg.Mechanism(),
 		Batch:     st.Cfg.IsBatch(),
@@ -67,7 +67,7 @@ func prepareMechanism(ctx context.Context, st *Stage) error {
 		st.Log.Printf("Jobs run on the host (no run_mechanism configured).")
 		return nil
 	}
-	_, err = mechanism.Prepare(ctx, *s)
+	_, err = prepareContainer(ctx, *s)
 	return err
 }
 
@@ -82,12 +82,12 @@ func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, erro
 	if s == nil {
 		return hostPlan(st, script), nil
 	}
-	state, err := mechanism.LoadState(st.Layout.StateDir)
-	if errors.Is(err, mechanism.ErrNoState) {
+	state, err := LoadState(st.Layout.StateDir)
+	if errors.Is(err, ErrNoState) {
 		// prepare always saves a state with a mechanism; without one the
 		// job's directory was removed or prepare never ran.
 		return Plan{}, failure.Systemf("%s: prepare left no %s in %s; the job cannot know its image (was the job's directory removed?)",
-			s.Runtime.Name(), mechanism.StateFile, st.Layout.StateDir)
+			s.Runtime.Name(), StateFile, st.Layout.StateDir)
 	}
 	if err != nil {
 		return Plan{}, failure.AsSystem(err)
@@ -96,15 +96,15 @@ func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, erro
 		return Plan{}, failure.Systemf("the job was prepared for %s but the configuration now says %s; retry the job",
 			state.Mechanism, s.Runtime.Name())
 	}
-	sp, err := mechanism.StageCommand(ctx, *s, state, stage, script)
+	sp, err := containerCommand(ctx, *s, state, stage, script)
 	if err != nil {
 		return Plan{}, err
 	}
 	if sp.Image == nil {
 		return hostPlan(st, script), nil
 	}
-	where := mechanism.Describe(sp.Placement, sp.Image, s.Runtime.Name())
-	mechanism.LogCommand(st.Log, "cmd_"+stage, fmt.Sprintf("Running %s %s", stage, where), sp.Argv, sp.Env)
+	where := Describe(sp.Placement, sp.Image, s.Runtime.Name())
+	LogCommand(st.Log, "cmd_"+stage, fmt.Sprintf("Running %s %s", stage, where), sp.Argv, sp.Env)
 	return Plan{Where: where, Argv: sp.Argv, Env: sp.Env, Dir: sp.Dir, Runtime: s.Runtime, UserArgs: sp.UserArgs}, nil
 }
 
@@ -114,7 +114,7 @@ func releaseImages(ctx context.Context, st *Stage) {
 	if err != nil || s == nil {
 		return
 	}
-	state, err := mechanism.LoadState(st.Layout.StateDir)
+	state, err := LoadState(st.Layout.StateDir)
 	if err != nil {
 		return
 	}

@@ -1,4 +1,4 @@
-package mechanism
+package stages
 
 import (
 	"bytes"

@@ -1,4 +1,4 @@
-package mechanism
+package stages
 
 import (
 	"context"
@@ -10,6 +10,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -18,12 +19,12 @@ import (
 // nothing there.
 const ContainerPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-// StagePlan is how one stage runs under a mechanism.
-type StagePlan struct {
+// containerPlan is how one stage runs under a mechanism.
+type containerPlan struct {
 	Placement policy.Placement
 	// Image is nil when the stage runs on the host; Argv and Env are then
 	// empty and the caller builds its host command.
-	Image *Image
+	Image *mechanism.Image
 	// Argv and Env run the runtime; Dir is its host working directory.
 	Argv []string
 	Env  []string
@@ -33,7 +34,7 @@ type StagePlan struct {
 	UserArgs bool
 }
 
-// StageCommand places stage and, for a container, builds its command.
+// containerCommand places stage and, for a container, builds its command.
 //
 // Nothing here comes from a file the job could have written: placement,
 // volumes, user arguments and the runtime's programs are recomputed from
@@ -46,9 +47,9 @@ type StagePlan struct {
 // volumes (job image only), and nothing else of the data dir: not the
 // state dir, the image store, the probe cache or other jobs' dirs (see
 // View).
-func StageCommand(ctx context.Context, s Setup, st *State, stage, script string) (StagePlan, error) {
+func containerCommand(ctx context.Context, s containerSetup, st *State, stage, script string) (containerPlan, error) {
 	p := s.Placement(st).Place(stage)
-	plan := StagePlan{Placement: p}
+	plan := containerPlan{Placement: p}
 	switch p {
 	case policy.OnHost:
 		return plan, nil
@@ -64,7 +65,7 @@ func StageCommand(ctx context.Context, s Setup, st *State, stage, script string)
 	if err != nil {
 		return plan, err
 	}
-	spec := RunSpec{
+	spec := mechanism.RunSpec{
 		Info:    info,
 		Image:   *plan.Image,
 		Workdir: s.workdir(),
@@ -101,7 +102,7 @@ func StageCommand(ctx context.Context, s Setup, st *State, stage, script string)
 // again in every stage (a source resolved at prepare could be swapped for
 // a symlink before a later stage mounts it). A volume may not cover the
 // job's own dirs or the data dir that holds them.
-func (s Setup) UserVolumes(info Info) ([]policy.Bind, error) {
+func (s containerSetup) UserVolumes(info mechanism.Info) ([]policy.Bind, error) {
 	vols, err := s.volumePolicy().UserVolumes(s.Job.Vars)
 	if err != nil {
 		return nil, err
@@ -139,7 +140,7 @@ func overlaps(a, b string) bool {
 // job's state dir. When a bind lands under /tmp (a data dir under /tmp, a
 // volume there), the skeleton covers /tmp too and is the job's private
 // /tmp; otherwise the runtime gives the container a private /tmp itself.
-func (s Setup) View(info Info, vols []policy.Bind) ([]policy.Bind, error) {
+func (s containerSetup) View(info mechanism.Info, vols []policy.Bind) ([]policy.Bind, error) {
 	l := s.Layout
 	own := []policy.Bind{policy.SamePath(l.BuildsDir), policy.SamePath(l.CacheDir), {Src: l.ScriptsDir, Dst: l.ScriptsDir, ReadOnly: info.ReadOnlyBinds}}
 	if !info.FixedMountPoints {
@@ -191,7 +192,7 @@ func anyUnder(binds []policy.Bind, dir string) bool {
 // (CI_PROJECT_DIR comes from the user-controllable variables), else the
 // builds dir itself: before get_sources the project dir may not exist yet,
 // and the runtime refuses to start in a missing directory.
-func (s Setup) workdir() string {
+func (s containerSetup) workdir() string {
 	dir := filepath.Clean(s.Job.Vars["CI_PROJECT_DIR"])
 	if filepath.IsAbs(dir) && strings.HasPrefix(dir, s.Layout.BuildsDir+"/") {
 		if fi, err := os.Stat(dir); err == nil && fi.IsDir() {
@@ -206,7 +207,7 @@ func (s Setup) workdir() string {
 // runtime's pass_env. The job's own variables are not here: the runner's
 // script exports them itself, and the runner's own environment (with
 // CUSTOM_ENV_ copies of every secret) must not leak in.
-func (s Setup) containerEnv() []string {
+func (s containerSetup) containerEnv() []string {
 	env := map[string]string{}
 	for k, v := range s.HostEnv {
 		if config.MatchAny(s.Cfg.PassEnv, k) {

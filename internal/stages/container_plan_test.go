@@ -1,4 +1,4 @@
-package mechanism
+package stages
 
 import (
 	"os"
@@ -9,10 +9,11 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ci-exec/ci-exec/internal/job"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
-func viewSetup(data string) Setup {
+func viewSetup(data string) containerSetup {
 	l := job.Layout{
 		DataDir:    data,
 		BuildsDir:  filepath.Join(data, "builds/r/000"),
@@ -20,12 +21,12 @@ func viewSetup(data string) Setup {
 		ScriptsDir: filepath.Join(data, "scripts/r/000/7"),
 		StateDir:   filepath.Join(data, "state/r/000/7"),
 	}
-	return Setup{Layout: l}
+	return containerSetup{Layout: l}
 }
 
 func TestViewCreatesMountPointsOnlyWhereNeeded(t *testing.T) {
 	s := viewSetup("/srv/ci/u")
-	got, err := s.View(Info{ReadOnlyBinds: true}, []policy.Bind{{Src: "/scratch/x", Dst: "/data"}})
+	got, err := s.View(mechanism.Info{ReadOnlyBinds: true}, []policy.Bind{{Src: "/scratch/x", Dst: "/data"}})
 	require.NoError(t, err)
 	assert.Equal(t, []policy.Bind{
 		policy.SamePath(s.Layout.BuildsDir), policy.SamePath(s.Layout.CacheDir),
@@ -47,7 +48,7 @@ func TestViewSkeletonHidesTheDataDir(t *testing.T) {
 	outside := t.TempDir()
 	require.NoError(t, os.Symlink(outside, filepath.Join(old, "builds")))
 
-	got, err := s.View(Info{FixedMountPoints: true}, nil)
+	got, err := s.View(mechanism.Info{FixedMountPoints: true}, nil)
 	require.NoError(t, err)
 	require.Len(t, got, 4)
 	skel := filepath.Join(s.Layout.StateDir, "view", "0")
@@ -75,7 +76,7 @@ func TestViewUnderTmpIsThePrivateTmp(t *testing.T) {
 	t.Cleanup(func() { os.RemoveAll("/tmp/ci-exec-view-test") })
 	s := viewSetup(data)
 	s.Layout.StateDir = filepath.Join(t.TempDir(), "state")
-	got, err := s.View(Info{FixedMountPoints: true}, []policy.Bind{{Src: "/scratch/a", Dst: "/tmp/in"}})
+	got, err := s.View(mechanism.Info{FixedMountPoints: true}, []policy.Bind{{Src: "/scratch/a", Dst: "/tmp/in"}})
 	require.NoError(t, err)
 	require.Len(t, got, 5)
 	assert.Equal(t, "/tmp", got[0].Dst, "one skeleton at /tmp, no second one for the data dir")
@@ -94,13 +95,13 @@ func TestUserVolumesMayNotCoverTheJobsDirs(t *testing.T) {
 		s.Cfg.UserVolumeVariable = "CH_VOLUMES"
 		s.Cfg.VolumePrefixes = []string{filepath.Join(root, "scratch")}
 		s.Job = &job.Job{Vars: map[string]string{"CH_VOLUMES_0": src + ":" + dst}}
-		_, err := s.UserVolumes(Info{})
+		_, err := s.UserVolumes(mechanism.Info{})
 		require.Error(t, err, dst)
 		assert.Contains(t, err.Error(), "would cover the job's own", dst)
 	}
 }
 
 // namedRuntime is a Runtime with only a name: the policy code asks no more.
-type namedRuntime struct{ Runtime }
+type namedRuntime struct{ mechanism.Runtime }
 
 func (namedRuntime) Name() string { return "test" }

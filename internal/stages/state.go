@@ -1,4 +1,4 @@
-package mechanism
+package stages
 
 import (
 	"encoding/json"
@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/ci-exec/ci-exec/internal/atomicfile"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
 // StateFile is the name of the prepare result in the job's state dir.
@@ -27,9 +28,9 @@ type State struct {
 	// Mechanism is the runtime's name.
 	Mechanism string `json:"mechanism"`
 	// Job is the job's image; nil when the job runs on the host.
-	Job *Image `json:"job,omitempty"`
+	Job *mechanism.Image `json:"job,omitempty"`
 	// Runner is runner_image; nil when the runner's stages run on the host.
-	Runner *Image `json:"runner,omitempty"`
+	Runner *mechanism.Image `json:"runner,omitempty"`
 }
 
 // Save writes the state atomically, mode 0600.

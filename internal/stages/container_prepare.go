@@ -1,4 +1,4 @@
-package mechanism
+package stages
 
 import (
 	"context"
@@ -12,16 +12,16 @@ import (
 	"github.com/ci-exec/ci-exec/internal/auth"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
-	"github.com/ci-exec/ci-exec/internal/imagecache"
 	"github.com/ci-exec/ci-exec/internal/job"
 	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
-// Setup is everything Prepare and StageCommand need about one job.
-type Setup struct {
-	Runtime Runtime
+// containerSetup is everything Prepare and containerCommand need about one job.
+type containerSetup struct {
+	Runtime mechanism.Runtime
 	// Cfg is the runtime's [general.<name>] table.
 	Cfg config.Mechanism
 	// Batch is true for batch executors (images are converted to a file).
@@ -42,27 +42,15 @@ type Setup struct {
 	Grace time.Duration
 }
 
-func (s Setup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
+func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
 
 // Placement returns the stage placement policy for state.
-func (s Setup) Placement(st *State) policy.PlacementPolicy {
+func (s containerSetup) Placement(st *State) policy.PlacementPolicy {
 	return policy.PlacementPolicy{
 		HasJobImage:    st != nil && st.Job != nil,
 		HasRunnerImage: st != nil && st.Runner != nil,
 		StepScriptOnly: s.Cfg.StepScriptOnly,
 	}
-}
-
-// Evicter is implemented by runtimes with a store of converted images
-// (see Base.Evict): prepare applies the admin's limits after each pull.
-type Evicter interface {
-	Evict(ctx context.Context) ([]imagecache.Evicted, error)
-}
-
-// PrepEnver is implemented by runtimes that give prep_script extra
-// variables (e.g. where the user's image storage is).
-type PrepEnver interface {
-	PrepEnv() []string
 }
 
 // Prepare resolves, checks and pulls the job's image (and runner_image) and
@@ -71,7 +59,7 @@ type PrepEnver interface {
 // credentials) is checked before the admin's prep_script and before any
 // runtime command or network access, so a refused job costs nothing and
 // leaves nothing behind.
-func Prepare(ctx context.Context, s Setup) (*State, error) {
+func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	rt := s.Runtime
 	st := &State{Mechanism: rt.Name()}
 	given, admin := s.Job.Image(), false
@@ -188,10 +176,10 @@ func Prepare(ctx context.Context, s Setup) (*State, error) {
 }
 
 // pull pulls one image and converts it when the executor or the admin asks.
-func (s Setup) pull(ctx context.Context, ref policy.Ref, cred auth.Credential, pullPolicy, role string, mounts []string) (*Image, error) {
+func (s containerSetup) pull(ctx context.Context, ref policy.Ref, cred auth.Credential, pullPolicy, role string, mounts []string) (*mechanism.Image, error) {
 	rt := s.Runtime
 	s.Log.Printf("Pulling %s (pull policy %s, credentials: %s)", ref.Full, pullPolicy, cred)
-	img, err := rt.Pull(ctx, PullRequest{
+	img, err := rt.Pull(ctx, mechanism.PullRequest{
 		Ref:         ref,
 		Policy:      pullPolicy,
 		Credential:  cred,
@@ -206,7 +194,7 @@ func (s Setup) pull(ctx context.Context, ref policy.Ref, cred auth.Credential, p
 		return nil, err
 	}
 	s.Log.Printf("Image %s: %s", ref.Full, Readiness(img))
-	if ev, ok := rt.(Evicter); ok {
+	if ev, ok := rt.(mechanism.Evicter); ok {
 		// The job's own image has its lease already: it is never evicted.
 		removed, err := ev.Evict(ctx)
 		if err != nil {
@@ -224,7 +212,7 @@ func (s Setup) pull(ctx context.Context, ref policy.Ref, cred auth.Credential, p
 
 // mountPoints are the container paths binds need: the data dir and the
 // user volumes' destinations.
-func (s Setup) mountPoints(vols []policy.Bind) []string {
+func (s containerSetup) mountPoints(vols []policy.Bind) []string {
 	out := []string{s.Layout.DataDir}
 	for _, v := range vols {
 		out = append(out, v.Dst)
@@ -235,16 +223,16 @@ func (s Setup) mountPoints(vols []policy.Bind) []string {
 // jobKey is unique per job: the job id plus a hash of its scripts dir
 // (which holds the runner and the concurrency slot), lowercase so any
 // runtime accepts it as an image name.
-func (s Setup) jobKey() string {
+func (s containerSetup) jobKey() string {
 	h := sha256.Sum256([]byte(s.Layout.ScriptsDir))
 	return "j" + strconv.FormatInt(s.Job.ID(), 10) + "-" + hex.EncodeToString(h[:5])
 }
 
-func (s Setup) volumePolicy() policy.VolumePolicy {
+func (s containerSetup) volumePolicy() policy.VolumePolicy {
 	return policy.VolumePolicy{Table: "general." + s.Runtime.Name(), Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
 }
 
-func (s Setup) userArgsPolicy() policy.UserArgsPolicy {
+func (s containerSetup) userArgsPolicy() policy.UserArgsPolicy {
 	rt := s.Runtime
 	return policy.UserArgsPolicy{
 		Variable: rt.UserArgsVariable(),
@@ -260,14 +248,14 @@ func (s Setup) userArgsPolicy() policy.UserArgsPolicy {
 // before any runtime command; CI_EXEC_IMAGE is empty for a job that runs on
 // the host. Its failure is a system failure: the admin's script broke, not
 // the job.
-func (s Setup) runPrepScript(ctx context.Context, ref policy.Ref) error {
+func (s containerSetup) runPrepScript(ctx context.Context, ref policy.Ref) error {
 	script := s.Cfg.PrepScript
 	if script == "" {
 		return nil
 	}
 	env := append([]string(nil), s.ScriptEnv...)
 	env = append(env, "CI_EXEC_MECHANISM="+s.Runtime.Name(), "CI_EXEC_IMAGE="+ref.Full)
-	if pe, ok := s.Runtime.(PrepEnver); ok {
+	if pe, ok := s.Runtime.(mechanism.PrepEnver); ok {
 		env = append(env, pe.PrepEnv()...)
 	}
 	end := s.Log.Section("prep_script", "Running the admin's prep_script "+script, false)
@@ -287,7 +275,7 @@ func (s Setup) runPrepScript(ctx context.Context, ref policy.Ref) error {
 // Readiness is the job-log summary of how an image became ready: the
 // store's hit or miss, the digest, the format, and the time spent pulling
 // and converting.
-func Readiness(img Image) string {
+func Readiness(img mechanism.Image) string {
 	digest := img.Digest
 	if digest == "" {
 		digest = "unknown"

@@ -1,9 +1,10 @@
-package mechanism
+package stages
 
 import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -30,7 +31,7 @@ func LogCommand(log *joblog.Logger, section, header string, argv, env []string) 
 }
 
 // Describe is the short job-log form of where a stage runs.
-func Describe(p policy.Placement, img *Image, runtime string) string {
+func Describe(p policy.Placement, img *mechanism.Image, runtime string) string {
 	if p == policy.OnHost || img == nil {
 		return "on the host"
 	}
