@@ -10,8 +10,8 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/failure"
-	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/policy"
+	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
 // isBatchStage reports whether a stage goes to the scheduler: only the
@@ -67,7 +67,7 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		Logf:         st.Log.Printf,
 	}
 	var out io.Writer = st.Inv.Stdout
-	tail := kit.NewTail(diagnoseTail)
+	tail := proc.NewTail(diagnoseTail)
 	if plan.Runtime != nil {
 		out = io.MultiWriter(out, tail)
 	}

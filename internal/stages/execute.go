@@ -6,7 +6,6 @@ import (
 	"io"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
-	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
@@ -17,9 +16,9 @@ const diagnoseTail = 4 << 10
 // execute runs a plan locally and classifies its end.
 func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 	stderr := st.Inv.Stderr
-	var tail *kit.Tail
+	var tail *proc.Tail
 	if plan.Runtime != nil {
-		tail = kit.NewTail(diagnoseTail)
+		tail = proc.NewTail(diagnoseTail)
 		stderr = io.MultiWriter(stderr, tail)
 	}
 	res, err := proc.Run(ctx, proc.Cmd{

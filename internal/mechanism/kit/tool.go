@@ -5,7 +5,6 @@ import (
 	"errors"
 	"io"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/proc"
@@ -40,7 +39,7 @@ const tailSize = 8 << 10
 // password prompt) in its own process group, and returns its exit status.
 // A tool that cannot be started is an error; a non-zero exit is not.
 func RunTool(ctx context.Context, t Tool) (ToolResult, error) {
-	tail := NewTail(tailSize)
+	tail := proc.NewTail(tailSize)
 	var out io.Writer = tail
 	if t.Output != nil {
 		out = io.MultiWriter(t.Output, tail)
@@ -55,32 +54,6 @@ func RunTool(ctx context.Context, t Tool) (ToolResult, error) {
 		return r, errors.New("stopped: the stage was cancelled or timed out")
 	}
 	return r, nil
-}
-
-// Tail is an io.Writer that keeps the last bytes written to it.
-type Tail struct {
-	mu  sync.Mutex
-	max int
-	buf []byte
-}
-
-// NewTail keeps at most max bytes.
-func NewTail(max int) *Tail { return &Tail{max: max} }
-
-func (t *Tail) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.buf = append(t.buf, p...)
-	if over := len(t.buf) - t.max; over > 0 {
-		t.buf = append(t.buf[:0], t.buf[over:]...)
-	}
-	return len(p), nil
-}
-
-func (t *Tail) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	return string(t.buf)
 }
 
 // LastLine returns the last non-empty line of s that starts with one of the
