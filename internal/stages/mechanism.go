@@ -80,7 +80,7 @@ func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, erro
 		return Plan{}, err
 	}
 	if s == nil {
-		return hostPlan(st, script), nil
+		return hostPlan(st, script)
 	}
 	state, err := LoadState(st.Layout.StateDir)
 	if errors.Is(err, ErrNoState) {
@@ -101,7 +101,7 @@ func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, erro
 		return Plan{}, err
 	}
 	if sp.Image == nil {
-		return hostPlan(st, script), nil
+		return hostPlan(st, script)
 	}
 	where := Describe(sp.Placement, sp.Image, s.Runtime.Name())
 	LogCommand(st.Log, "cmd_"+stage, fmt.Sprintf("Running %s %s", stage, where), sp.Argv, sp.Env)

@@ -1,14 +1,17 @@
 package stages
 
-// hostPlan runs script with bash on the host.
-func hostPlan(st *Stage, script string) Plan {
-	shell := st.Cfg.General.ShellPath
-	if shell == "" {
-		shell = "/bin/bash"
+import (
+	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/host"
+)
+
+// hostPlan runs script on the host, through the host Runtime: bash with
+// the job's host environment, in the builds dir.
+func hostPlan(st *Stage, script string) (Plan, error) {
+	rt := host.New(st.Cfg.General.ShellPath, st.Cfg.General.LoginShell)
+	argv, env, err := rt.Command(mechanism.RunSpec{Argv: []string{script}, Env: scriptEnv(st)})
+	if err != nil {
+		return Plan{}, err
 	}
-	argv := []string{shell, "--noprofile", "--norc", script}
-	if st.Cfg.General.LoginShell {
-		argv = []string{shell, "--login", script}
-	}
-	return Plan{Where: "host", Argv: argv, Env: scriptEnv(st), Dir: st.Layout.BuildsDir}
+	return Plan{Where: "host", Argv: argv, Env: env, Dir: st.Layout.BuildsDir, Runtime: rt}, nil
 }
