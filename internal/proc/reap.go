@@ -133,6 +133,15 @@ func childrenOf(pid int) []int {
 	return out
 }
 
+// hasChildren reports whether this process has any child, live or
+// zombie, without reaping one: one system call, where walking /proc costs
+// dozens. Every descendant of a subreaper hangs off one of its children.
+func hasChildren() bool {
+	var info unix.Siginfo
+	err := unix.Waitid(unix.P_ALL, 0, &info, unix.WEXITED|unix.WNOHANG|unix.WNOWAIT, nil)
+	return !errors.Is(err, syscall.ECHILD)
+}
+
 // descendants returns every descendant of root, live or zombie, but not
 // the processes in skip and their own descendants. full reads every
 // process's stat instead of the children files.
@@ -203,6 +212,9 @@ func allPIDs() []int {
 func family(main int, full bool) map[int]procInfo {
 	self := os.Getpid()
 	if subreaper.Load() && (len(reg.mains) == 0 || len(reg.mains) == 1 && reg.mains[main]) {
+		if !hasChildren() {
+			return nil
+		}
 		return descendants(self, nil, full)
 	}
 	if !reg.mains[main] {
@@ -347,6 +359,9 @@ func KillOrphans() []string {
 	seen := map[int]string{}
 	full := false
 	for range 100 {
+		if !hasChildren() {
+			break
+		}
 		reg.Lock()
 		procs := descendants(self, reg.mains, full)
 		live := 0
