@@ -197,4 +197,3 @@ func TestLeftoversOnCancel(t *testing.T) {
 		assertNoSlurmJob(t, j)
 	})
 }
-
