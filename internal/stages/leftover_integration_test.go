@@ -197,3 +197,37 @@ func TestLeftoversOnCancel(t *testing.T) {
 		assertNoSlurmJob(t, j)
 	})
 }
+
+// prepare, too, ends what it starts: an admin's prep_script that leaves a
+// process in a session of its own (output elsewhere, and one holding the
+// job log's pipe) does not hold prepare, and the process does not outlive
+// it (prepare is a subreaper, and what reparents to it is ended).
+func TestPrepScriptLeftoversAreStopped(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		dir := testenv.PrivateDir(t, u)
+		quiet, holding := filepath.Join(dir, "prep-quiet.pid"), filepath.Join(dir, "prep-holding.pid")
+		prep := filepath.Join(dir, "prep.sh")
+		require.NoError(t, os.WriteFile(prep, []byte(fmt.Sprintf(`#!/bin/sh
+running() { until [ "$(cat /proc/$1/comm 2>/dev/null)" = sleep ]; do :; done; }
+setsid sleep 300 > /dev/null 2>&1 < /dev/null & echo $! > %s; running $!
+setsid sleep 300 & echo $! > %s; running $!
+echo prep-done
+`, quiet, holding)), 0o755))
+		e := containerRunner(t, rt, u, "", fmt.Sprintf("prep_script = %q\npull_policy = \"if-not-present\"", prep))
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Script = []string{"echo job-ran"}
+		j.Timeout = 2 * time.Minute
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "prep-done")
+		assert.Contains(t, res.Log, "job-ran")
+		for _, f := range []string{quiet, holding} {
+			b, err := os.ReadFile(f)
+			require.NoError(t, err)
+			pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+			require.NoError(t, err)
+			p, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+			assert.True(t, err != nil || string(p) != "sleep\n", "%s: process %d is still running", filepath.Base(f), pid)
+		}
+	})
+}
