@@ -290,9 +290,9 @@ func endLeftovers(main int, killAt time.Time) leftovers {
 			if _, ok := denied[pid]; ok {
 				continue
 			}
-			if _, ok := seen[pid]; !ok {
-				seen[pid] = p.comm
-			}
+			// The latest name: a leftover caught between fork and exec
+			// is known by what it runs when it is ended.
+			seen[pid] = p.comm
 			sig := syscall.SIGTERM
 			if !now.Before(killAt) {
 				sig = syscall.SIGKILL
@@ -321,7 +321,7 @@ func endLeftovers(main int, killAt time.Time) leftovers {
 		full = false
 		if now.After(killAt.Add(killWait)) {
 			for pid, p := range procs {
-				if !p.dead() && denied[pid] == "" {
+				if _, no := denied[pid]; !p.dead() && !no {
 					survivors = append(survivors, p.comm)
 				}
 			}
