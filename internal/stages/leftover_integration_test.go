@@ -231,3 +231,19 @@ echo prep-done
 		}
 	})
 }
+
+// With Apptainer's --pid the kernel ends the container's processes when
+// its first one exits: the stage ends as promptly, and nothing is left
+// (the pids the script wrote are the container's own, so only the
+// marker can tell).
+func TestApptainerPidNamespaceLeftovers(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `pull_policy = "if-not-present"`)
+		j, marker := leftoverJob(tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE")))
+		j.Variables[rt.argsVar] = "--pid"
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), "the stage must end when its script does: %s", res.Error)
+		assert.Contains(t, res.Log, "script-done")
+		assert.Empty(t, runnerdouble.ProcessesWithMarker(marker), "processes of the job left running")
+	}, func(rt runtimeFixture) bool { return rt.name == "apptainer" })
+}
