@@ -25,6 +25,9 @@ Commands (called by gitlab-runner's custom executor):
   prepare                prepare the job (directories, image)
   run <script> <stage>   run one stage's script
   cleanup                remove the job's files
+  reap [--grace D] -- ARGV...
+                         run ARGV and end what it leaves running (the batch
+                         script's wrapper on a compute node)
   version                print the version
 
 --config PATH   admin configuration (default $CI_EXEC_CONFIG or ` + config.DefaultPath + `)
@@ -62,8 +65,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	case "config":
 		return stages.Config(ctx, inv)
 	case "prepare":
-		_ = proc.BecomeSubreaper()
-		return stages.Prepare(ctx, inv)
+		return subreaper(stdout, func() int { return stages.Prepare(ctx, inv) })
 	case "run":
 		// The runner appends <script> <stage> to run_args: take the last two
 		// so that admin-added run_args can never shift them.
@@ -71,10 +73,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 			fmt.Fprintln(stderr, "ERROR: ci-exec run needs <script> <stage> as its last two arguments")
 			return systemFailureCode()
 		}
-		_ = proc.BecomeSubreaper()
-		return stages.Run(ctx, inv, rest[len(rest)-2], rest[len(rest)-1])
+		return subreaper(stdout, func() int { return stages.Run(ctx, inv, rest[len(rest)-2], rest[len(rest)-1]) })
 	case "cleanup":
-		return stages.Cleanup(ctx, inv)
+		return subreaper(stdout, func() int { return stages.Cleanup(ctx, inv) })
+	case "reap":
+		return reap(ctx, rest[1:], stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "%s %s\n", stages.DriverName, stages.DriverVersion())
 		return 0
@@ -83,6 +86,21 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return systemFailureCode()
 	}
+}
+
+// subreaper runs a stage that starts processes as a child subreaper, so
+// that what they leave running (setsid, double forks) reparents to ci-exec
+// instead of init and is ended before the stage returns (each proc.Run does
+// that for its command), and sweeps up what is left at the end.
+func subreaper(log io.Writer, stage func() int) int {
+	if err := proc.BecomeSubreaper(); err != nil {
+		fmt.Fprintf(log, "WARNING: ci-exec could not become a child subreaper (%v): processes a script starts with setsid may outlive the stage\n", err)
+	}
+	code := stage()
+	if left := proc.KillOrphans(); len(left) > 0 {
+		fmt.Fprintln(log, proc.Summary(left))
+	}
+	return code
 }
 
 // systemFailureCode is the runner's system-failure code, for errors found

@@ -40,6 +40,8 @@ type Slurm struct {
 	Env []string
 	// Logf writes one job-log line.
 	Logf func(format string, args ...any)
+	// Reaper wraps the command in the batch script (see Reaper).
+	Reaper Reaper
 }
 
 // Job is one submission.
@@ -97,12 +99,15 @@ func (e *SubmitError) Error() string { return e.Msg }
 const markerPrefix = "__CI_EXEC_BATCH_END__"
 
 // BatchScript is the script sbatch runs: the command, quoted word by word
-// (no word is ever interpreted by the shell), then the end marker with its
-// exit code. Slurm signals every process of the job on scancel, so the
-// command's own TERM traps run; the script only reports.
-func BatchScript(argv []string, nonce string, jobName string) string {
+// (no word is ever interpreted by the shell) and wrapped by the reaper,
+// then the end marker with its exit code. Slurm signals every process of
+// the job on scancel, so the command's own TERM traps run; the script only
+// reports.
+func BatchScript(argv []string, nonce string, jobName string, reaper Reaper) string {
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\n# ci-exec batch script for " + jobName + "\n")
+	b.WriteString(reaper.prologue())
+	b.WriteString(reaper.prefix())
 	for i, a := range argv {
 		if i > 0 {
 			b.WriteString(" \\\n  ")
@@ -140,7 +145,7 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 	nonceB := make([]byte, 12)
 	_, _ = rand.Read(nonceB)
 	nonce := hex.EncodeToString(nonceB)
-	script := BatchScript(j.Argv, nonce, j.Spec.JobName)
+	script := BatchScript(j.Argv, nonce, j.Spec.JobName, s.Reaper)
 	if err := os.WriteFile(j.Script, []byte(script), 0o700); err != nil {
 		return res, fmt.Errorf("write the batch script: %w", err)
 	}

@@ -16,7 +16,7 @@ import (
 )
 
 func TestBatchScriptGolden(t *testing.T) {
-	got := BatchScript([]string{"/usr/bin/env", "hello world", "it's"}, "0123abcd", "ci-7-build_script")
+	got := BatchScript([]string{"/usr/bin/env", "hello world", "it's"}, "0123abcd", "ci-7-build_script", Reaper{})
 	want := `#!/bin/sh
 # ci-exec batch script for ci-7-build_script
 '/usr/bin/env' \
@@ -28,7 +28,7 @@ exit "$rc"
 `
 	assert.Equal(t, want, got)
 
-	one := BatchScript([]string{"true"}, "n", "j")
+	one := BatchScript([]string{"true"}, "n", "j", Reaper{})
 	assert.Equal(t, "#!/bin/sh\n# ci-exec batch script for j\n'true' </dev/null\nrc=$?\nprintf '\\n__CI_EXEC_BATCH_END__ n rc=%d\\n' \"$rc\"\nexit \"$rc\"\n", one)
 }
 
@@ -54,7 +54,7 @@ func runScript(t *testing.T, argv []string, nonce string) (string, int) {
 	t.Helper()
 	dir := t.TempDir()
 	script := filepath.Join(dir, "job.sh")
-	require.NoError(t, os.WriteFile(script, []byte(BatchScript(argv, nonce, "ci-1-test")), 0o700))
+	require.NoError(t, os.WriteFile(script, []byte(BatchScript(argv, nonce, "ci-1-test", Reaper{})), 0o700))
 	cmd := exec.Command("/bin/sh", script)
 	cmd.Dir = dir
 	cmd.Stdin = strings.NewReader("secret stdin\n")

@@ -1,7 +1,9 @@
 // Package proc runs one argv in its own process group and stops it the way
 // the runner expects a stage to stop: SIGTERM to the whole group when the
 // context ends, SIGKILL after a grace period, and nothing left behind once
-// the stage returns.
+// the stage returns — also what escaped the group (setsid, double fork, a
+// daemon holding the output pipe), found through /proc when the process is
+// a child subreaper (BecomeSubreaper).
 //
 // Commands are always executed directly (execve), never through `sh -c`, so
 // no user-supplied string is ever parsed by a shell.
@@ -14,13 +16,11 @@ import (
 	"io"
 	"os"
 	"os/exec"
-	"strconv"
-	"strings"
+	"runtime"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
-
-	"golang.org/x/sys/unix"
 )
 
 // Cmd is what to run.
@@ -33,7 +33,9 @@ type Cmd struct {
 	Stdin  io.Reader
 	Stdout io.Writer
 	Stderr io.Writer
-	// Grace is the time between SIGTERM and SIGKILL once ctx ends.
+	// Grace is the time between SIGTERM and SIGKILL once ctx ends. What
+	// the command leaves running when it exits by itself gets
+	// min(Grace, LeftoverGrace).
 	Grace time.Duration
 }
 
@@ -48,6 +50,13 @@ type Result struct {
 	Stopped bool
 	// Killed is true when SIGKILL was needed after the grace period.
 	Killed bool
+	// LeftBehind has the command name of each process the command left
+	// running when it ended (in pid order), all of which were ended before
+	// Run returned; see Summary for the job-log line.
+	LeftBehind []string
+	// Survivors are leftovers that could not be ended (not this user's to
+	// signal, or stuck in the kernel).
+	Survivors []string
 }
 
 // StartError means the command could not be started at all (missing binary,
@@ -60,9 +69,16 @@ type StartError struct {
 func (e *StartError) Error() string { return fmt.Sprintf("start %s: %v", e.Argv0, e.Err) }
 func (e *StartError) Unwrap() error { return e.Err }
 
-// Run starts c and waits for it. Once ctx ends, the process group gets
-// SIGTERM, then SIGKILL after c.Grace. When the command exits, whatever it
-// left running in its group is killed, so no process outlives the call.
+// testHookStarted, when set, runs in Run's goroutine between the start of
+// the command and the wait for it.
+var testHookStarted func(pid int)
+
+// Run starts c and waits for it. Once ctx ends, the process group and
+// everything else the command started get SIGTERM, then SIGKILL after
+// c.Grace. When the command exits, whatever it left running is ended too
+// (SIGTERM, SIGKILL after min(c.Grace, LeftoverGrace)) and Run returns
+// without waiting for the output pipes to be closed by such leftovers: no
+// process of the command outlives the call.
 func Run(ctx context.Context, c Cmd) (Result, error) {
 	if len(c.Argv) == 0 {
 		return Result{}, &StartError{Err: errors.New("empty command")}
@@ -80,6 +96,9 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 	}
 	cmd.Dir = c.Dir
 	cmd.Stdin = c.Stdin
+	// Only a Stdin that is not a file has a copying goroutine in os/exec;
+	// it must not hold Wait either.
+	cmd.WaitDelay = drainIdle
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// If ci-exec itself is SIGKILLed (the runner's last resort), the
@@ -88,9 +107,9 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 	}
 
 	// Writers that are not files are fed through our own pipes so that Wait
-	// returns when the process exits, even if a background grandchild still
-	// holds the pipe open; the group is then killed, closing it.
-	var copiers sync.WaitGroup
+	// returns when the process exits, even if a leftover still holds the
+	// pipe open; the leftovers are then ended, and the pipe drained.
+	var pipes []*outPipe
 	var toClose []*os.File
 	attach := func(w io.Writer, set func(io.Writer)) error {
 		if w == nil {
@@ -106,37 +125,62 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 		}
 		set(pw)
 		toClose = append(toClose, pw)
-		copiers.Add(1)
-		go func() {
-			defer copiers.Done()
-			_, _ = io.Copy(w, r)
-			r.Close()
-		}()
+		p := &outPipe{r: r, w: w, done: make(chan struct{})}
+		pipes = append(pipes, p)
+		go p.copy()
 		return nil
 	}
+	drain := func() {
+		for _, p := range pipes {
+			p.drain()
+		}
+	}
+	closeWriteEnds := func() {
+		for _, f := range toClose {
+			f.Close()
+		}
+	}
 	if err := attach(c.Stdout, func(w io.Writer) { cmd.Stdout = w }); err != nil {
+		closeWriteEnds()
+		drain()
 		return Result{}, &StartError{Argv0: c.Argv[0], Err: err}
 	}
 	if c.Stderr == c.Stdout && cmd.Stdout != nil {
 		cmd.Stderr = cmd.Stdout
 	} else if err := attach(c.Stderr, func(w io.Writer) { cmd.Stderr = w }); err != nil {
+		closeWriteEnds()
+		drain()
 		return Result{}, &StartError{Argv0: c.Argv[0], Err: err}
 	}
 
+	// Pdeathsig fires when the *thread* that forked the child exits, not
+	// the process (golang/go#27505): the Go runtime ends a thread whenever
+	// a goroutine locked to it returns, and an idle thread can be handed
+	// to such a goroutine. Holding this goroutine on its thread from the
+	// fork to the end of the wait keeps that thread alive exactly as long
+	// as the child may need it.
+	runtime.LockOSThread()
+	reg.Lock()
 	err := cmd.Start()
-	for _, f := range toClose {
-		f.Close()
+	if err == nil {
+		reg.mains[cmd.Process.Pid] = true
 	}
+	reg.Unlock()
+	closeWriteEnds()
 	if err != nil {
-		copiers.Wait()
+		runtime.UnlockOSThread()
+		drain()
 		return Result{}, &StartError{Argv0: c.Argv[0], Err: err}
 	}
-	pgid := cmd.Process.Pid
+	pid := cmd.Process.Pid
 
 	var res Result
-	done := make(chan struct{})
 	var stopMu sync.Mutex
+	var stopAt time.Time
+	done := make(chan struct{})
+	stopDone := make(chan struct{})
 	go func() {
+		defer close(stopDone)
 		select {
 		case <-done:
 			return
@@ -144,10 +188,9 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 		}
 		stopMu.Lock()
 		res.Stopped = true
+		stopAt = time.Now()
 		stopMu.Unlock()
-		// SIGCONT first: a stopped group would never act on SIGTERM.
-		_ = syscall.Kill(-pgid, syscall.SIGCONT)
-		_ = syscall.Kill(-pgid, syscall.SIGTERM)
+		signalAll(pid, syscall.SIGTERM)
 		t := time.NewTimer(c.Grace)
 		defer t.Stop()
 		select {
@@ -156,18 +199,31 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 			stopMu.Lock()
 			res.Killed = true
 			stopMu.Unlock()
-			_ = syscall.Kill(-pgid, syscall.SIGKILL)
+			signalAll(pid, syscall.SIGKILL)
 		}
 	}()
 
+	if testHookStarted != nil {
+		testHookStarted(pid)
+	}
 	waitErr := cmd.Wait()
+	runtime.UnlockOSThread()
+	reg.Lock()
+	delete(reg.mains, pid)
+	reg.Unlock()
 	close(done)
-	// Leftovers in the group (background jobs, daemons that did not setsid).
-	_ = syscall.Kill(-pgid, syscall.SIGKILL)
-	copiers.Wait()
+	<-stopDone
 
 	stopMu.Lock()
-	defer stopMu.Unlock()
+	killAt := time.Now().Add(min(c.Grace, LeftoverGrace))
+	if res.Stopped {
+		killAt = stopAt.Add(c.Grace)
+	}
+	stopMu.Unlock()
+	left := endLeftovers(pid, killAt)
+	res.LeftBehind, res.Survivors = left.names, left.survivors
+	drain()
+
 	st, _ := cmd.ProcessState.Sys().(syscall.WaitStatus)
 	switch {
 	case st.Signaled():
@@ -178,68 +234,45 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 		res.ExitCode = cmd.ProcessState.ExitCode()
 	}
 	var exitErr *exec.ExitError
-	if waitErr != nil && !errors.As(waitErr, &exitErr) {
+	if waitErr != nil && !errors.As(waitErr, &exitErr) && !errors.Is(waitErr, exec.ErrWaitDelay) {
 		return res, fmt.Errorf("wait for %s: %w", c.Argv[0], waitErr)
 	}
 	return res, nil
 }
 
-// BecomeSubreaper makes orphaned descendants (processes that left their
-// group with setsid) reparent to this process instead of init, so that
-// KillOrphans can find and end them when the stage is over.
-func BecomeSubreaper() error {
-	return unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+// outPipe copies one of the command's outputs to its writer.
+type outPipe struct {
+	r        *os.File
+	w        io.Writer
+	done     chan struct{}
+	draining atomic.Bool
 }
 
-// KillOrphans SIGKILLs every remaining child of this process and reaps it.
-// Call it after the stage's command has returned.
-func KillOrphans() {
-	self := os.Getpid()
-	for range 3 {
-		kids := children(self)
-		if len(kids) == 0 {
+func (p *outPipe) copy() {
+	defer close(p.done)
+	defer p.r.Close()
+	buf := make([]byte, 32<<10)
+	for {
+		if p.draining.Load() {
+			_ = p.r.SetReadDeadline(time.Now().Add(drainIdle))
+		}
+		n, err := p.r.Read(buf)
+		if n > 0 {
+			if _, werr := p.w.Write(buf[:n]); werr != nil {
+				return
+			}
+		}
+		if err != nil {
 			return
 		}
-		for _, pid := range kids {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-		for _, pid := range kids {
-			var ws syscall.WaitStatus
-			_, _ = syscall.Wait4(pid, &ws, 0, nil)
-		}
 	}
 }
 
-// children lists the pids whose parent is ppid, from /proc.
-func children(ppid int) []int {
-	ents, err := os.ReadDir("/proc")
-	if err != nil {
-		return nil
-	}
-	var out []int
-	for _, e := range ents {
-		pid, err := strconv.Atoi(e.Name())
-		if err != nil {
-			continue
-		}
-		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
-		if err != nil {
-			continue
-		}
-		// The command name may contain spaces and parentheses: parse after
-		// the last ')'. Fields then: state ppid ...
-		s := string(b)
-		i := strings.LastIndexByte(s, ')')
-		if i < 0 {
-			continue
-		}
-		f := strings.Fields(s[i+1:])
-		if len(f) < 2 {
-			continue
-		}
-		if p, err := strconv.Atoi(f[1]); err == nil && p == ppid {
-			out = append(out, pid)
-		}
-	}
-	return out
+// drain waits until the pipe is at its end, or has been idle for
+// drainIdle: once nothing of the command is left, whatever still holds
+// the pipe is not ours to wait for. Output that keeps coming is read.
+func (p *outPipe) drain() {
+	p.draining.Store(true)
+	_ = p.r.SetReadDeadline(time.Now().Add(drainIdle))
+	<-p.done
 }

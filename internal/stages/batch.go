@@ -66,6 +66,13 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		Env:          []string{"PATH=" + systemPath, "HOME=" + st.User.Home, "USER=" + st.User.Name, "LANG=C.UTF-8"},
 		Logf:         st.Log.Printf,
 	}
+	// What the command leaves running on the node is ended by ci-exec
+	// itself there (docs/slurm.md, "What a job leaves behind").
+	if r, err := batch.SelfReaper(st.Cfg.General.KillTimeout.Duration); err == nil {
+		s.Reaper = r
+	} else {
+		st.Log.Warnf("%v: processes the stage leaves running on the compute node are not stopped when it ends", err)
+	}
 	var out io.Writer = st.Inv.Stdout
 	tail := proc.NewTail(diagnoseTail)
 	if plan.Runtime != nil {

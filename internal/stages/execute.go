@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/proc"
@@ -29,7 +30,13 @@ func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 		Stderr: stderr,
 		Grace:  st.Cfg.General.KillTimeout.Duration,
 	})
-	proc.KillOrphans()
+	// proc.Run has ended what the script left running; say so, in one line.
+	if line := proc.Summary(res.LeftBehind); line != "" {
+		st.Log.Printf("%s", line)
+	}
+	if len(res.Survivors) > 0 {
+		st.Log.Warnf("could not stop %d process(es) the stage left running: %s", len(res.Survivors), strings.Join(res.Survivors, ", "))
+	}
 	if err != nil {
 		return failure.AsSystem(fmt.Errorf("%w (is %s installed and executable?)", err, plan.Argv[0]))
 	}
