@@ -29,6 +29,13 @@
 //     runner does ("gitlab-runner artifacts-uploader --url ... --token
 //     <job token> --id ..."); ./fakehelper is a gitlab-runner stand-in that
 //     records its own argv (HelperCalls);
+//   - get_sources as the runner writes it (gitsources.go): for GIT_STRATEGY
+//     fetch and clone the git template dir, the external git config with
+//     the runner's insteadOf rules carrying the job token (or, under
+//     FF_GIT_URLS_WITHOUT_TOKENS, its credential helper), git init, fetch,
+//     checkout and the submodule commands, against Job.RepoURL (which gets
+//     the job token in it, as GitLab sends it) at Job.Sha;
+//     Config.StageScript returns any stage's script without running it;
 //   - every call a new process in its own process group, stdin not
 //     connected; on job timeout or cancel SIGTERM to the group, SIGKILL after
 //     the graceful kill timeout, give up after the force kill timeout;

@@ -84,9 +84,12 @@ type payload struct {
 
 const fakeSHA = "1111111111111111111111111111111111111111"
 
-// featureFlags is a small, fixed subset of the runner's FF_* variables (all
-// default false); job variables with these names override the value.
+// featureFlags is a small, fixed subset of the runner's FF_* variables
+// (default false unless in featureFlagDefaults, as in gitlab-runner 19.4);
+// job variables with these names override the value.
 var featureFlags = []string{
+	"FF_USE_GIT_BUNDLE_URIS",
+	"FF_USE_GITALY_CORRELATION_ID",
 	"FF_NETWORK_PER_BUILD",
 	"FF_USE_LEGACY_BASH_EVAL",
 	"FF_ENABLE_BASH_EXIT_CODE_CHECK",
@@ -96,6 +99,10 @@ var featureFlags = []string{
 	"FF_GIT_URLS_WITHOUT_TOKENS",
 	"FF_USE_JOB_ROUTER",
 }
+
+// featureFlagDefaults are the flags of featureFlags that 19.4 turns on by
+// default (helpers/featureflags/flags.go).
+var featureFlagDefaults = map[string]bool{"FF_USE_GIT_BUNDLE_URIS": true, "FF_USE_GITALY_CORRELATION_ID": true}
 
 func isFeatureFlag(key string) bool {
 	for _, f := range featureFlags {
@@ -159,7 +166,7 @@ func (j Job) PayloadVariables() []Variable {
 		pub("CI_PROJECT_PATH", j.ProjectFullPath),
 		pub("CI_PROJECT_NAMESPACE", ns),
 		pub("CI_PROJECT_URL", ServerURL+"/"+j.ProjectFullPath),
-		pub("CI_COMMIT_SHA", fakeSHA),
+		pub("CI_COMMIT_SHA", j.Sha),
 		pub("CI_COMMIT_REF_NAME", "main"),
 		pub("CI_COMMIT_BRANCH", "main"),
 		pub("GITLAB_USER_LOGIN", "root"),
@@ -183,11 +190,22 @@ func (j Job) PayloadVariables() []Variable {
 	return vars
 }
 
+// repoURL is git_info.repo_url and CI_REPOSITORY_URL as GitLab sends
+// them: an http(s) URL with gitlab-ci-token and the job token in it.
 func (j Job) repoURL() string {
-	if j.RepoURL != "" {
-		return j.RepoURL
+	u := j.RepoURL
+	if u == "" {
+		u = ServerURL + "/" + j.ProjectFullPath + ".git"
 	}
-	return ServerURL + "/" + j.ProjectFullPath + ".git"
+	return withJobToken(u, j.Token)
+}
+
+// refspecs are git_info.refspecs: what GitLab sends for a branch pipeline.
+func (j Job) refspecs() []string {
+	if j.Refspecs != nil {
+		return j.Refspecs
+	}
+	return []string{"+refs/heads/main:refs/remotes/origin/main"}
 }
 
 // ResponseJSON returns the JOB_RESPONSE_FILE content the double writes for
@@ -209,10 +227,10 @@ func (j Job) ResponseJSON() ([]byte, error) {
 		GitInfo: payloadGitInfo{
 			RepoURL:   j.repoURL(),
 			Ref:       "main",
-			Sha:       fakeSHA,
+			Sha:       j.Sha,
 			BeforeSha: "0000000000000000000000000000000000000000",
 			RefType:   "branch",
-			Refspecs:  []string{},
+			Refspecs:  j.refspecs(),
 			Depth:     0,
 		},
 		RunnerInfo:   payloadRunnerInfo{Timeout: tmo},

@@ -448,7 +448,7 @@ func (r *run) variables() []Variable {
 	payloadVars := r.job.PayloadVariables()
 	ff := map[string]string{}
 	for _, f := range featureFlags {
-		ff[f] = "false"
+		ff[f] = strconv.FormatBool(featureFlagDefaults[f])
 	}
 	var jobVars []Variable
 	for _, v := range payloadVars {

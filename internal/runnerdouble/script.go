@@ -4,10 +4,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
-	"net/url"
 	"path"
 	"path/filepath"
-	"regexp"
 	"strconv"
 	"strings"
 )
@@ -97,8 +95,9 @@ func posixShellEscape(s string) string {
 type scriptWriter struct {
 	body   strings.Builder
 	indent int
-	// posix is FF_POSIXLY_CORRECT_ESCAPES; legacyEval FF_USE_LEGACY_BASH_EVAL.
-	posix, legacyEval bool
+	// posix is FF_POSIXLY_CORRECT_ESCAPES; legacyEval FF_USE_LEGACY_BASH_EVAL;
+	// exitCodeCheck FF_ENABLE_BASH_EXIT_CODE_CHECK.
+	posix, legacyEval, exitCodeCheck bool
 }
 
 func (w *scriptWriter) escape(s string) string {
@@ -138,6 +137,7 @@ func (w *scriptWriter) buildCommand(cmd string, args ...string) string {
 // command is BashWriter.Command.
 func (w *scriptWriter) command(cmd string, args ...string) {
 	w.line(w.buildCommand(cmd, args...))
+	w.checkForErrors()
 }
 
 // ifCmd is BashWriter.IfCmd (output hidden); ifCmdWithOutput IfCmdWithOutput.
@@ -167,7 +167,7 @@ func (w *scriptWriter) cd(p string) { w.command("cd", p) }
 
 // rmFile is the runner's RmFile: rm "-f" "<path>".
 func (w *scriptWriter) rmFile(p string) {
-	w.line(`rm "-f" ` + strconv.Quote(p))
+	w.commandArgExpand("rm", "-f", p)
 }
 
 // userCommands is the runner's writeCommands: every command echoed with a
@@ -213,7 +213,9 @@ type scriptContext struct {
 	projectPath  string
 	hostname     string
 	gitStrategy  string
-	repoURL      string
+	repoURL      string // as GitLab sends it: with the job token
+	sha, ref     string
+	refspecs     []string
 	steps        []Step
 	jobID        int64
 	token        string
@@ -227,8 +229,11 @@ func (s scriptContext) tmpProjectDir() string { return s.projectDir + ".tmp" }
 func (s scriptContext) tmpFile(name string) string { return path.Join(s.tmpProjectDir(), name) }
 
 // flag returns the last value of a feature flag among the job's variables.
-func (s scriptContext) flag(name string) bool {
-	on := false
+func (s scriptContext) flag(name string) bool { return s.flagOr(name, false) }
+
+// flagOr is flag for a flag whose default is def.
+func (s scriptContext) flagOr(name string, def bool) bool {
+	on := def
 	for _, v := range s.vars {
 		if v.Key == name {
 			on, _ = strconv.ParseBool(v.Value)
@@ -248,6 +253,9 @@ func (s scriptContext) exports(w *scriptWriter) {
 	w.linef("mkdir -p %q", s.tmpProjectDir())
 	w.linef("touch %q", envFile)
 	w.linef(`while read -r line; do export "$line"; done < %q`, envFile)
+	if s.flag("FF_GIT_URLS_WITHOUT_TOKENS") {
+		w.exportRaw("GIT_CONFIG_GLOBAL", s.tmpFile(globalGitConfigSeedFile))
+	}
 }
 
 // cacheFile is where the runner's local cache (no cache server) keeps a
@@ -267,28 +275,6 @@ func (s scriptContext) cacheFile(hashed bool) string {
 	return abs
 }
 
-// gitCredentials is the part of the runner's setupExternalGitConfig that
-// matters here: unless FF_GIT_URLS_WITHOUT_TOKENS is on, the runner hands
-// git an insteadOf rule whose key is the repository URL with the job
-// token in it, on git's command line (shells/abstract.go, 19.4).
-func (s scriptContext) gitCredentials(w *scriptWriter) {
-	if s.flag("FF_GIT_URLS_WITHOUT_TOKENS") {
-		return
-	}
-	u, err := url.Parse(s.repoURL)
-	if err != nil || u.User != nil || u.Scheme != "http" && u.Scheme != "https" {
-		return
-	}
-	withCreds := *u
-	withCreds.User = url.UserPassword("gitlab-ci-token", s.token)
-	ext := s.tmpFile(".gitlab-runner.ext.conf")
-	w.linef("mkdir -p %q", s.tmpProjectDir())
-	w.rmFile(ext)
-	// CommandArgExpand: the command quoted, every argument in plain double quotes.
-	w.linef(`%s "config" "--file" "%s" "--replace-all" "url.%s.insteadOf" "%s" "^%s$"`,
-		w.escape("git"), ext, withCreds.String(), u.String(), regexp.QuoteMeta(u.String()))
-}
-
 // runnerGuard is the runner's guardRunnerCommand: the helper call only if
 // gitlab-runner is on PATH, a warning otherwise.
 func runnerGuard(w *scriptWriter, action string, f func()) {
@@ -302,7 +288,8 @@ func runnerGuard(w *scriptWriter, action string, f func()) {
 // stageScript returns the script for a run stage, or ok=false when the
 // runner would skip the stage (nothing to do).
 func (s scriptContext) stageScript(stage, shell string) (script string, ok bool, err error) {
-	w := &scriptWriter{posix: s.flag("FF_POSIXLY_CORRECT_ESCAPES"), legacyEval: s.flag("FF_USE_LEGACY_BASH_EVAL")}
+	w := &scriptWriter{posix: s.flag("FF_POSIXLY_CORRECT_ESCAPES"), legacyEval: s.flag("FF_USE_LEGACY_BASH_EVAL"),
+		exitCodeCheck: s.flag("FF_ENABLE_BASH_EXIT_CODE_CHECK")}
 	switch stage {
 	case "prepare_script":
 		if s.hostname != "" {
@@ -313,31 +300,8 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 		w.rmFile(s.tmpFile("gitlab_runner_env"))
 		w.rmFile(s.tmpFile("masking.db"))
 	case "get_sources":
-		s.exports(w)
-		w.export("GIT_TERMINAL_PROMPT", "0")
-		w.export("GCM_INTERACTIVE", "Never")
-		switch s.gitStrategy {
-		case "none":
-			w.noticef("Skipping Git repository setup")
-			w.command("mkdir", "-p", s.projectDir)
-		case "empty":
-			w.noticef("Skipping Git repository setup and creating an empty build directory")
-			w.linef("if [ -d %q ]; then", s.projectDir)
-			w.line("  chmod -R u+rwX " + strconv.Quote(s.projectDir))
-			w.line("fi")
-			w.line("rm -r -f " + strconv.Quote(s.projectDir))
-			w.command("mkdir", "-p", s.projectDir)
-		case "clone", "fetch":
-			w.noticef("Fetching changes...")
-			s.gitCredentials(w)
-			w.linef("if [ %q = clone ] || [ ! -d %q ]; then", s.gitStrategy, path.Join(s.projectDir, ".git"))
-			w.line("  rm -r -f " + strconv.Quote(s.projectDir))
-			w.line("  git clone -q " + w.escape(s.repoURL) + " " + w.escape(s.projectDir))
-			w.line("else")
-			w.line("  git -C " + w.escape(s.projectDir) + " fetch -q origin")
-			w.line("fi")
-		default:
-			return "", false, fmt.Errorf("unknown GIT_STRATEGY %q", s.gitStrategy)
+		if err := s.getSources(w); err != nil {
+			return "", false, err
 		}
 	case "restore_cache":
 		if s.cache == nil {

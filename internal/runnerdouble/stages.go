@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path"
 	"path/filepath"
 )
 
@@ -142,6 +143,9 @@ func (r *run) scriptContext() scriptContext {
 		hostname:     r.hostname,
 		gitStrategy:  r.variableValue("GIT_STRATEGY"),
 		repoURL:      r.job.repoURL(),
+		sha:          r.job.Sha,
+		ref:          "main",
+		refspecs:     r.job.refspecs(),
 		steps:        r.job.steps(),
 		jobID:        r.job.ID,
 		token:        r.job.Token,
@@ -203,4 +207,16 @@ func (r *run) executeStage(ctx context.Context, stage string) (error, error) {
 	})
 	r.log.flush()
 	return err, nil
+}
+
+// StageScript returns the script the double would hand run_exec for stage
+// (the runner's stage name, e.g. "get_sources") of job, for builds and
+// cache dirs buildsDir and cacheDir (builds dir not shared), without
+// running anything: for unit tests of code that reads the runner's
+// scripts. ok is false when the runner would skip the stage.
+func (c Config) StageScript(job Job, stage, buildsDir, cacheDir string) (script string, ok bool, err error) {
+	job = job.withDefaults()
+	r := &run{cfg: c.withDefaults(), job: job, jobStatus: "running", shell: "bash",
+		buildsDir: buildsDir, cacheDir: cacheDir, projectDir: path.Join(buildsDir, job.ProjectFullPath)}
+	return r.scriptContext().stageScript(stage, r.shell)
 }

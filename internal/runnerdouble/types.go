@@ -131,8 +131,17 @@ type Job struct {
 	RunnerShortToken string
 	// GitStrategy is GIT_STRATEGY: "none" (default), "empty", or "clone"/"fetch" with RepoURL.
 	GitStrategy string
-	// RepoURL is git_info.repo_url; needed only for GIT_STRATEGY clone/fetch.
+	// RepoURL is git_info.repo_url (and CI_REPOSITORY_URL); needed only
+	// for GIT_STRATEGY clone/fetch. An http(s) URL without user info gets
+	// gitlab-ci-token and the job token in it, as GitLab sends it; default
+	// ServerURL/<ProjectFullPath>.git.
 	RepoURL string
+	// Sha is git_info.sha and CI_COMMIT_SHA, the commit get_sources checks
+	// out; default a fake one (a real fetch then fails at the checkout).
+	Sha string
+	// Refspecs are git_info.refspecs; nil means
+	// "+refs/heads/main:refs/remotes/origin/main".
+	Refspecs []string
 	// Cache, when set, is the job's cache (the runner's local cache, no
 	// cache server): restore_cache before the user steps and archive_cache
 	// or archive_cache_on_failure after them, through the helper's
@@ -433,6 +442,9 @@ func (j Job) withDefaults() Job {
 	}
 	if j.GitStrategy == "" {
 		j.GitStrategy = DefaultGitStrategy
+	}
+	if j.Sha == "" {
+		j.Sha = fakeSHA
 	}
 	return j
 }

@@ -29,13 +29,18 @@
 // value the runner wrote, so a CI_JOB_TOKEN the job changed through
 // GITLAB_ENV does not change what the helper uses.
 //
+// The runner's get_sources, unless FF_GIT_URLS_WITHOUT_TOKENS is on, also
+// hands git the token, in insteadOf rules of the job's git config (git
+// config url.<URL with token>.insteadOf ...). Rewrite replaces them with
+// what the runner writes when the flag is on: the same rules without the
+// token and the runner's credential helper, which gives git the token from
+// CI_JOB_TOKEN (gitcred.go).
+//
 // After the rewrite a token may appear only where no program receives it as
 // an argument: in the exports of the job's variables (the export builtin),
 // in the printf that writes a file variable (a builtin), and in the new
 // assignments. Anywhere else Rewrite fails: ci-exec refuses to run a stage
-// that would leak the token rather than run it and hope. The runner's
-// get_sources does exactly that for git unless FF_GIT_URLS_WITHOUT_TOKENS is
-// on (it writes git config url.<URL with token>.insteadOf ...).
+// that would leak the token rather than run it and hope.
 package runnerscript
 
 import (
@@ -58,12 +63,15 @@ type Result struct {
 	Script []byte
 	// Moved counts the --token arguments moved into the environment.
 	Moved int
+	// GitCredentials counts the git insteadOf rules with the job token
+	// that now leave it to the runner's credential helper (gitcred.go).
+	GitCredentials int
 	// Bodies are the decoded eval bodies of Script (for a syntax check).
 	Bodies []string
 }
 
 // Changed reports whether the script was rewritten.
-func (r Result) Changed() bool { return r.Moved > 0 }
+func (r Result) Changed() bool { return r.Moved > 0 || r.GitCredentials > 0 }
 
 // LeakError says where a token would still reach a command line.
 type LeakError struct {
@@ -86,8 +94,9 @@ func (e *LeakError) Error() string {
 	}
 	msg += ")"
 	if e.Command == "git" {
-		msg += "; the runner writes it into git's arguments unless FF_GIT_URLS_WITHOUT_TOKENS is true: " +
-			"set FF_GIT_URLS_WITHOUT_TOKENS = true under [runners.feature_flags] in the runner's config.toml"
+		msg += "; ci-exec moves the job token of the runner's own git insteadOf rules into git's credential helper, " +
+			"but this line is not one of them: set FF_GIT_URLS_WITHOUT_TOKENS = true under [runners.feature_flags] " +
+			"in the runner's config.toml so that the runner writes no token for git"
 	} else if e.Outer {
 		msg += "; the script does not have the shape ci-exec knows from gitlab-runner 19.x (report this with the runner's version)"
 	} else {
@@ -136,14 +145,16 @@ func Rewrite(script []byte, tokens []string) (Result, error) {
 			continue
 		}
 		body, moved := rewriteBody(ev.body, ev.q)
+		body, creds := rewriteGitCredentials(body, ev.q)
 		if err := checkBody(body, ev.q, needles2); err != nil {
 			return Result{}, err
 		}
 		res.Bodies = append(res.Bodies, body)
-		if moved == 0 {
+		if moved == 0 && creds == 0 {
 			out.WriteString(s[pos : pos+n])
 		} else {
 			res.Moved += moved
+			res.GitCredentials += creds
 			changed = true
 			out.WriteString(ev.prefix + ev.q.quote(body) + ev.suffix)
 		}

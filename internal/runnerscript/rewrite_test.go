@@ -334,7 +334,7 @@ func TestRewriteRefuses(t *testing.T) {
 		hint    string
 	}{
 		{"user line with the literal token", script(q, false, export(q, "CI_JOB_TOKEN", tok), `echo "`+tok+`"`), false, "echo", "artifact name"},
-		{"git insteadOf with the token (FF_GIT_URLS_WITHOUT_TOKENS=false)", script(q, false,
+		{"git insteadOf with the token, not of the runner's shape", script(q, false,
 			`git config --file "/b/p.tmp/.gitlab-runner.ext.conf" --replace-all "url.https://gitlab-ci-token:`+tok+`@gitlab.example/g/p.git.insteadOf" "https://gitlab.example/g/p.git"`),
 			false, "git", "FF_GIT_URLS_WITHOUT_TOKENS = true"},
 		{"token in an artifact name", script(q, false, uploader(q, tok, "--name", "a-"+tok)), false, "", "artifact name"},

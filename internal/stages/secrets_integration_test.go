@@ -223,25 +223,69 @@ func TestSecretsPassEnvMaskedInCommandLog(t *testing.T) {
 }
 
 // The runner's get_sources puts the job token into git's arguments unless
-// FF_GIT_URLS_WITHOUT_TOKENS is on: ci-exec refuses it and says which flag
-// to set; with the flag the stage runs.
-func TestSecretsRefusesGitTokenOnCommandLine(t *testing.T) {
-	u := testenv.Unprivileged(t)
-	c, _ := hostRunner(t, u, "")
+// FF_GIT_URLS_WITHOUT_TOKENS is on (insteadOf rules with the token, the
+// runner's default): ci-exec rewrites them into the credential helper the
+// runner writes with the flag on, and the job fetches from a git server
+// that wants the token, submodules included, with the token on no command
+// line and in no file of the job.
+func TestSecretsGitFetchWithoutTokenOnCommandLine(t *testing.T) {
 	const token = "glcbt-64_token-for-git-insteadof"
-	j := runnerdouble.Job{ID: 9500, Token: token, GitStrategy: "fetch", RepoURL: "http://127.0.0.1:1/g/p.git", Script: []string{"true"}}
-	watch := testenv.WatchCmdlines(token)
-	res := runJob(t, c, j)
-	assert.Empty(t, watch())
-	assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
-	assert.Contains(t, res.Log, `refusing to run the get_sources stage: the job token would be on a command line (line `)
-	assert.Contains(t, res.Log, `command "git"`)
-	assert.Contains(t, res.Log, "set FF_GIT_URLS_WITHOUT_TOKENS = true under [runners.feature_flags]")
-	assert.NotContains(t, res.RawLog, token)
+	srv := testenv.NewGitServer(t, "gitlab-ci-token", token)
+	subSha := srv.AddRepo(t, "g/sub.git", testenv.GitRepo{Files: map[string]string{"sub.txt": "from the submodule"}})
+	sha := srv.AddRepo(t, "g/p.git", testenv.GitRepo{
+		Files:      map[string]string{"README": "hello from the repository"},
+		Submodules: map[string][2]string{"sub": {srv.URL + "/g/sub.git", subSha}},
+	})
+	for _, u := range hostUsers(t) {
+		for _, tc := range []struct{ strategy, ff string }{{"fetch", "false"}, {"clone", "false"}, {"fetch", "true"}} {
+			t.Run(u.Name+"/"+tc.strategy+"/FF_GIT_URLS_WITHOUT_TOKENS="+tc.ff, func(t *testing.T) {
+				c, data := hostRunner(t, u, "")
+				j := runnerdouble.Job{
+					ID: 9500, Token: token, GitStrategy: tc.strategy, RepoURL: srv.URL + "/g/p.git", Sha: sha,
+					Variables: map[string]string{"GIT_SUBMODULE_STRATEGY": "recursive", "FF_GIT_URLS_WITHOUT_TOKENS": tc.ff},
+					Script: []string{
+						`echo "readme: $(cat README)"`,
+						`echo "submodule: $(cat sub/sub.txt)"`,
+						`git config -f "$CI_PROJECT_DIR.tmp/.gitlab-runner.ext.conf" --get-regexp '^credential\.' | sed 's/^/ext: /'`,
+					},
+				}
+				before := srv.Authenticated()
+				watch := testenv.WatchCmdlines(token)
+				res := runJob(t, c, j)
+				hits := watch()
+				require.True(t, res.Succeeded(), res.Error)
+				assert.NotContains(t, res.Log, "refusing to run")
+				assert.Contains(t, res.Log, "readme: hello from the repository")
+				assert.Contains(t, res.Log, "submodule: from the submodule")
+				assert.Contains(t, res.Log, "ext: credential."+srv.URL+".helper !f(){ if [ \"$1\" = \"get\" ] ; then echo \"password=${CI_JOB_TOKEN}\" ; fi ; } ; f")
+				assert.Contains(t, res.Log, "ext: credential."+srv.URL+".username gitlab-ci-token")
+				assert.Greater(t, srv.Authenticated(), before, "git authenticated to the server")
+				assert.Empty(t, srv.Rejected(), "git never sent wrong credentials")
+				assert.Empty(t, hits, "the token appeared on a command line")
+				assert.NotContains(t, res.RawLog, token)
+				assertNoFileHolds(t, res.ProjectDir+".tmp", token)
+				assertNoFileHolds(t, res.ProjectDir, token)
+				assertSecretFilesPrivate(t, []string{data}, token)
+			})
+		}
+	}
+}
 
-	j.Variables = map[string]string{"FF_GIT_URLS_WITHOUT_TOKENS": "true"}
-	res = runJob(t, c, j)
-	assert.NotContains(t, res.Log, "refusing to run")
-	assert.Contains(t, res.Log, "Fetching changes...", "get_sources ran (the clone itself fails: nothing serves the repository)")
-	assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
+// assertNoFileHolds checks that dir has files and none of them contains s.
+func assertNoFileHolds(t *testing.T, dir, s string) {
+	t.Helper()
+	n := 0
+	require.NoError(t, filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
+		if err != nil || !d.Type().IsRegular() {
+			return err
+		}
+		n++
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return err
+		}
+		assert.NotContains(t, string(b), s, "%s holds the token", p)
+		return nil
+	}))
+	require.NotZero(t, n, "%s has files", dir)
 }
