@@ -79,6 +79,7 @@ func TestLayout(t *testing.T) {
 		BuildsDir:  "/srv/ci/bob/builds/abc123/007",
 		CacheDir:   "/srv/ci/bob/cache/abc123",
 		ScriptsDir: "/srv/ci/bob/scripts/abc123/007/4242",
+		StateDir:   "/srv/ci/bob/state/abc123/007/4242",
 	}, l)
 
 	// User-overridable values that are not plain path components are ignored.
