@@ -9,6 +9,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/outcome"
 )
 
 // ContainerPath is PATH inside containers unless the image's own
@@ -55,7 +56,10 @@ func StageCommand(s Setup, st *State, stage, script string) (StagePlan, error) {
 		Binds:   []Bind{SamePath(s.Layout.DataDir)},
 		Workdir: s.workdir(),
 		Env:     s.containerEnv(),
-		Argv:    []string{plan.Image.Shell, script},
+		// The image's shell signals that it started before it runs the
+		// script (see package outcome): a runtime failure is then never
+		// taken for the script's exit code.
+		Argv: outcome.StartCommand([]string{plan.Image.Shell, script}),
 	}
 	if p == InJobImage {
 		spec.Binds = append(spec.Binds, st.Volumes...)

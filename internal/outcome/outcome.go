@@ -41,8 +41,11 @@ type Outcome struct {
 	// script's shell itself. False with a non-zero exit means the runtime
 	// (or the node) failed before the script.
 	Started bool
-	// Diagnosis is the runtime's own error line from its stderr, when it
-	// failed before the script ("" when none was found).
+	// Diagnosis is what looks like the runtime's own error line in the
+	// command's stderr (the runtime's Diagnose: ch-run's "error:" line
+	// with exit 1, apptainer's FATAL line with 255). Any script can print
+	// such a line too, so it explains a failure only when Started is
+	// false.
 	Diagnosis string
 	// UserArgsVariable is set when the command carried the user's own
 	// runtime arguments from that variable: a runtime failure is then

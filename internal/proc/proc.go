@@ -35,6 +35,8 @@ type Cmd struct {
 	Stderr io.Writer
 	// Grace is the time between SIGTERM and SIGKILL once ctx ends.
 	Grace time.Duration
+	// ExtraFiles become descriptors 3, 4, ... of the command.
+	ExtraFiles []*os.File
 }
 
 // Result is how the command ended.
@@ -80,6 +82,7 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 	}
 	cmd.Dir = c.Dir
 	cmd.Stdin = c.Stdin
+	cmd.ExtraFiles = c.ExtraFiles
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// If ci-exec itself is SIGKILLed (the runner's last resort), the
