@@ -146,6 +146,9 @@ func (r *run) exec(ctx context.Context, cs callSpec) error {
 		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 			call.Signaled = true
 		}
+		if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+			call.MaxRSS = ru.Maxrss << 10 // Linux reports KiB
+		}
 	}
 	return r.classify(werr)
 }

@@ -744,3 +744,23 @@ func TestGiveUpAfterForceKillTimeout(t *testing.T) {
 	assert.Equal(t, "cleanup", res.Stages[len(res.Stages)-1].Kind)
 	assert.NotEmpty(t, ProcessesWithMarker(marker), "the escaped process is still there")
 }
+
+func TestStageCallMaxRSS(t *testing.T) {
+	f := newFake(t)
+	// The build script holds a 40 MiB string in its shell, a process the
+	// driver waits for: the call's peak covers it; the after_script's
+	// does not.
+	res, err := f.cfg.Run(context.Background(), Job{
+		Script:      []string{`s=$(head -c 41943040 /dev/zero | tr '\0' x)`, `echo "held ${#s}"`},
+		AfterScript: []string{"echo small"},
+	})
+	require.NoError(t, err)
+	require.True(t, res.Succeeded(), res.Log)
+	assert.Contains(t, res.Log, "held 41943040")
+	build, after := res.Call("build_script"), res.Call("after_script")
+	require.NotNil(t, build)
+	require.NotNil(t, after)
+	assert.Greater(t, build.MaxRSS, int64(40<<20))
+	assert.Greater(t, after.MaxRSS, int64(0))
+	assert.Less(t, after.MaxRSS, int64(40<<20))
+}

@@ -214,6 +214,11 @@ type StageCall struct {
 	ExitCode int
 	// Signaled is true when the driver was ended by a signal.
 	Signaled bool
+	// MaxRSS is the peak resident set size in bytes that wait4 reports
+	// for the driver's process: the larger of the driver's own peak and
+	// that of any descendant it waited for (the kernel's ru_maxrss), so an
+	// upper bound of the driver's own memory. 0 when unknown.
+	MaxRSS int64
 	// Terminated is true when the double sent SIGTERM to the group.
 	Terminated bool
 	// ForceKilled is true when the double sent SIGKILL to the group.
