@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/joblog"
+	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
@@ -39,7 +40,15 @@ func reap(ctx context.Context, args []string, stderr io.Writer) int {
 	if err := proc.BecomeSubreaper(); err != nil {
 		log.Warnf("ci-exec reap could not become a child subreaper (%v): processes the script starts with setsid may outlive it", err)
 	}
-	res, err := proc.Run(ctx, proc.Cmd{Argv: argv, Env: os.Environ(), Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Grace: *grace})
+	// Descriptor 3 is the stage's start signal (package outcome): the
+	// command must get it as the batch script gave it to us.
+	var extra []*os.File
+	if f := os.NewFile(uintptr(outcome.StartFD), "start-signal"); f != nil {
+		if _, err := f.Stat(); err == nil {
+			extra = []*os.File{f}
+		}
+	}
+	res, err := proc.Run(ctx, proc.Cmd{Argv: argv, Env: os.Environ(), Stdin: os.Stdin, Stdout: os.Stdout, Stderr: os.Stderr, Grace: *grace, ExtraFiles: extra})
 	var se *proc.StartError
 	switch {
 	case errors.As(err, &se):

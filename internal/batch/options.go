@@ -89,6 +89,17 @@ var ownedOptions = map[string]bool{
 	"wait": true, "wrap": true, "array": true, "test-only": true, "help": true, "usage": true, "version": true,
 }
 
+// clusterOptions send the job to another cluster (-M/--clusters) or let a
+// federation start it on one (--cluster-constraint). ci-exec follows a
+// job with scontrol and scancel on the cluster they talk to, where such a
+// job is not found: it would vanish from ci-exec's view, never be
+// cancelled, and run on unsupervised. Refused for users and the admin
+// alike; to use another cluster, point the runner at it (SLURM_CONF in
+// the runner's environment, which sbatch, scontrol and scancel all get).
+var clusterOptions = map[string]bool{"clusters": true, "cluster-constraint": true}
+
+const clusterHint = "sends the job to another Slurm cluster, where ci-exec cannot follow or cancel it"
+
 func lookupLong(name string) (sbatchOption, bool) {
 	for _, o := range sbatchOptions {
 		if o.long == name {
@@ -275,6 +286,8 @@ func UserArgs(order []string, raw map[string]string, p Policy) ([]string, error)
 			switch {
 			case ownedOptions[o.name]:
 				return nil, argErrorf("%s: %s is set by ci-exec and cannot be changed (the output is streamed into this log)", name, o.written)
+			case clusterOptions[o.name]:
+				return nil, argErrorf("%s: %s %s; remove it (this runner submits to its own cluster only)", name, o.written, clusterHint)
 			case len(allowed) > 0 && !allowed[o.name]:
 				return nil, argErrorf("%s: %s is not allowed by the runner's admin; allowed options are %s", name, o.written, names(allowed))
 			case denied[o.name]:
@@ -296,6 +309,9 @@ func CheckAdminOptions(options []string) error {
 	for _, o := range opts {
 		if ownedOptions[o.name] {
 			return fmt.Errorf("batch.options: %s is set by ci-exec itself; remove it", o.written)
+		}
+		if clusterOptions[o.name] {
+			return fmt.Errorf("batch.options: %s %s; remove it, and set SLURM_CONF in the runner's environment to submit to another cluster", o.written, clusterHint)
 		}
 	}
 	return nil

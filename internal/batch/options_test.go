@@ -61,6 +61,7 @@ func TestUserArgsAccepted(t *testing.T) {
 func TestUserArgsRefused(t *testing.T) {
 	const notOption = ` is not an sbatch option (only options may be given, no script, command or ':')`
 	const owned = ` is set by ci-exec and cannot be changed (the output is streamed into this log)`
+	const cluster = ` sends the job to another Slurm cluster, where ci-exec cannot follow or cancel it; remove it (this runner submits to its own cluster only)`
 	tests := map[string]struct {
 		value  string
 		policy Policy
@@ -111,6 +112,15 @@ func TestUserArgsRefused(t *testing.T) {
 		"--usage":               {value: "--usage", msg: "--usage" + owned},
 		"-V":                    {value: "-V", msg: "-V" + owned},
 		"owned even if allowed": {value: "--output=x", policy: Policy{Allowed: []string{"--output"}}, msg: "--output" + owned},
+
+		"-M":                         {value: "-M other", msg: "-M" + cluster},
+		"-M attached":                {value: "-Mother", msg: "-M" + cluster},
+		"-M in a cluster of flags":   {value: "-QMother", msg: "-M" + cluster},
+		"--clusters":                 {value: "--clusters=a,b", msg: "--clusters" + cluster},
+		"--clusters separate value":  {value: "--clusters all", msg: "--clusters" + cluster},
+		"--cluster-constraint":       {value: "--cluster-constraint=gpu", msg: "--cluster-constraint" + cluster},
+		"--clusters even if allowed": {value: "--clusters=a", policy: Policy{Allowed: []string{"--clusters"}}, msg: "--clusters" + cluster},
+		"-M after an allowed option": {value: "-N 1 -M b", msg: "-M" + cluster},
 
 		"not in allowed list": {value: "-N 2 -n 4", policy: Policy{Allowed: []string{"--nodes", "-t"}},
 			msg: "-n is not allowed by the runner's admin; allowed options are -N/--nodes, -t/--time"},
@@ -282,6 +292,8 @@ func TestCheckAdminOptions(t *testing.T) {
 		"owned short":         {options: []string{"-p", "debug", "-J", "x"}, msg: "batch.options: -J is set by ci-exec itself; remove it"},
 		"owned in cluster":    {options: []string{"-QW"}, msg: "batch.options: -W is set by ci-exec itself; remove it"},
 		"array":               {options: []string{"--array=1-2"}, msg: "batch.options: --array is set by ci-exec itself; remove it"},
+		"clusters": {options: []string{"--partition=debug", "-M", "other"},
+			msg: "batch.options: -M sends the job to another Slurm cluster, where ci-exec cannot follow or cancel it; remove it, and set SLURM_CONF in the runner's environment to submit to another cluster"},
 		"positional": {options: []string{"--partition=debug", "job.sh"},
 			msg: `batch.options: "job.sh" is not an sbatch option (only options may be given, no script, command or ':')`},
 		"missing value": {options: []string{"--time"}, msg: "batch.options: --time needs a value (--time=VALUE)"},

@@ -18,7 +18,7 @@ import (
 )
 
 func TestBatchScriptWithReaperGolden(t *testing.T) {
-	got := BatchScript([]string{"/usr/bin/env", "it's"}, "0123abcd", "ci-7-build_script", Reaper{Path: "/opt/ci exec/ci-exec", Grace: 10 * time.Second})
+	got := BatchScript([]string{"/usr/bin/env", "it's"}, "0123abcd", "ci-7-build_script", "/s/b.started", Reaper{Path: "/opt/ci exec/ci-exec", Grace: 10 * time.Second})
 	want := `#!/bin/sh
 # ci-exec batch script for ci-7-build_script
 if [ -x '/opt/ci exec/ci-exec' ]; then
@@ -28,9 +28,11 @@ else
   set --
 fi
 "$@" '/usr/bin/env' \
-  'it'\''s' </dev/null
+  'it'\''s' </dev/null 3>'/s/b.started'
 rc=$?
-printf '\n__CI_EXEC_BATCH_END__ 0123abcd rc=%d\n' "$rc"
+started=0
+[ -s '/s/b.started' ] && started=1
+printf '\n__CI_EXEC_BATCH_END__ 0123abcd rc=%d started=%d\n' "$rc" "$started"
 exit "$rc"
 `
 	assert.Equal(t, want, got)
@@ -44,7 +46,7 @@ func runReaped(t *testing.T, reaper Reaper, argv []string, pidFile string) (stri
 	t.Helper()
 	dir := t.TempDir()
 	script := filepath.Join(dir, "job.sh")
-	require.NoError(t, os.WriteFile(script, []byte(BatchScript(argv, "f00d", "ci-1-test", reaper)), 0o700))
+	require.NoError(t, os.WriteFile(script, []byte(BatchScript(argv, "f00d", "ci-1-test", filepath.Join(dir, "job.sh.started"), reaper)), 0o700))
 	out, err := os.Create(filepath.Join(dir, "job.out"))
 	require.NoError(t, err)
 	defer out.Close()

@@ -1,8 +1,8 @@
 package batch
 
 import (
-	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -10,12 +10,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
 // Slurm runs one stage's command as a Slurm batch job and follows it: the
@@ -36,12 +37,20 @@ type Slurm struct {
 	// Grace is how long a cancelled job gets to end (its TERM traps run)
 	// before it is killed.
 	Grace time.Duration
-	// Env is the environment of scontrol and scancel.
+	// Env is the environment of scontrol and scancel. Its SLURM_CONF, if
+	// any, is also sbatch's: all three must talk to the same controller,
+	// or ci-exec would submit a job it cannot see.
 	Env []string
+	// User is the job user's name: a submission cut short is cleaned up by
+	// cancelling that user's jobs of the job's name (see Run).
+	User string
 	// Logf writes one job-log line.
 	Logf func(format string, args ...any)
 	// Reaper wraps the command in the batch script (see Reaper).
 	Reaper Reaper
+
+	// killWait is how long a killed job gets to leave (0: 10 s).
+	killWait time.Duration
 }
 
 // Job is one submission.
@@ -49,10 +58,12 @@ type Job struct {
 	Spec SubmitSpec
 	// Argv is the command the batch job runs (the stage's container or
 	// host command), with Env its complete environment: sbatch exports
-	// its own environment to the job (--export=ALL).
+	// its own environment to the job (--export=ALL). Env's Slurm variables
+	// are dropped (see submitEnv).
 	Argv []string
 	Env  []string
-	// Script is where the batch script is written.
+	// Script is where the batch script is written; the start file (see
+	// BatchScript) is Script + ".started".
 	Script string
 	// Out receives the job's output as it grows.
 	Out io.Writer
@@ -62,15 +73,24 @@ type Job struct {
 type Result struct {
 	JobID string
 	// State is Slurm's final JobState (COMPLETED, FAILED, CANCELLED,
-	// TIMEOUT, NODE_FAIL, PREEMPTED, OUT_OF_MEMORY, ...), or "VANISHED".
+	// TIMEOUT, NODE_FAIL, PREEMPTED, OUT_OF_MEMORY, ...), "VANISHED", or
+	// "GONE" (stopped, and Slurm no longer knew the job when asked).
 	State string
 	// ExitCode is the command's exit code (from the end marker when the
-	// batch script got to write it, else from scontrol).
+	// batch script got to write it, else from scontrol), and Signal the
+	// signal scontrol reports (ExitCode=N:S) when there is no marker.
 	ExitCode int
+	Signal   int
 	// Marker is true when the batch script reported the command's end.
 	Marker bool
+	// Started is true when the marker says the command wrote to its file
+	// descriptor 3 (see BatchScript): the stage's script began.
+	Started bool
 	// Stopped is true when the job was cancelled because ctx ended.
 	Stopped bool
+	// Killed is true when the cancelled job did not end within Grace and
+	// was sent SIGKILL.
+	Killed bool
 	// PendingReason is Slurm's reason when the pending limit cancelled it.
 	PendingReason string
 }
@@ -82,6 +102,9 @@ var (
 	ErrPendingLimit = errors.New("pending limit reached")
 	// ErrVanished: Slurm stopped knowing the job without a final state.
 	ErrVanished = errors.New("the job vanished")
+	// errUnknownJob: scontrol answered that it does not know the job, as
+	// opposed to scontrol failing (controller down, timeout).
+	errUnknownJob = errors.New("Slurm does not know the job")
 )
 
 // SubmitError is sbatch refusing the job; User says whether the request
@@ -95,7 +118,8 @@ type SubmitError struct {
 func (e *SubmitError) Error() string { return e.Msg }
 
 // markerPrefix starts the batch script's last line; a random nonce per
-// submission follows, so a job's own output cannot fake the end.
+// submission follows, so a job's own output cannot fake the end by
+// accident.
 const markerPrefix = "__CI_EXEC_BATCH_END__"
 
 // BatchScript is the script sbatch runs: the command, quoted word by word
@@ -103,7 +127,15 @@ const markerPrefix = "__CI_EXEC_BATCH_END__"
 // then the end marker with its exit code. Slurm signals every process of
 // the job on scancel, so the command's own TERM traps run; the script only
 // reports.
-func BatchScript(argv []string, nonce string, jobName string, reaper Reaper) string {
+//
+// The command's file descriptor 3 is startFile: a command that signals
+// its start there (outcome.StartCommand) lets the marker say whether the
+// stage's script began ("started=1") or the runtime failed before it
+// (exit 127 for a runtime missing on the compute node, ch-run's own
+// errors, ...). The file is on the node's view of the job's scripts dir,
+// written by the batch script itself, outside any container. The reaper
+// hands descriptor 3 on to the command.
+func BatchScript(argv []string, nonce, jobName, startFile string, reaper Reaper) string {
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\n# ci-exec batch script for " + jobName + "\n")
 	b.WriteString(reaper.prologue())
@@ -114,8 +146,10 @@ func BatchScript(argv []string, nonce string, jobName string, reaper Reaper) str
 		}
 		b.WriteString(shellQuote(a))
 	}
-	b.WriteString(" </dev/null\nrc=$?\n")
-	fmt.Fprintf(&b, "printf '\\n%s %s rc=%%d\\n' \"$rc\"\nexit \"$rc\"\n", markerPrefix, nonce)
+	sf := shellQuote(startFile)
+	b.WriteString(" </dev/null 3>" + sf + "\nrc=$?\n")
+	b.WriteString("started=0\n[ -s " + sf + " ] && started=1\n")
+	fmt.Fprintf(&b, "printf '\\n%s %s rc=%%d started=%%d\\n' \"$rc\" \"$started\"\nexit \"$rc\"\n", markerPrefix, nonce)
 	return b.String()
 }
 
@@ -138,19 +172,82 @@ func (s *Slurm) program(name string) string {
 	return filepath.Join(dirs[0], name)
 }
 
+// Time limits of the Slurm programs. sbatch may retry a busy controller
+// for a while; scontrol and scancel answer at once or not at all.
+const (
+	submitLimit = 2 * time.Minute
+	askLimit    = 30 * time.Second
+)
+
+// exitError is a Slurm program that ran and failed; Msg is what it
+// printed.
+type exitError struct {
+	Prog string
+	Code int
+	Msg  string
+}
+
+func (e *exitError) Error() string {
+	if e.Msg == "" {
+		return fmt.Sprintf("%s exited %d", e.Prog, e.Code)
+	}
+	return fmt.Sprintf("%s exited %d: %s", e.Prog, e.Code, e.Msg)
+}
+
+// errNoAnswer is a Slurm program stopped at its time limit or because ctx
+// ended.
+var errNoAnswer = errors.New("no answer")
+
+// call runs one Slurm program through proc (own process group, nothing
+// left behind, SIGTERM then SIGKILL once ctx or limit ends).
+func (s *Slurm) call(ctx context.Context, limit time.Duration, env []string, dir, name string, args ...string) (stdout string, err error) {
+	ctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	out, errb, res, err := proc.Output(ctx, proc.Cmd{Argv: append([]string{s.program(name)}, args...), Env: env, Dir: dir})
+	if err != nil {
+		return "", err
+	}
+	msg := strings.TrimSpace(string(errb))
+	if res.Stopped {
+		return "", fmt.Errorf("%s %w within %s", name, errNoAnswer, limit)
+	}
+	if res.ExitCode != 0 {
+		if msg == "" {
+			msg = strings.TrimSpace(string(out))
+		}
+		return string(out), &exitError{Prog: name, Code: res.ExitCode, Msg: msg}
+	}
+	return string(out), nil
+}
+
 // Run submits j and follows it until it ends. When ctx ends, the job is
-// scancelled (pending or running), given Grace to finish, then killed.
+// scancelled (pending or running), given Grace to finish, then killed;
+// when ctx ends during the submission itself, sbatch is stopped and any
+// job it may have created meanwhile is cancelled by name.
 func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 	var res Result
 	nonceB := make([]byte, 12)
 	_, _ = rand.Read(nonceB)
 	nonce := hex.EncodeToString(nonceB)
-	script := BatchScript(j.Argv, nonce, j.Spec.JobName, s.Reaper)
+	startFile := j.Script + ".started"
+	script := BatchScript(j.Argv, nonce, j.Spec.JobName, startFile, s.Reaper)
 	if err := os.WriteFile(j.Script, []byte(script), 0o700); err != nil {
 		return res, fmt.Errorf("write the batch script: %w", err)
 	}
 	_ = os.Remove(j.Spec.Output) // from an earlier attempt
-	id, err := s.submit(j)
+	_ = os.Remove(startFile)
+	id, err := s.submit(ctx, j)
+	if errors.Is(err, errNoAnswer) {
+		// sbatch was stopped: the controller may have queued the job
+		// without ci-exec learning its id. Its name is unique to this CI
+		// job and stage.
+		s.cancelByName(context.WithoutCancel(ctx), j.Spec.JobName)
+		if ctx.Err() != nil {
+			res.Stopped = true
+			return res, nil
+		}
+		return res, &SubmitError{Msg: fmt.Sprintf("%v; any job it may have queued was cancelled", err)}
+	}
 	if err != nil {
 		return res, err
 	}
@@ -170,13 +267,13 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 		tail.poll()
 		if now := time.Now(); tail.done || !now.Before(nextState) {
 			nextState = now.Add(s.Poll)
-			if end, err := w.check(&res); end {
+			if end, err := w.check(ctx, &res); end {
 				return res, err
 			}
 		}
 		select {
 		case <-ctx.Done():
-			return w.stop(res), nil
+			return w.stop(context.WithoutCancel(ctx), res), nil
 		case <-tick.C:
 		}
 	}
@@ -196,35 +293,49 @@ type watch struct {
 	pendingLogged              bool
 }
 
+// fromMarker copies what the end marker reported into res.
+func (f *follower) fromMarker(res *Result) {
+	if f.done {
+		res.ExitCode, res.Signal, res.Marker, res.Started = f.rc, 0, true, f.started
+	}
+}
+
 // check asks Slurm about the job once; end is true when Run is over.
-func (w *watch) check(res *Result) (end bool, err error) {
+func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 	s, id, tail := w.s, w.id, w.tail
-	st, err := s.state(id)
+	st, err := s.state(ctx, id)
 	now := time.Now()
 	switch {
+	case err != nil && ctx.Err() != nil:
+		// scontrol was stopped because the stage is: Run stops the job.
+		return false, nil
 	case err != nil:
 		// Not known (any more), or scontrol failed: give it time.
 		if w.unknownSince.IsZero() {
 			w.unknownSince = now
 		}
 		if tail.done {
-			res.State, res.ExitCode, res.Marker = "COMPLETED", tail.rc, true
+			res.State = "COMPLETED"
 			if tail.rc != 0 {
 				res.State = "FAILED"
 			}
+			tail.fromMarker(res)
 			return true, nil
 		}
 		if now.Sub(w.unknownSince) > s.UnknownLimit {
 			res.State = "VANISHED"
+			// Slurm may only have lost sight of the job (a controller
+			// restart or failover, scontrol failing): make sure it does not
+			// run on unsupervised once the controller knows it again.
+			s.Logf("Slurm job %s is unknown to scontrol for %s; cancelling it (scancel) in case it still exists.", id, s.UnknownLimit)
+			s.cancel(ctx, id, nil)
 			return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
 		}
 	case isFinal(st.State):
 		tail.drain(2 * time.Second)
 		res.State = st.State
-		res.ExitCode = st.ExitCode
-		if tail.done {
-			res.ExitCode, res.Marker = tail.rc, true
-		}
+		res.ExitCode, res.Signal = st.ExitCode, st.Signal
+		tail.fromMarker(res)
 		return true, nil
 	default:
 		w.unknownSince = time.Time{}
@@ -241,8 +352,8 @@ func (w *watch) check(res *Result) (end bool, err error) {
 		}
 		if s.PendingLimit > 0 && now.Sub(w.pendingSince) > s.PendingLimit {
 			res.PendingReason = st.Reason
-			s.cancel(id, nil)
-			s.waitGone(id, s.Grace+10*time.Second)
+			s.cancel(ctx, id, nil)
+			s.waitGone(ctx, id, s.Grace+10*time.Second)
 			res.State = "CANCELLED"
 			return true, ErrPendingLimit
 		}
@@ -252,49 +363,70 @@ func (w *watch) check(res *Result) (end bool, err error) {
 
 // stop scancels the job (pending or running: Slurm sends SIGTERM to all
 // its processes, so the job's traps run), waits Grace for it to end, then
-// kills it, and reports what it wrote.
-func (w *watch) stop(res Result) Result {
+// kills it, and reports what it wrote. ctx is not the stage's (which has
+// ended): stopping must still be able to ask Slurm.
+func (w *watch) stop(ctx context.Context, res Result) Result {
 	s, id := w.s, w.id
 	res.Stopped = true
 	s.Logf("Cancelling Slurm job %s (scancel).", id)
-	s.cancel(id, nil)
-	final := s.waitGone(id, s.Grace)
+	s.cancel(ctx, id, nil)
+	final := s.waitGone(ctx, id, s.Grace)
 	if final == "" {
 		s.Logf("Slurm job %s did not end within %s: sending SIGKILL.", id, s.Grace)
-		s.cancel(id, []string{"--signal=KILL", "--full"})
-		final = s.waitGone(id, 10*time.Second)
+		res.Killed = true
+		s.cancel(ctx, id, []string{"--signal=KILL", "--full"})
+		final = s.waitGone(ctx, id, cmp.Or(s.killWait, 10*time.Second))
 	}
 	w.tail.drain(time.Second)
 	res.State = final
-	if w.tail.done {
-		res.ExitCode, res.Marker = w.tail.rc, true
-	}
+	w.tail.fromMarker(&res)
 	return res
 }
 
 // submit runs sbatch --parsable with the batch script as its argument.
-func (s *Slurm) submit(j Job) (string, error) {
+func (s *Slurm) submit(ctx context.Context, j Job) (string, error) {
 	args := append(SbatchArgs(j.Spec), j.Script)
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, s.program("sbatch"), args...)
-	cmd.Env = j.Env
-	cmd.Dir = j.Spec.Chdir
-	var stdout, stderr bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stderr
-	err := cmd.Run()
-	msg := strings.TrimSpace(stderr.String())
-	if err != nil {
-		if msg == "" {
-			msg = err.Error()
-		}
-		return "", classifySubmit(msg)
+	out, err := s.call(ctx, submitLimit, submitEnv(j.Env, s.Env), j.Spec.Chdir, "sbatch", args...)
+	var ee *exitError
+	var se *proc.StartError
+	switch {
+	case errors.As(err, &ee):
+		return "", classifySubmit(ee.Msg)
+	case errors.As(err, &se):
+		return "", &SubmitError{Msg: fmt.Sprintf("cannot run sbatch: %v (set batch.scheduler_bin to the directory of sbatch)", se.Err)}
+	case errors.Is(err, errNoAnswer):
+		return "", err
+	case err != nil:
+		return "", &SubmitError{Msg: err.Error()}
 	}
-	id, _, _ := strings.Cut(strings.TrimSpace(stdout.String()), ";")
+	id, _, _ := strings.Cut(strings.TrimSpace(out), ";")
 	if !jobIDRE.MatchString(id) {
-		return "", &SubmitError{Msg: fmt.Sprintf("sbatch printed no job id: %q %s", stdout.String(), msg)}
+		return "", &SubmitError{Msg: fmt.Sprintf("sbatch printed no job id: %q", out)}
 	}
 	return id, nil
+}
+
+// submitEnv is sbatch's environment: the job's, without any SBATCH_ or
+// SLURM_ variable, plus the controller's SLURM_CONF from controller.
+// sbatch reads SBATCH_* as options (SBATCH_ARRAY_INX, SBATCH_WAIT,
+// SBATCH_CLUSTERS would each undo an option ci-exec owns or refuses) and
+// SLURM_CLUSTERS / SLURM_CONF pick the cluster; with --export=ALL the job
+// would also inherit a stale SLURM_JOB_ID. Slurm sets the job's own
+// SLURM_ variables on the node.
+func submitEnv(job, controller []string) []string {
+	out := make([]string, 0, len(job)+1)
+	for _, kv := range job {
+		if strings.HasPrefix(kv, "SBATCH_") || strings.HasPrefix(kv, "SLURM_") {
+			continue
+		}
+		out = append(out, kv)
+	}
+	for _, kv := range controller {
+		if strings.HasPrefix(kv, "SLURM_CONF=") {
+			out = append(out, kv)
+		}
+	}
+	return out
 }
 
 var jobIDRE = regexp.MustCompile(`^[0-9]+$`)
@@ -349,16 +481,19 @@ func ParseJob(line string) (jobState, error) {
 	return st, nil
 }
 
-func (s *Slurm) state(id string) (jobState, error) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, s.program("scontrol"), "show", "job", "-o", id)
-	cmd.Env = s.Env
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		return jobState{}, fmt.Errorf("scontrol show job %s: %v: %s", id, err, strings.TrimSpace(string(out)))
+// state asks scontrol about the job. An error wrapping errUnknownJob
+// means Slurm answered and does not know it; any other error means the
+// answer is unknown.
+func (s *Slurm) state(ctx context.Context, id string) (jobState, error) {
+	out, err := s.call(ctx, askLimit, s.Env, "", "scontrol", "show", "job", "-o", id)
+	var ee *exitError
+	if errors.As(err, &ee) && strings.Contains(ee.Msg, "Invalid job id specified") {
+		return jobState{}, fmt.Errorf("%w (scontrol show job %s: %s)", errUnknownJob, id, ee.Msg)
 	}
-	return ParseJob(string(out))
+	if err != nil {
+		return jobState{}, fmt.Errorf("scontrol show job %s: %w", id, err)
+	}
+	return ParseJob(out)
 }
 
 // isFinal reports whether a JobState is an end state. Transitional
@@ -372,26 +507,52 @@ func isFinal(state string) bool {
 	return false
 }
 
-func (s *Slurm) cancel(id string, extra []string) {
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	cmd := exec.CommandContext(ctx, s.program("scancel"), append(extra, id)...)
-	cmd.Env = s.Env
-	if out, err := cmd.CombinedOutput(); err != nil {
-		s.Logf("scancel %s: %v: %s", id, err, strings.TrimSpace(string(out)))
+func (s *Slurm) cancel(ctx context.Context, id string, extra []string) {
+	if _, err := s.call(ctx, askLimit, s.Env, "", "scancel", append(extra, id)...); err != nil {
+		s.Logf("scancel %s: %v", id, err)
 	}
 }
 
+// cancelByName cancels the user's jobs named name (a submission whose
+// answer ci-exec never got).
+func (s *Slurm) cancelByName(ctx context.Context, name string) {
+	user := s.User
+	if user == "" {
+		user = envValue(s.Env, "USER")
+	}
+	args := []string{"--name=" + name}
+	if user != "" {
+		// Without it, a root runner would cancel every user's job of
+		// that name.
+		args = append(args, "--user="+user)
+	}
+	if _, err := s.call(ctx, askLimit, s.Env, "", "scancel", args...); err != nil {
+		s.Logf("scancel %s: %v", strings.Join(args, " "), err)
+	}
+}
+
+func envValue(env []string, key string) string {
+	for _, kv := range env {
+		if v, ok := strings.CutPrefix(kv, key+"="); ok {
+			return v
+		}
+	}
+	return ""
+}
+
 // waitGone waits until the job is in a final state (and no longer
-// COMPLETING) and returns that state, or "" after limit.
-func (s *Slurm) waitGone(id string, limit time.Duration) string {
+// COMPLETING) and returns that state, "GONE" when Slurm answers that it
+// does not know the job (it ended and was purged), or "" after limit,
+// also when scontrol keeps failing: a controller that cannot be asked
+// must not pass for a job that ended, or the SIGKILL would be skipped.
+func (s *Slurm) waitGone(ctx context.Context, id string, limit time.Duration) string {
 	deadline := time.Now().Add(limit)
 	for {
-		st, err := s.state(id)
-		if err != nil {
+		st, err := s.state(ctx, id)
+		switch {
+		case errors.Is(err, errUnknownJob):
 			return "GONE"
-		}
-		if isFinal(st.State) && !strings.Contains(st.State, "COMPLETING") {
+		case err == nil && isFinal(st.State):
 			return st.State
 		}
 		if time.Now().After(deadline) {
@@ -401,24 +562,44 @@ func (s *Slurm) waitGone(id string, limit time.Duration) string {
 	}
 }
 
-// follower copies a growing output file to out, line by line, holding
-// back the end marker. The file may appear late (the job has not started,
-// or the compute node's write is not visible yet) and grow slowly.
+// follower copies a growing output file to out, holding back the end
+// marker. The file may appear late (the job has not started, or the
+// compute node's write is not visible yet) and grow slowly.
+//
+// Memory stays bounded whatever the job prints: the file is read in
+// readChunk pieces, and only the start of a line that may still become
+// the marker is held (at most markerHold bytes); any other partial line
+// is copied as it arrives, so one 50 MB line without a newline passes
+// through a buffer of 64 KiB.
 type follower struct {
 	path   string
 	out    io.Writer
-	marker string
+	marker string // "__CI_EXEC_BATCH_END__ NONCE rc="
 	off    int64
-	part   []byte
-	done   bool
-	rc     int
+	// part is the held start of the current line; flushed says that the
+	// current line's start has been copied already (it is not the marker).
+	part    []byte
+	flushed bool
+	done    bool
+	rc      int
+	started bool
 	// blank is an empty line held back: the marker is printed after a
 	// newline of its own, which is not the job's output.
 	blank bool
+	buf   []byte
 }
+
+const (
+	readChunk = 64 << 10
+	// markerHold is longer than any marker line ("... rc=255 started=1").
+	markerHold = 32
+)
 
 // poll copies what was added since the last call.
 func (f *follower) poll() {
+	if f.done {
+		return
+	}
 	fh, err := os.Open(f.path)
 	if err != nil {
 		return
@@ -427,43 +608,120 @@ func (f *follower) poll() {
 	if _, err := fh.Seek(f.off, io.SeekStart); err != nil {
 		return
 	}
-	r := bufio.NewReader(fh)
-	for {
-		line, err := r.ReadBytes('\n')
-		f.off += int64(len(line))
-		if len(line) > 0 {
-			f.part = append(f.part, line...)
-			if line[len(line)-1] == '\n' {
-				f.emit(f.part)
-				f.part = f.part[:0]
-			}
-		}
-		if err != nil {
+	if f.buf == nil {
+		f.buf = make([]byte, readChunk)
+	}
+	for !f.done {
+		n, err := fh.Read(f.buf)
+		f.off += int64(n)
+		f.feed(f.buf[:n])
+		if err != nil || n == 0 {
 			return
 		}
 	}
 }
 
+// feed processes one piece of the file.
+func (f *follower) feed(p []byte) {
+	for len(p) > 0 && !f.done {
+		i := bytes.IndexByte(p, '\n')
+		if i < 0 {
+			f.partial(p)
+			return
+		}
+		line := p[:i+1]
+		p = p[i+1:]
+		if f.flushed {
+			f.write(line)
+			f.flushed = false
+			continue
+		}
+		if len(f.part) == 0 {
+			f.emit(line)
+			continue
+		}
+		f.part = append(f.part, line...)
+		f.emit(f.part)
+		f.part = f.part[:0]
+	}
+}
+
+// partial handles the start of a line that has no newline yet.
+func (f *follower) partial(p []byte) {
+	if f.flushed {
+		f.write(p)
+		return
+	}
+	if len(f.part)+len(p) <= len(f.marker)+markerHold {
+		f.part = append(f.part, p...)
+		if f.mayBeMarker(f.part) {
+			return
+		}
+		p = nil
+	}
+	f.unblank()
+	f.write(f.part)
+	f.write(p)
+	f.part = f.part[:0]
+	f.flushed = true
+}
+
+// mayBeMarker reports whether a partial line may still turn into the end
+// marker line.
+func (f *follower) mayBeMarker(part []byte) bool {
+	if len(part) <= len(f.marker) {
+		return strings.HasPrefix(f.marker, string(part))
+	}
+	return len(part) <= len(f.marker)+markerHold && strings.HasPrefix(string(part), f.marker)
+}
+
+func (f *follower) write(p []byte) {
+	if len(p) > 0 {
+		_, _ = f.out.Write(p)
+	}
+}
+
+func (f *follower) unblank() {
+	if f.blank {
+		f.write([]byte("\n"))
+		f.blank = false
+	}
+}
+
+// emit handles one complete line that was not copied in part.
 func (f *follower) emit(line []byte) {
 	text := strings.TrimRight(string(line), "\n")
 	if rest, ok := strings.CutPrefix(text, f.marker); ok {
-		if rc, err := strconv.Atoi(rest); err == nil {
-			f.done, f.rc, f.blank = true, rc, false
+		if rc, started, ok := parseMarker(rest); ok {
+			f.done, f.rc, f.started, f.blank = true, rc, started, false
 			return
 		}
 	}
-	if f.done {
-		return
-	}
-	if f.blank {
-		_, _ = f.out.Write([]byte("\n"))
-		f.blank = false
-	}
+	f.unblank()
 	if text == "" {
 		f.blank = true
 		return
 	}
-	_, _ = f.out.Write(line)
+	f.write(line)
+}
+
+// parseMarker reads "N started=S" (or "N", from an older batch script).
+func parseMarker(rest string) (rc int, started, ok bool) {
+	code, flag, hasFlag := strings.Cut(rest, " started=")
+	rc, err := strconv.Atoi(code)
+	if err != nil {
+		return 0, false, false
+	}
+	if !hasFlag {
+		return rc, false, true
+	}
+	switch flag {
+	case "0":
+		return rc, false, true
+	case "1":
+		return rc, true, true
+	}
+	return 0, false, false
 }
 
 // drain keeps reading until the end marker shows up or limit passes (the
@@ -481,12 +739,13 @@ func (f *follower) drain(limit time.Duration) {
 	if f.done {
 		return
 	}
-	if f.blank {
-		_, _ = f.out.Write([]byte("\n"))
-		f.blank = false
-	}
-	if len(f.part) > 0 {
-		_, _ = f.out.Write(append(f.part, '\n'))
-		f.part = nil
+	f.unblank()
+	switch {
+	case len(f.part) > 0:
+		f.write(append(f.part, '\n'))
+		f.part = f.part[:0]
+	case f.flushed:
+		f.write([]byte("\n"))
+		f.flushed = false
 	}
 }

@@ -26,6 +26,9 @@ import (
 //	hold            if present: the job is never started (PENDING)
 //	state           scontrol's answer once the job ended or was cancelled
 //	scontrol.fail   if present: scontrol fails like for an unknown job
+//	scontrol.down   if present: scontrol fails like for a controller down
+//	sbatch.block    if present: sbatch hangs (its pid in sbatch.pid)
+//	sbatch.env      sbatch's environment
 //	scontrol.calls  scontrol's arguments, one call a line
 //	scancel.calls   scancel's arguments, one call a line
 //	scancel.ignore  if present: a plain scancel does not end the job
@@ -33,6 +36,8 @@ import (
 const fakeSbatch = `#!/bin/sh
 d=$(dirname "$0")
 printf '%s\n' "$@" > "$d/sbatch.args"
+env > "$d/sbatch.env"
+if [ -f "$d/sbatch.block" ]; then echo $$ > "$d/sbatch.pid"; exec sleep 600; fi
 if [ -f "$d/sbatch.stderr" ]; then cat "$d/sbatch.stderr" >&2; exit 1; fi
 out= script=
 for a in "$@"; do
@@ -41,17 +46,23 @@ for a in "$@"; do
 done
 [ -n "$out" ] || { echo "sbatch: error: fake: no --output" >&2; exit 1; }
 if [ ! -f "$d/hold" ]; then
-	(
+	# Like slurmd, the job runs outside sbatch's process group: sbatch's
+	# caller kills that group once sbatch has answered, so sbatch answers
+	# only once the job has left it (the fifo says so).
+	rm -f "$d/left.fifo"; mkfifo "$d/left.fifo"
+	setsid /bin/sh -c '
+		d=$1 script=$2 out=$3
 		setsid /bin/sh "$script" > "$out" 2>&1 &
 		echo $! > "$d/job.pid"
+		echo left > "$d/left.fifo"
 		wait $!
 		rc=$?
 		if [ ! -f "$d/state" ]; then
 			st=COMPLETED; [ "$rc" = 0 ] || st=FAILED
 			echo "JobId=42 JobName=x UserId=ci(1000) JobState=$st Reason=None Dependency=(null) ExitCode=$rc:0 RunTime=00:00:01" > "$d/state.tmp"
 			mv "$d/state.tmp" "$d/state"
-		fi
-	) </dev/null >/dev/null 2>&1 &
+		fi' sh "$d" "$script" "$out" </dev/null >/dev/null 2>&1 &
+	read -r _ < "$d/left.fifo"
 fi
 if [ -f "$d/sbatch.stdout" ]; then cat "$d/sbatch.stdout"; else echo 42; fi
 `
@@ -61,6 +72,7 @@ d=$(dirname "$0")
 echo "$*" >> "$d/scontrol.calls"
 if [ "$*" != "show job -o 42" ]; then echo "fake scontrol: unexpected arguments: $*" >&2; exit 2; fi
 if [ -f "$d/scontrol.fail" ]; then echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1; fi
+if [ -f "$d/scontrol.down" ]; then echo "slurm_load_jobs error: Unable to contact slurm controller (connect failure)" >&2; exit 1; fi
 if [ -f "$d/state" ]; then cat "$d/state"; exit 0; fi
 if [ -f "$d/hold" ]; then
 	echo "JobId=42 JobName=x UserId=ci(1000) Priority=0 JobState=PENDING Reason=JobHeldUser Dependency=(null) ExitCode=0:0"
@@ -113,10 +125,15 @@ func newFakeSlurm(t *testing.T) *fakeSlurm {
 		require.NoError(t, os.WriteFile(filepath.Join(f.bin, name), []byte(text), 0o755))
 	}
 	t.Cleanup(func() {
-		// End a batch script a failed test left running.
+		// End a batch script (or a hanging sbatch) a failed test left running.
 		if b, err := os.ReadFile(filepath.Join(f.bin, "job.pid")); err == nil {
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
 				_ = syscall.Kill(-pid, syscall.SIGKILL)
+			}
+		}
+		if b, err := os.ReadFile(filepath.Join(f.bin, "sbatch.pid")); err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
 			}
 		}
 	})
@@ -363,6 +380,117 @@ func TestRunCancelledKillAfterGrace(t *testing.T) {
 	assert.Contains(t, f.logs.String(), "did not end within 100ms: sending SIGKILL")
 }
 
+// A controller that cannot be asked must not pass for a job that ended:
+// the job still gets its SIGKILL after the grace period.
+func TestRunCancelledScontrolDownStillKills(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("scancel.ignore", "")
+	var out syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := f.slurm()
+	s.Grace = 100 * time.Millisecond
+	s.killWait = 100 * time.Millisecond
+	done := make(chan Result, 1)
+	go func() {
+		res, _ := s.Run(ctx, f.job(&out, "/bin/sh", "-c", "echo started; exec sleep 30"))
+		done <- res
+	}()
+	require.Eventually(t, func() bool { return out.String() == "started\n" }, 10*time.Second, 10*time.Millisecond)
+	f.touch("scontrol.down", "")
+	cancel()
+	var res Result
+	select {
+	case res = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return")
+	}
+	assert.True(t, res.Stopped)
+	assert.True(t, res.Killed)
+	assert.Equal(t, []string{"42", "--signal=KILL --full 42"}, f.lines("scancel.calls"))
+	assert.Empty(t, res.State, "the end state is unknown")
+}
+
+// A job Slurm answers it does not know has ended: no SIGKILL.
+func TestRunCancelledJobGone(t *testing.T) {
+	f := newFakeSlurm(t)
+	var out syncBuffer
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan Result, 1)
+	go func() {
+		res, _ := f.slurm().Run(ctx, f.job(&out, "/bin/sh", "-c", "echo started; exec sleep 30"))
+		done <- res
+	}()
+	require.Eventually(t, func() bool { return out.String() == "started\n" }, 10*time.Second, 10*time.Millisecond)
+	f.touch("scontrol.fail", "")
+	cancel()
+	res := <-done
+	assert.Equal(t, "GONE", res.State)
+	assert.False(t, res.Killed)
+	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"))
+}
+
+// Cancelling the stage while sbatch hangs stops sbatch at once, and any
+// job it may have queued is cancelled by its name and user.
+func TestRunCancelledDuringSubmit(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("sbatch.block", "")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	s := f.slurm()
+	s.User = "ciuser"
+	type ret struct {
+		res Result
+		err error
+	}
+	done := make(chan ret, 1)
+	go func() {
+		res, err := s.Run(ctx, f.job(&syncBuffer{}, "true"))
+		done <- ret{res, err}
+	}()
+	require.Eventually(t, func() bool { _, err := os.Stat(filepath.Join(f.bin, "sbatch.pid")); return err == nil },
+		10*time.Second, 5*time.Millisecond, "sbatch is running")
+	cancel()
+	var r ret
+	select {
+	case r = <-done:
+	case <-time.After(15 * time.Second):
+		t.Fatal("Run did not return while sbatch hung: the stage's context does not reach sbatch")
+	}
+	require.NoError(t, r.err)
+	assert.True(t, r.res.Stopped)
+	assert.Empty(t, r.res.JobID)
+	assert.Equal(t, []string{"--name=ci-7-build_script --user=ciuser"}, f.lines("scancel.calls"))
+	b, err := os.ReadFile(filepath.Join(f.bin, "sbatch.pid"))
+	require.NoError(t, err)
+	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+	require.NoError(t, err)
+	assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "sbatch was stopped")
+}
+
+// sbatch reads SBATCH_* and SLURM_CLUSTERS as options and SLURM_CONF as
+// its controller: none may come from the job's environment, and the
+// controller is the one scontrol and scancel ask.
+func TestRunSbatchEnvironment(t *testing.T) {
+	f := newFakeSlurm(t)
+	s := f.slurm()
+	s.Env = []string{"PATH=/usr/bin:/bin", "SLURM_CONF=/etc/slurm/ci.conf"}
+	j := f.job(&syncBuffer{}, "true")
+	j.Env = []string{"PATH=/usr/bin:/bin", "KEEP=1", "SBATCH_ARRAY_INX=1-3", "SBATCH_WAIT=1", "SLURM_CLUSTERS=other",
+		"SBATCH_CLUSTERS=other", "SLURM_CONF=/home/u/other.conf", "SLURM_JOB_ID=9"}
+	_, err := s.Run(runCtx(t, 20*time.Second), j)
+	require.NoError(t, err)
+	env := f.lines("sbatch.env")
+	assert.Contains(t, env, "KEEP=1")
+	assert.Contains(t, env, "SLURM_CONF=/etc/slurm/ci.conf")
+	for _, kv := range env {
+		if strings.HasPrefix(kv, "SBATCH_") || strings.HasPrefix(kv, "SLURM_") {
+			assert.Equal(t, "SLURM_CONF=/etc/slurm/ci.conf", kv)
+		}
+	}
+}
+
 func TestRunCancelledWhilePending(t *testing.T) {
 	f := newFakeSlurm(t)
 	f.touch("hold", "")
@@ -412,7 +540,8 @@ func TestRunVanished(t *testing.T) {
 	assert.Contains(t, err.Error(), "Invalid job id specified")
 	assert.Equal(t, "VANISHED", res.State)
 	assert.False(t, res.Marker)
-	assert.Empty(t, f.lines("scancel.calls"))
+	assert.Equal(t, []string{"42"}, f.lines("scancel.calls"), "a job Slurm lost sight of is cancelled, in case it still exists")
+	assert.Contains(t, f.logs.String(), "cancelling it (scancel)")
 }
 
 func TestRunUnknownToScontrolButMarker(t *testing.T) {
@@ -450,6 +579,6 @@ func TestRunFinalWithoutMarker(t *testing.T) {
 		`if [ -f "$d/sbatch.stdout" ]`, `printf 'working\nkilled mid-li' > "$out"; if [ -f "$d/sbatch.stdout" ]`, 1)), 0o755))
 	res, err := f.slurm().Run(runCtx(t, 20*time.Second), j)
 	require.NoError(t, err)
-	assert.Equal(t, Result{JobID: "42", State: "TIMEOUT", ExitCode: 0}, res)
+	assert.Equal(t, Result{JobID: "42", State: "TIMEOUT", ExitCode: 0, Signal: 15}, res)
 	assert.Equal(t, "working\nkilled mid-li\n", out.String())
 }

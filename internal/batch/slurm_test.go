@@ -13,23 +13,28 @@ import (
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/outcome"
 )
 
 func TestBatchScriptGolden(t *testing.T) {
-	got := BatchScript([]string{"/usr/bin/env", "hello world", "it's"}, "0123abcd", "ci-7-build_script", Reaper{})
+	got := BatchScript([]string{"/usr/bin/env", "hello world", "it's"}, "0123abcd", "ci-7-build_script", "/s/build's.sbatch.started", Reaper{})
 	want := `#!/bin/sh
 # ci-exec batch script for ci-7-build_script
 '/usr/bin/env' \
   'hello world' \
-  'it'\''s' </dev/null
+  'it'\''s' </dev/null 3>'/s/build'\''s.sbatch.started'
 rc=$?
-printf '\n__CI_EXEC_BATCH_END__ 0123abcd rc=%d\n' "$rc"
+started=0
+[ -s '/s/build'\''s.sbatch.started' ] && started=1
+printf '\n__CI_EXEC_BATCH_END__ 0123abcd rc=%d started=%d\n' "$rc" "$started"
 exit "$rc"
 `
 	assert.Equal(t, want, got)
 
-	one := BatchScript([]string{"true"}, "n", "j", Reaper{})
-	assert.Equal(t, "#!/bin/sh\n# ci-exec batch script for j\n'true' </dev/null\nrc=$?\nprintf '\\n__CI_EXEC_BATCH_END__ n rc=%d\\n' \"$rc\"\nexit \"$rc\"\n", one)
+	one := BatchScript([]string{"true"}, "n", "j", "f", Reaper{})
+	assert.Equal(t, "#!/bin/sh\n# ci-exec batch script for j\n'true' </dev/null 3>'f'\nrc=$?\nstarted=0\n[ -s 'f' ] && started=1\n"+
+		"printf '\\n__CI_EXEC_BATCH_END__ n rc=%d started=%d\\n' \"$rc\" \"$started\"\nexit \"$rc\"\n", one)
 }
 
 func TestShellQuote(t *testing.T) {
@@ -54,7 +59,7 @@ func runScript(t *testing.T, argv []string, nonce string) (string, int) {
 	t.Helper()
 	dir := t.TempDir()
 	script := filepath.Join(dir, "job.sh")
-	require.NoError(t, os.WriteFile(script, []byte(BatchScript(argv, nonce, "ci-1-test", Reaper{})), 0o700))
+	require.NoError(t, os.WriteFile(script, []byte(BatchScript(argv, nonce, "ci-1-test", filepath.Join(dir, "job.sh.started"), Reaper{})), 0o700))
 	cmd := exec.Command("/bin/sh", script)
 	cmd.Dir = dir
 	cmd.Stdin = strings.NewReader("secret stdin\n")
@@ -74,12 +79,12 @@ func runScript(t *testing.T, argv []string, nonce string) (string, int) {
 	for _, e := range entries {
 		names = append(names, e.Name())
 	}
-	assert.Equal(t, []string{"job.sh"}, names, "the script must not create files (no word may be interpreted)")
+	assert.Equal(t, []string{"job.sh", "job.sh.started"}, names, "the script creates no file but its start file (no word may be interpreted)")
 	return stdout.String(), rc
 }
 
 func marker(nonce string, rc int) string {
-	return "\n" + markerPrefix + " " + nonce + " rc=" + strconv.Itoa(rc) + "\n"
+	return "\n" + markerPrefix + " " + nonce + " rc=" + strconv.Itoa(rc) + " started=0\n"
 }
 
 func TestBatchScriptRunsArgvVerbatim(t *testing.T) {
@@ -143,7 +148,36 @@ func TestBatchScriptExitCode(t *testing.T) {
 			assert.Equal(t, tc.rc, rc, "the script exits with the command's code")
 			assert.Equal(t, tc.out+marker("f00d", tc.rc), out)
 			lines := strings.Split(strings.TrimSuffix(out, "\n"), "\n")
-			assert.Equal(t, markerPrefix+" f00d rc="+strconv.Itoa(tc.rc), lines[len(lines)-1], "the marker is the last line")
+			assert.Equal(t, markerPrefix+" f00d rc="+strconv.Itoa(tc.rc)+" started=0", lines[len(lines)-1], "the marker is the last line")
+		})
+	}
+}
+
+// TestBatchScriptStartSignal: the marker says whether the command's
+// script began (it wrote to fd 3, as outcome.StartCommand makes a shell
+// do), which tells a runtime missing on the node (127 before the script)
+// from a script's own 127.
+func TestBatchScriptStartSignal(t *testing.T) {
+	tests := map[string]struct {
+		argv    []string
+		rc      int
+		started bool
+	}{
+		"script ran and failed":           {argv: outcome.StartCommand([]string{"/bin/sh", "-c", "exit 3"}), rc: 3, started: true},
+		"script's own command not found":  {argv: outcome.StartCommand([]string{"/bin/sh", "-c", "/nonexistent/tool"}), rc: 127, started: true},
+		"runtime missing on the node":     {argv: []string{"/nonexistent/ch-run", "--", "/bin/sh", "-c", "printf x >&3"}, rc: 127},
+		"command that gives no signal":    {argv: []string{"/bin/sh", "-c", "exit 0"}, rc: 0},
+		"shell missing in the image/node": {argv: outcome.StartCommand([]string{"/nonexistent/sh", "script"}), rc: 127},
+	}
+	for name, tc := range tests {
+		t.Run(name, func(t *testing.T) {
+			out, rc := runScript(t, tc.argv, "f00d")
+			assert.Equal(t, tc.rc, rc)
+			flag := "0"
+			if tc.started {
+				flag = "1"
+			}
+			assert.True(t, strings.HasSuffix(out, " f00d rc="+strconv.Itoa(tc.rc)+" started="+flag+"\n"), "%q", out)
 		})
 	}
 }
@@ -338,14 +372,55 @@ func TestFollower(t *testing.T) {
 		fl.step("hello\n", "hello\n")
 	})
 
-	t.Run("only complete lines, partial held until newline", func(t *testing.T) {
+	t.Run("partial lines are copied as they arrive", func(t *testing.T) {
 		fl := newFollow(t, "n1")
-		fl.step("one\ntw", "one\n")
-		fl.step("o", "one\n")
-		fl.step("", "one\n")
-		fl.step("\nthree", "one\ntwo\n")
+		fl.step("one\ntw", "one\ntw")
+		fl.step("o", "one\ntwo")
+		fl.step("", "one\ntwo")
+		fl.step("\nthree", "one\ntwo\nthree")
 		fl.step("\n", "one\ntwo\nthree\n")
 		assert.False(t, fl.f.done)
+	})
+
+	t.Run("a partial line that may become the marker is held", func(t *testing.T) {
+		fl := newFollow(t, "n1")
+		fl.step("a\n__CI_EXEC_BATCH", "a\n")
+		fl.step("_END__ n1 rc=0 st", "a\n")
+		fl.step("arted=", "a\n")
+		fl.step("x\n", "a\n"+markerPrefix+" n1 rc=0 started=x\n")
+		fl.step("__CI_EXEC_BATCH_END__ n2", "a\n"+markerPrefix+" n1 rc=0 started=x\n__CI_EXEC_BATCH_END__ n2")
+		fl.step(" more\n", "a\n"+markerPrefix+" n1 rc=0 started=x\n__CI_EXEC_BATCH_END__ n2 more\n")
+		assert.False(t, fl.f.done)
+		fl.step(markerPrefix+" n1 rc="+strings.Repeat("1", 40), "a\n"+markerPrefix+" n1 rc=0 started=x\n__CI_EXEC_BATCH_END__ n2 more\n"+
+			markerPrefix+" n1 rc="+strings.Repeat("1", 40))
+	})
+
+	t.Run("the marker's start signal", func(t *testing.T) {
+		for line, want := range map[string]bool{" n1 rc=3 started=1\n": true, " n1 rc=3 started=0\n": false, " n1 rc=3\n": false} {
+			fl := newFollow(t, "n1")
+			fl.step("\n"+markerPrefix+line, "")
+			assert.True(t, fl.f.done, line)
+			assert.Equal(t, 3, fl.f.rc)
+			assert.Equal(t, want, fl.f.started, line)
+		}
+	})
+
+	t.Run("a long line without a newline passes through a bounded buffer", func(t *testing.T) {
+		fl := newFollow(t, "n1")
+		var out countingWriter
+		fl.f.out = &out
+		line := strings.Repeat("x", 1<<20)
+		for range 20 {
+			fl.write(line)
+			fl.f.poll()
+		}
+		assert.Equal(t, int64(20<<20), out.n, "every byte is copied while the line is still open")
+		assert.LessOrEqual(t, cap(fl.f.part), 2*len(fl.f.marker)+markerHold, "nothing of it is held")
+		assert.LessOrEqual(t, out.maxWrite, readChunk, "it is copied in pieces")
+		fl.write("\n" + mark(0))
+		fl.f.poll()
+		assert.True(t, fl.f.done)
+		assert.Equal(t, int64(20<<20+1), out.n, "the line's end, and not the marker")
 	})
 
 	t.Run("marker not copied, sets done and rc", func(t *testing.T) {
@@ -401,7 +476,15 @@ func TestFollower(t *testing.T) {
 
 	t.Run("drain flushes a final partial line without a marker", func(t *testing.T) {
 		fl := newFollow(t, "n1")
-		fl.step("a\nno newline", "a\n")
+		fl.step("a\n__CI_EXEC", "a\n")
+		fl.f.drain(0)
+		assert.Equal(t, "a\n__CI_EXEC\n", fl.buf.String())
+		assert.False(t, fl.f.done)
+	})
+
+	t.Run("drain ends a copied partial line", func(t *testing.T) {
+		fl := newFollow(t, "n1")
+		fl.step("a\nno newline", "a\nno newline")
 		fl.f.drain(0)
 		assert.Equal(t, "a\nno newline\n", fl.buf.String())
 		assert.False(t, fl.f.done)
@@ -441,4 +524,16 @@ func TestFollower(t *testing.T) {
 		assert.Empty(t, fl.buf.String())
 		assert.False(t, fl.f.done)
 	})
+}
+
+// countingWriter counts what is written and the largest single write.
+type countingWriter struct {
+	n        int64
+	maxWrite int
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	c.n += int64(len(p))
+	c.maxWrite = max(c.maxWrite, len(p))
+	return len(p), nil
 }

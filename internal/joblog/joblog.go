@@ -5,6 +5,7 @@
 package joblog
 
 import (
+	"bytes"
 	"fmt"
 	"io"
 	"regexp"
@@ -121,7 +122,15 @@ func (l *Logger) Section(name, header string, expanded bool) (end func()) {
 
 // Writer returns an io.Writer that redacts secrets from what passes through
 // it line by line (for a runtime's output that ci-exec captures itself).
+//
+// It holds at most MaxLine bytes of a line: a longer line without a
+// newline is copied on in pieces as it arrives (the line continues in the
+// log), so a program printing 50 MB without a newline cannot grow
+// ci-exec. A piece never ends inside a secret (see safeCut).
 func (l *Logger) Writer() io.WriteCloser { return &lineWriter{l: l} }
+
+// MaxLine is the most of one line a Writer holds.
+const MaxLine = 64 << 10
 
 type lineWriter struct {
 	l   *Logger
@@ -129,16 +138,34 @@ type lineWriter struct {
 }
 
 func (w *lineWriter) Write(p []byte) (int, error) {
-	w.buf = append(w.buf, p...)
+	n := len(p)
+	for len(p) > 0 {
+		// Never append more than MaxLine at once, whatever the write's size.
+		k := min(len(p), MaxLine)
+		w.buf = append(w.buf, p[:k]...)
+		p = p[k:]
+		w.flush()
+	}
+	return n, nil
+}
+
+// flush writes the complete lines held, then, when what is left of the
+// current line is longer than MaxLine, a piece of it.
+func (w *lineWriter) flush() {
+	rest := w.buf
 	for {
-		i := strings.IndexByte(string(w.buf), '\n')
+		i := bytes.IndexByte(rest, '\n')
 		if i < 0 {
 			break
 		}
-		w.l.line("", string(w.buf[:i]))
-		w.buf = w.buf[i+1:]
+		w.l.line("", string(rest[:i]))
+		rest = rest[i+1:]
 	}
-	return len(p), nil
+	if len(rest) > MaxLine {
+		rest = w.l.piece(rest)
+	}
+	// Keep the rest at the start of the buffer, so it does not grow.
+	w.buf = append(w.buf[:0], rest...)
 }
 
 // Close flushes a final partial line.
@@ -148,6 +175,58 @@ func (w *lineWriter) Close() error {
 		w.buf = nil
 	}
 	return nil
+}
+
+// piece writes the start of an unfinished line, without a newline, and
+// returns what it kept back.
+func (l *Logger) piece(part []byte) []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	cut, masked := safeCut(part, l.secrets)
+	switch {
+	case masked:
+		// Everything before the cut is one chain of overlapping secrets.
+		_, _ = io.WriteString(l.w, Masked)
+	case cut > 0:
+		_, _ = io.WriteString(l.w, redact(string(part[:cut]), l.secrets))
+	}
+	return part[cut:]
+}
+
+// safeCut picks where to split an unfinished line so that no secret is
+// cut in two: each part is then redacted whole. It keeps back the last
+// longest-secret-minus-one bytes (they may be the start of a secret that
+// the next write completes) and moves the cut before any secret that
+// would straddle it. masked is true in the one case where no such point
+// exists before the kept bytes: every byte before them belongs to
+// overlapping occurrences of secrets.
+func safeCut(part []byte, secrets []string) (cut int, masked bool) {
+	longest := 0
+	for _, s := range secrets {
+		longest = max(longest, len(s))
+	}
+	end := len(part) - max(longest-1, 0)
+	if end <= 0 {
+		return 0, false
+	}
+	cut = end
+	for moved := true; moved && cut > 0; {
+		moved = false
+		for _, s := range secrets {
+			// Any occurrence in this window straddles cut.
+			lo, hi := max(0, cut-len(s)+1), min(len(part), cut+len(s)-1)
+			if lo >= hi {
+				continue
+			}
+			if j := bytes.Index(part[lo:hi], []byte(s)); j >= 0 {
+				cut, moved = lo+j, true
+			}
+		}
+	}
+	if cut == 0 {
+		return end, true
+	}
+	return cut, false
 }
 
 // QuoteArgv renders an argv as a copy-pasteable shell command line (for the

@@ -57,8 +57,10 @@ type Runtime interface {
 	// image. It must not do I/O: everything it needs is in spec.
 	Command(spec RunSpec) (argv, env []string, err error)
 	// Diagnose looks at a failed run (exit code and the tail of its stderr)
-	// and returns the runtime's own error message when the runtime, not the
-	// stage script, failed ("" otherwise).
+	// and returns what looks like the runtime's own error message ("" when
+	// nothing does). A script can print the same text, so the caller uses
+	// it only when the start signal shows the script never began (package
+	// outcome).
 	Diagnose(exitCode int, stderrTail string) string
 	// CheckImage reports whether img, as loaded from the job's state,
 	// names what this runtime's Pull makes: a name or file in the user's
@@ -196,6 +198,8 @@ type RunSpec struct {
 	AdminOptions []string
 	// UserArgs passed the allowlist (UserArgsPolicy).
 	UserArgs []string
-	// Argv is the command to run in the container: [shell, script].
+	// Argv is the command to run in the container: the image's shell
+	// running the stage script, behind the start signal
+	// (outcome.StartCommand).
 	Argv []string
 }

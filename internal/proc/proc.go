@@ -37,6 +37,8 @@ type Cmd struct {
 	// the command leaves running when it exits by itself gets
 	// min(Grace, LeftoverGrace).
 	Grace time.Duration
+	// ExtraFiles become descriptors 3, 4, ... of the command.
+	ExtraFiles []*os.File
 }
 
 // Result is how the command ended.
@@ -99,6 +101,7 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 	// Only a Stdin that is not a file has a copying goroutine in os/exec;
 	// it must not hold Wait either.
 	cmd.WaitDelay = drainIdle
+	cmd.ExtraFiles = c.ExtraFiles
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setpgid: true,
 		// If ci-exec itself is SIGKILLed (the runner's last resort), the

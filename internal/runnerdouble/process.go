@@ -125,6 +125,7 @@ func (r *run) exec(ctx context.Context, cs callSpec) error {
 	}
 	call.Pid = cmd.Process.Pid
 	call.Pgid = cmd.Process.Pid
+	rss := watchPeakRSS(call.Pid)
 
 	waitCh := make(chan error, 1)
 	go func() { waitCh <- cmd.Wait() }()
@@ -135,6 +136,7 @@ func (r *run) exec(ctx context.Context, cs callSpec) error {
 	case <-ctx.Done():
 		werr = r.killAndWait(&call, waitCh)
 	}
+	call.PeakRSS = rss.end()
 	if call.GaveUp {
 		g.closed.Store(true)
 		if sg, ok := cmd.Stdout.(*gate); ok {
@@ -146,6 +148,7 @@ func (r *run) exec(ctx context.Context, cs callSpec) error {
 		if ws, ok := cmd.ProcessState.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
 			call.Signaled = true
 		}
+
 	}
 	return r.classify(werr)
 }

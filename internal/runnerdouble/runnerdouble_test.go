@@ -745,3 +745,29 @@ func TestGiveUpAfterForceKillTimeout(t *testing.T) {
 	assert.Equal(t, "cleanup", res.Stages[len(res.Stages)-1].Kind)
 	assert.NotEmpty(t, ProcessesWithMarker(marker), "the escaped process is still there")
 }
+
+func TestStageCallPeakRSS(t *testing.T) {
+	f := newFake(t)
+	// During build_script the driver itself holds 40 MiB; the script's
+	// own shell holds as much during after_script, which is not the
+	// driver's memory.
+	hold := `s=$(head -c 41943040 /dev/zero | tr '\0' x); echo "held ${#s}"`
+	res, err := f.cfg.Run(context.Background(), Job{
+		Variables:   map[string]string{"FAKE_HOLD_STAGE": "build_script"},
+		Script:      []string{"echo small"},
+		AfterScript: []string{hold},
+	})
+	require.NoError(t, err)
+	require.True(t, res.Succeeded(), res.Log)
+	assert.Contains(t, res.Log, "held 41943040")
+	build, after := res.Call("build_script"), res.Call("after_script")
+	require.NotNil(t, build)
+	require.NotNil(t, after)
+	assert.Greater(t, build.PeakRSS, int64(40<<20))
+	assert.Greater(t, after.PeakRSS, int64(0))
+	assert.Less(t, after.PeakRSS, int64(20<<20), "a descendant's memory is not the driver's")
+
+	v, ok := readVmHWM("/proc/self/status")
+	assert.True(t, ok)
+	assert.Greater(t, v, int64(0))
+}

@@ -298,6 +298,11 @@ type StageCall struct {
 	ExitCode int
 	// Signaled is true when the driver was ended by a signal.
 	Signaled bool
+	// PeakRSS is the driver process's own peak resident set size in
+	// bytes (VmHWM, read every 2 ms while it runs; its descendants are not
+	// counted). It may miss growth in the driver's last 2 ms. 0 when
+	// never read.
+	PeakRSS int64
 	// Terminated is true when the double sent SIGTERM to the group.
 	Terminated bool
 	// ForceKilled is true when the double sent SIGKILL to the group.

@@ -1,6 +1,7 @@
 package stages
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
@@ -41,8 +43,8 @@ func schedulerArgs(st *Stage) ([]string, error) {
 	return args, nil
 }
 
-// executeBatch runs plan as a Slurm batch job and maps how it ended to
-// the contract (see docs/slurm.md, "Exit classes").
+// executeBatch runs plan as a Slurm batch job and classifies its end
+// (see classify and docs/slurm.md, "Exit classes").
 func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error {
 	userArgs, err := schedulerArgs(st)
 	if err != nil {
@@ -63,7 +65,8 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		PendingLimit: b.PendingLimit.Duration,
 		UnknownLimit: b.UnknownStateLimit.Duration,
 		Grace:        st.Cfg.General.KillTimeout.Duration,
-		Env:          []string{"PATH=" + systemPath, "HOME=" + st.User.Home, "USER=" + st.User.Name, "LANG=C.UTF-8"},
+		Env:          slurmEnv(st),
+		User:         st.User.Name,
 		Logf:         st.Log.Printf,
 	}
 	// What the command leaves running on the node is ended by ci-exec
@@ -75,12 +78,41 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 	}
 	var out io.Writer = st.Inv.Stdout
 	tail := proc.NewTail(diagnoseTail)
-	if plan.Runtime != nil {
+	if plan.StartSignal {
 		out = io.MultiWriter(out, tail)
 	}
+	argv := plan.Argv
+	if !plan.StartSignal {
+		// A host stage: the node's shell signals that it started, so that
+		// a shell missing on the node (127) is not the script's 127.
+		argv = outcome.StartCommand(argv)
+	}
 	st.Log.Printf("Submitting %s to Slurm: sbatch %s", stage, strings.Join(batch.SbatchArgs(spec), " "))
-	res, err := s.Run(ctx, batch.Job{Spec: spec, Argv: plan.Argv, Env: plan.Env,
+	res, err := s.Run(ctx, batch.Job{Spec: spec, Argv: argv, Env: plan.Env,
 		Script: filepath.Join(st.Layout.ScriptsDir, name+".sbatch"), Out: out})
+	o := outcome.Outcome{
+		Where:         plan.Where,
+		Program:       filepath.Base(plan.Argv[0]),
+		JobID:         res.JobID,
+		State:         res.State,
+		Exited:        res.Marker,
+		ExitCode:      res.ExitCode,
+		Signal:        res.Signal,
+		Marker:        res.Marker,
+		Started:       res.Started,
+		Stopped:       res.Stopped,
+		Killed:        res.Killed,
+		PendingReason: res.PendingReason,
+	}
+	if plan.Runtime != nil {
+		o.Runtime = plan.Runtime.Name()
+		if plan.UserArgs {
+			o.UserArgsVariable = plan.Runtime.UserArgsVariable()
+		}
+		if res.ExitCode != 0 {
+			o.Diagnosis = plan.Runtime.Diagnose(res.ExitCode, tail.String())
+		}
+	}
 	var subErr *batch.SubmitError
 	switch {
 	case errors.As(err, &subErr) && subErr.User:
@@ -88,49 +120,31 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 	case errors.As(err, &subErr):
 		return failure.Systemf("could not submit to Slurm: %s", subErr.Msg)
 	case errors.Is(err, batch.ErrPendingLimit):
-		return failure.Systemf("Slurm job %s was still pending after batch.pending_limit (%s), reason %s; it was cancelled",
-			res.JobID, b.PendingLimit.Duration, res.PendingReason)
+		o.State, o.Detail = outcome.PendingLimit, fmt.Sprintf("batch.pending_limit (%s)", b.PendingLimit.Duration)
+	case errors.Is(err, batch.ErrVanished):
+		o.State, o.Detail = outcome.Vanished, err.Error()
 	case err != nil:
 		return failure.Systemf("Slurm job %s: %v", res.JobID, err)
+	}
+	switch {
+	case res.Stopped && res.JobID == "":
+		st.Log.Printf("The stage was stopped while sbatch was submitting it; any job it queued was cancelled.")
 	case res.Stopped:
-		st.Log.Printf("Slurm job %s ended %s after the stage was stopped.", res.JobID, res.State)
-		if res.Marker && res.ExitCode != 0 {
-			return failure.ScriptExit(res.ExitCode)
-		}
-		return failure.ScriptExit(143)
+		st.Log.Printf("Slurm job %s ended %s after the stage was stopped.", res.JobID, cmp.Or(res.State, "in an unknown state"))
 	}
-	if plan.Runtime != nil && res.ExitCode != 0 {
-		if msg := plan.Runtime.Diagnose(res.ExitCode, tail.String()); msg != "" {
-			return failure.Systemf("could not run the %s stage %s on the compute node: %s", stage, plan.Where, msg)
-		}
-	}
-	return batchOutcome(res)
+	return classify(stage, o)
 }
 
-// batchOutcome is the exit class of a Slurm job that ended by itself.
-func batchOutcome(res batch.Result) error {
-	id := res.JobID
-	switch res.State {
-	case "COMPLETED", "FAILED":
-		if res.ExitCode != 0 {
-			return failure.ScriptExit(res.ExitCode)
-		}
-		if res.State == "FAILED" {
-			return failure.Systemf("Slurm job %s failed before running the script (no exit code); see the output above", id)
-		}
-		return nil
-	case "CANCELLED":
-		return failure.Userf("Slurm job %s was cancelled outside ci-exec (scancel by a user or an admin)", id)
-	case "TIMEOUT":
-		return failure.Userf("Slurm job %s reached its time limit and was stopped; ask for more time with --time in the scheduler parameters", id)
-	case "OUT_OF_MEMORY":
-		return failure.Userf("Slurm job %s ran out of memory; ask for more with --mem in the scheduler parameters", id)
-	case "DEADLINE":
-		return failure.Userf("Slurm job %s reached its --deadline", id)
-	case "NODE_FAIL", "BOOT_FAIL", "PREEMPTED":
-		return failure.Systemf("Slurm job %s ended %s: the cluster, not the script, stopped it", id, res.State)
+// slurmEnv is the environment of scontrol and scancel (and, for
+// SLURM_CONF, sbatch's): the job user's identity, a fixed PATH, and the
+// runner's SLURM_CONF when it has one, so that all three talk to the
+// controller the admin set up for the runner.
+func slurmEnv(st *Stage) []string {
+	env := []string{"PATH=" + systemPath, "HOME=" + st.User.Home, "USER=" + st.User.Name, "LANG=C.UTF-8"}
+	if c := st.Job.Host["SLURM_CONF"]; c != "" {
+		env = append(env, "SLURM_CONF="+c)
 	}
-	return failure.Systemf("Slurm job %s ended in state %s", id, res.State)
+	return env
 }
 
 // prepareBatch checks what a batch job needs before anything is pulled.

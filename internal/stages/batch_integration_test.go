@@ -243,6 +243,8 @@ func TestBatchSchedulerParameters(t *testing.T) {
 		"unbalanced quote":    {`--comment="x`, "check its quotes"},
 		"refused by Slurm":    {"--partition=no-such-partition", "Slurm refused the job"},
 		"shell syntax":        {"--time=5; touch /tmp/pwned-by-ci", "not an sbatch option"},
+		"other cluster":       {"-M other", "sends the job to another Slurm cluster"},
+		"other clusters":      {"--clusters=a,b", "sends the job to another Slurm cluster"},
 	} {
 		t.Run(name, func(t *testing.T) {
 			j := batchJob()

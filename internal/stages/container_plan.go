@@ -11,6 +11,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/policy"
 )
 
@@ -70,7 +71,10 @@ func containerCommand(ctx context.Context, s containerSetup, st *State, stage, s
 		Image:   *plan.Image,
 		Workdir: s.workdir(),
 		Env:     s.containerEnv(),
-		Argv:    []string{plan.Image.Shell, script},
+		// The image's shell signals that it started before it runs the
+		// script (see package outcome): a runtime failure is then never
+		// taken for the script's exit code.
+		Argv: outcome.StartCommand([]string{plan.Image.Shell, script}),
 	}
 	var vols []policy.Bind
 	if p == policy.InJobImage {

@@ -2,33 +2,50 @@ package stages
 
 import (
 	"context"
-	"fmt"
+	"errors"
 	"io"
+	"os"
+	"path/filepath"
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
-// diagnoseTail is how much of a container stage's stderr is kept to tell a
-// runtime failure (ch-run's own error line) from the script's exit code.
+// diagnoseTail is how much of a container stage's stderr is kept to find
+// the runtime's own error line when it failed before the script.
 const diagnoseTail = 4 << 10
 
 // execute runs a plan locally and classifies its end.
 func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 	stderr := st.Inv.Stderr
 	var tail *proc.Tail
-	if plan.Runtime != nil {
+	if plan.StartSignal {
+		// Only a container runtime can fail with its own error line; the
+		// host's stderr goes to the runner untouched (a copy could
+		// interleave with stdout in mid-line).
 		tail = proc.NewTail(diagnoseTail)
 		stderr = io.MultiWriter(stderr, tail)
 	}
+	var start *outcome.StartFile
+	var extra []*os.File
+	if plan.StartSignal {
+		var err error
+		if start, err = outcome.NewStartFile(); err != nil {
+			return failure.Systemf("create the stage's start signal: %v", err)
+		}
+		defer start.Close()
+		extra = []*os.File{start.File()}
+	}
 	res, err := proc.Run(ctx, proc.Cmd{
-		Argv:   plan.Argv,
-		Env:    plan.Env,
-		Dir:    plan.Dir,
-		Stdout: st.Inv.Stdout,
-		Stderr: stderr,
-		Grace:  st.Cfg.General.KillTimeout.Duration,
+		Argv:       plan.Argv,
+		Env:        plan.Env,
+		Dir:        plan.Dir,
+		Stdout:     st.Inv.Stdout,
+		Stderr:     stderr,
+		Grace:      st.Cfg.General.KillTimeout.Duration,
+		ExtraFiles: extra,
 	})
 	// proc.Run has ended what the script left running; say so, in one line.
 	if line := proc.Summary(res.LeftBehind); line != "" {
@@ -37,27 +54,40 @@ func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 	if len(res.Survivors) > 0 {
 		st.Log.Warnf("could not stop %d process(es) the stage left running: %s", len(res.Survivors), strings.Join(res.Survivors, ", "))
 	}
-	if err != nil {
-		return failure.AsSystem(fmt.Errorf("%w (is %s installed and executable?)", err, plan.Argv[0]))
+	o := outcome.Outcome{
+		Where:   plan.Where,
+		Program: filepath.Base(plan.Argv[0]),
+		Exited:  true,
+	}
+	if plan.Runtime != nil {
+		o.Runtime = plan.Runtime.Name()
+		if plan.UserArgs {
+			o.UserArgsVariable = plan.Runtime.UserArgsVariable()
+		}
+	}
+	var se *proc.StartError
+	switch {
+	case errors.As(err, &se):
+		// The program could not be started at all: as a command shell
+		// reports it, and never the script's exit.
+		o.ExitCode = 127
+		o.Diagnosis = err.Error() + " (is " + plan.Argv[0] + " installed and executable?)"
+		return classify(stage, o)
+	case err != nil:
+		return failure.AsSystem(err)
 	}
 	if res.Killed {
 		st.Log.Warnf("the stage did not stop within kill_timeout (%s) after SIGTERM and was killed", st.Cfg.General.KillTimeout.Duration)
 	}
-	if res.ExitCode == 0 {
-		return nil
+	o.ExitCode, o.Stopped, o.Killed = res.ExitCode, res.Stopped, res.Killed
+	if res.Signaled {
+		o.Signal = int(res.Signal)
 	}
-	if tail != nil && !res.Stopped {
-		// The runtime failed before the script ran: an infrastructure
-		// fault (the runner retries), not the script's exit code.
-		if msg := plan.Runtime.Diagnose(res.ExitCode, tail.String()); msg != "" {
-			if plan.UserArgs {
-				// Most likely a flag the user added (a --cd to a missing
-				// directory, say): theirs to fix, not worth a retry.
-				return failure.Userf("could not run the %s stage %s: %s; check the arguments in %s",
-					stage, plan.Where, msg, plan.Runtime.UserArgsVariable())
-			}
-			return failure.Systemf("could not run the %s stage %s: %s", stage, plan.Where, msg)
-		}
+	// Without a start signal the script is the program ci-exec started
+	// (bash on the host): it began when the exec succeeded.
+	o.Started = start == nil || start.Started()
+	if tail != nil && res.ExitCode != 0 {
+		o.Diagnosis = plan.Runtime.Diagnose(res.ExitCode, tail.String())
 	}
-	return failure.ScriptExit(res.ExitCode)
+	return classify(stage, o)
 }

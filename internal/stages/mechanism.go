@@ -105,7 +105,7 @@ func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, erro
 	}
 	where := Describe(sp.Placement, sp.Image, s.Runtime.Name())
 	LogCommand(st.Log, "cmd_"+stage, fmt.Sprintf("Running %s %s", stage, where), sp.Argv, sp.Env)
-	return Plan{Where: where, Argv: sp.Argv, Env: sp.Env, Dir: sp.Dir, Runtime: s.Runtime, UserArgs: sp.UserArgs}, nil
+	return Plan{Where: where, Argv: sp.Argv, Env: sp.Env, Dir: sp.Dir, Runtime: s.Runtime, UserArgs: sp.UserArgs, StartSignal: true}, nil
 }
 
 // releaseImages removes the job's private image copies (cleanup stage).

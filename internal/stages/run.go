@@ -22,6 +22,10 @@ type Plan struct {
 	// UserArgs is true when the container command carries the user's own
 	// runtime arguments.
 	UserArgs bool
+	// StartSignal is true when the command signals on fd 3 that the
+	// stage's script began (outcome.StartCommand), which tells a runtime
+	// failure from the script's exit code.
+	StartSignal bool
 }
 
 var unsafeFileChars = regexp.MustCompile(`[^A-Za-z0-9_.-]+`)

@@ -12,6 +12,7 @@
 #   FAKE_IGNORE_TERM   stage during which the driver ignores SIGTERM
 #   FAKE_SHELL         shell that runs the script (default bash)
 #   FAKE_CLEANUP_EXIT  exit code of cleanup
+#   FAKE_HOLD_STAGE    stage during which the driver itself holds 40 MiB
 set -u
 rec="${FAKE_REC:?}"
 root="${FAKE_ROOT:?}"
@@ -60,6 +61,10 @@ run)
 	save "run-$stage"
 	cp "$script" "$rec/$seq-run-$stage.script"
 	stat -c %a "$script" > "$rec/$seq-run-$stage.mode"
+	if [ "${CUSTOM_ENV_FAKE_HOLD_STAGE:-}" = "$stage" ]; then
+		held=$(head -c 41943040 /dev/zero | tr '\0' x)
+		echo "fakedriver holds ${#held} bytes" >&2
+	fi
 	if [ "${CUSTOM_ENV_FAKE_IGNORE_TERM:-}" = "$stage" ]; then
 		trap '' TERM
 		${CUSTOM_ENV_FAKE_SHELL:-bash} "$script"
