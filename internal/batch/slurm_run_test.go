@@ -144,11 +144,22 @@ func newFakeSlurm(t *testing.T) *fakeSlurm {
 			}
 		}
 		for _, pid := range pids {
-			assert.Eventually(t, func() bool { return syscall.Kill(pid, 0) == syscall.ESRCH }, 10*time.Second, 5*time.Millisecond,
+			assert.Eventually(t, func() bool { return dead(pid) }, 10*time.Second, 5*time.Millisecond,
 				"process %d of the fake Slurm did not end", pid)
 		}
 	})
 	return f
+}
+
+// dead reports whether pid has ended: gone, or a zombie (its new parent,
+// PID 1, reaps it in its own time).
+func dead(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i >= 0 && i+2 < len(b) && b[i+2] == 'Z'
 }
 
 func (f *fakeSlurm) slurm() *Slurm {
@@ -477,7 +488,7 @@ func TestRunCancelledDuringSubmit(t *testing.T) {
 	require.NoError(t, err)
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	require.NoError(t, err)
-	assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "sbatch was stopped")
+	assert.True(t, dead(pid), "sbatch was stopped")
 }
 
 // sbatch reads SBATCH_* and SLURM_CLUSTERS as options and SLURM_CONF as
