@@ -37,7 +37,7 @@ const fakeSbatch = `#!/bin/sh
 d=$(dirname "$0")
 printf '%s\n' "$@" > "$d/sbatch.args"
 env > "$d/sbatch.env"
-if [ -f "$d/sbatch.block" ]; then echo $$ > "$d/sbatch.pid"; exec sleep 600; fi
+if [ -f "$d/sbatch.block" ]; then echo $$ > "$d/sbatch.pid.tmp"; mv "$d/sbatch.pid.tmp" "$d/sbatch.pid"; exec sleep 600; fi
 if [ -f "$d/sbatch.stderr" ]; then cat "$d/sbatch.stderr" >&2; exit 1; fi
 out= script=
 for a in "$@"; do
@@ -52,8 +52,9 @@ if [ ! -f "$d/hold" ]; then
 	rm -f "$d/left.fifo"; mkfifo "$d/left.fifo"
 	setsid /bin/sh -c '
 		d=$1 script=$2 out=$3
+		echo $$ > "$d/monitor.pid.tmp"; mv "$d/monitor.pid.tmp" "$d/monitor.pid"
 		setsid /bin/sh "$script" > "$out" 2>&1 &
-		echo $! > "$d/job.pid"
+		echo $! > "$d/job.pid.tmp"; mv "$d/job.pid.tmp" "$d/job.pid"
 		echo left > "$d/left.fifo"
 		wait $!
 		rc=$?
@@ -125,19 +126,40 @@ func newFakeSlurm(t *testing.T) *fakeSlurm {
 		require.NoError(t, os.WriteFile(filepath.Join(f.bin, name), []byte(text), 0o755))
 	}
 	t.Cleanup(func() {
-		// End a batch script (or a hanging sbatch) a failed test left running.
-		if b, err := os.ReadFile(filepath.Join(f.bin, "job.pid")); err == nil {
+		// End what a test left running: the fake slurmd (first, so it
+		// writes no state file into a directory being removed), the batch
+		// script, a hanging sbatch; then wait until they are gone.
+		var pids []int
+		for _, name := range []string{"monitor.pid", "job.pid", "sbatch.pid"} {
+			b, err := os.ReadFile(filepath.Join(f.bin, name))
+			if err != nil {
+				continue
+			}
 			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
-				_ = syscall.Kill(-pid, syscall.SIGKILL)
+				if name != "sbatch.pid" {
+					_ = syscall.Kill(-pid, syscall.SIGKILL) // its own session and group
+				}
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+				pids = append(pids, pid)
 			}
 		}
-		if b, err := os.ReadFile(filepath.Join(f.bin, "sbatch.pid")); err == nil {
-			if pid, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil && pid > 1 {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
+		for _, pid := range pids {
+			assert.Eventually(t, func() bool { return dead(pid) }, 10*time.Second, 5*time.Millisecond,
+				"process %d of the fake Slurm did not end", pid)
 		}
 	})
 	return f
+}
+
+// dead reports whether pid has ended: gone, or a zombie (its new parent,
+// PID 1, reaps it in its own time).
+func dead(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return true
+	}
+	i := bytes.LastIndexByte(b, ')')
+	return i >= 0 && i+2 < len(b) && b[i+2] == 'Z'
 }
 
 func (f *fakeSlurm) slurm() *Slurm {
@@ -466,7 +488,7 @@ func TestRunCancelledDuringSubmit(t *testing.T) {
 	require.NoError(t, err)
 	pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 	require.NoError(t, err)
-	assert.ErrorIs(t, syscall.Kill(pid, 0), syscall.ESRCH, "sbatch was stopped")
+	assert.True(t, dead(pid), "sbatch was stopped")
 }
 
 // sbatch reads SBATCH_* and SLURM_CLUSTERS as options and SLURM_CONF as

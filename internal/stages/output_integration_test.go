@@ -27,8 +27,12 @@ const (
 	printedLine = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefghijklmnopqrstuvwxyzA" // 99 bytes
 )
 
-// bigOutput prints a 50 MiB line of Q on stdout, one of R on stderr, and
-// 100 MiB of 100-byte lines.
+// bigOutput prints a 50 MiB line of Q on stdout, 100 MiB of 100-byte
+// lines, then a 50 MiB line of R on stderr. stderr comes last: in a local
+// container stage ci-exec copies stderr (to find the runtime's error
+// line) while stdout reaches the runner directly, so what the runner's
+// script writes to stdout meanwhile (its echo of the next command) may
+// land inside the stderr line, and earlier stderr inside stdout lines.
 func bigOutput() []string {
 	return []string{
 		fmt.Sprintf(`head -c %d /dev/zero | tr '\0' Q`, longLine),
@@ -100,11 +104,9 @@ func TestBigOutputKeepsMemoryFlat(t *testing.T) {
 	}
 }
 
-// assertAllOf checks that the log holds longLine bytes of c in long runs
-// (one pass over the log: strings.Index with a 50 MiB needle is far too
-// slow). whole asks for one run; stderr of a container stage may come in
-// two, because ci-exec copies it (to find the runtime's error line) while
-// stdout goes to the runner directly, so the two streams can interleave.
+// assertAllOf checks that the log holds longLine bytes of c in long
+// runs, in one run when whole (one pass over the log: strings.Index with
+// a 50 MiB needle is far too slow).
 func assertAllOf(t *testing.T, log string, c byte, whole bool) {
 	t.Helper()
 	var runs []int
