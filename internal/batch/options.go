@@ -1,10 +1,12 @@
 package batch
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
 
+	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/google/shlex"
 )
 
@@ -100,6 +102,22 @@ var clusterOptions = map[string]bool{"clusters": true, "cluster-constraint": tru
 
 const clusterHint = "sends the job to another Slurm cluster, where ci-exec cannot follow or cancel it"
 
+// sbatchTable is sbatchOptions as the shared option checker's table
+// (policy.FlagTable.Parse): sbatch's getopt_long and the runtimes' run
+// options are parsed by the same code.
+var sbatchTable = func() policy.FlagTable {
+	kinds := map[valueKind]policy.ArgKind{noValue: policy.NoArg, needsValue: policy.RequiredArg, optionalValue: policy.OptionalArg}
+	t := make(policy.FlagTable, 0, len(sbatchOptions))
+	for _, o := range sbatchOptions {
+		f := policy.Flag{Long: "--" + o.long, Arg: kinds[o.kind]}
+		if o.short != 0 {
+			f.Short = "-" + string(o.short)
+		}
+		t = append(t, f)
+	}
+	return t
+}()
+
 func lookupLong(name string) (sbatchOption, bool) {
 	for _, o := range sbatchOptions {
 		if o.long == name {
@@ -109,27 +127,10 @@ func lookupLong(name string) (sbatchOption, bool) {
 	return sbatchOption{}, false
 }
 
-func lookupShort(c byte) (sbatchOption, bool) {
-	for _, o := range sbatchOptions {
-		if o.short == c && c != 0 {
-			return o, true
-		}
-	}
-	return sbatchOption{}, false
-}
-
 // canonicalFlag maps "-N", "--nodes" or "--nodes=2" to "nodes".
 func canonicalFlag(flag string) (string, bool) {
-	name, _, _ := strings.Cut(flag, "=")
-	if long, ok := strings.CutPrefix(name, "--"); ok {
-		o, found := lookupLong(long)
-		return o.long, found
-	}
-	if len(name) == 2 && name[0] == '-' {
-		o, found := lookupShort(name[1])
-		return o.long, found
-	}
-	return "", false
+	long, ok := sbatchTable.Canonical(flag)
+	return strings.TrimPrefix(long, "--"), ok
 }
 
 // displayFlag renders a canonical name as users write it: "-N/--nodes".
@@ -155,60 +156,40 @@ func (e *ArgError) Error() string { return e.Msg }
 
 func argErrorf(format string, args ...any) error { return &ArgError{Msg: fmt.Sprintf(format, args...)} }
 
-// parseOptions walks words the way sbatch's getopt_long will and returns
-// the options in order. Every word must be an option or an option's value:
-// a positional word would become sbatch's script argument (so the job would
-// run that file instead of ci-exec's batch script) and ":" would start a
-// heterogeneous job component.
+// parseOptions walks words the way sbatch's getopt_long will (the shared
+// checker, policy.FlagTable.Parse) and returns the options in order. Every
+// word must be an option or an option's value: a positional word would
+// become sbatch's script argument (so the job would run that file instead
+// of ci-exec's batch script) and ":" would start a heterogeneous job
+// component.
 func parseOptions(words []string) ([]parsedOption, error) {
-	var out []parsedOption
-	for i := 0; i < len(words); i++ {
-		w := words[i]
-		switch {
-		case w == "--" || w == "-" || !strings.HasPrefix(w, "-"):
-			return nil, argErrorf("%q is not an sbatch option (only options may be given, no script, command or ':')", w)
-		case strings.HasPrefix(w, "--"):
-			name, _, hasValue := strings.Cut(w[2:], "=")
-			o, ok := lookupLong(name)
-			if !ok {
-				return nil, argErrorf("--%s is not an sbatch option%s", name, suggest(name))
+	opts, err := sbatchTable.Parse(words)
+	var pe *policy.ParseError
+	if errors.As(err, &pe) {
+		name := strings.TrimLeft(pe.Word, "-")
+		switch pe.Kind {
+		case policy.NotAFlag:
+			return nil, argErrorf("%q is not an sbatch option (only options may be given, no script, command or ':')", pe.Word)
+		case policy.UnknownFlag:
+			if strings.HasPrefix(pe.Word, "--") {
+				return nil, argErrorf("%s is not an sbatch option%s", pe.Word, suggest(name))
 			}
-			switch {
-			case o.kind == noValue && hasValue:
-				return nil, argErrorf("--%s takes no value (write just --%s)", name, name)
-			case o.kind == needsValue && !hasValue:
-				if i+1 >= len(words) {
-					return nil, argErrorf("--%s needs a value (--%s=VALUE)", name, name)
-				}
-				i++
-			case o.kind == optionalValue && !hasValue && i+1 < len(words) && !strings.HasPrefix(words[i+1], "-"):
-				// sbatch would take the next word as its script.
-				return nil, argErrorf("--%s takes its value attached: --%s=%s", name, name, words[i+1])
+			return nil, argErrorf("%s is not an sbatch option", pe.Word)
+		case policy.TakesNoValue:
+			return nil, argErrorf("%s takes no value (write just %s)", pe.Word, pe.Word)
+		case policy.NeedsValue:
+			if strings.HasPrefix(pe.Word, "--") {
+				return nil, argErrorf("%s needs a value (%s=VALUE)", pe.Word, pe.Word)
 			}
-			out = append(out, parsedOption{name: o.long, written: "--" + name})
+			return nil, argErrorf("%s needs a value (%s VALUE)", pe.Word, pe.Word)
 		default:
-			// A cluster of short options ("-Qv"); the first that takes a
-			// value consumes the rest of the word ("-N2") or, if nothing is
-			// left, the next word ("-N 2"). An optional value can only be
-			// attached ("-koff"), as with getopt's "k::".
-			for j := 1; j < len(w); j++ {
-				o, ok := lookupShort(w[j])
-				if !ok {
-					return nil, argErrorf("-%c is not an sbatch option", w[j])
-				}
-				out = append(out, parsedOption{name: o.long, written: "-" + string(w[j])})
-				if o.kind == noValue {
-					continue
-				}
-				if o.kind == needsValue && j == len(w)-1 {
-					if i+1 >= len(words) {
-						return nil, argErrorf("-%c needs a value (-%c VALUE)", w[j], w[j])
-					}
-					i++
-				}
-				break
-			}
+			// sbatch would take the next word as its script.
+			return nil, argErrorf("%s takes its value attached: %s=%s", pe.Word, pe.Word, pe.Next)
 		}
+	}
+	out := make([]parsedOption, 0, len(opts))
+	for _, o := range opts {
+		out = append(out, parsedOption{name: strings.TrimPrefix(o.Flag.Long, "--"), written: o.Written})
 	}
 	return out, nil
 }

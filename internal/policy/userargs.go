@@ -1,6 +1,7 @@
 package policy
 
 import (
+	"errors"
 	"fmt"
 	"sort"
 	"strings"
@@ -124,51 +125,25 @@ func (p UserArgsPolicy) UserArgs(vars map[string]string) (args []string, notice 
 		}
 		return failure.Userf("%s: %s %s; allowed flags are %s%s", p.Variable, flag, why, strings.Join(p.allowedNames(allowed), ", "), where)
 	}
-	for i := 0; i < len(words); i++ {
-		w := words[i]
-		switch {
-		case w == "--" || w == "-" || !strings.HasPrefix(w, "-"):
-			return nil, "", refuse(fmt.Sprintf("%q", w), "is not a flag (only flags may be given here)")
-		case strings.HasPrefix(w, "--"):
-			name, _, hasValue := strings.Cut(w, "=")
-			f, known := p.Flags.long(name)
-			if !known {
-				return nil, "", refuse(name, "is not a known flag (write long flags in full)")
-			}
-			if !allowed[f.Long] {
-				return nil, "", refuse(name, "is not allowed")
-			}
-			switch {
-			case f.Arg == NoArg && hasValue:
-				return nil, "", refuse(name, "takes no value")
-			case f.Arg == RequiredArg && !hasValue:
-				if i+1 >= len(words) {
-					return nil, "", refuse(name, "needs a value")
-				}
-				i++
-			}
-		default:
-			// A cluster of short flags: "-tv", or "-cDIR" where the first
-			// flag that takes a value consumes the rest of the word.
-			for j := 1; j < len(w); j++ {
-				f, known := p.Flags.short(w[j])
-				flag := "-" + string(w[j])
-				if !known {
-					return nil, "", refuse(flag, "is not a known flag")
-				}
-				if !allowed[f.Long] {
-					return nil, "", refuse(flag, "is not allowed")
-				}
-				if f.Arg == RequiredArg {
-					if j == len(w)-1 {
-						if i+1 >= len(words) {
-							return nil, "", refuse(flag, "needs a value")
-						}
-						i++
-					}
-					break
-				}
-			}
+	opts, err := p.Flags.Parse(words)
+	var pe *ParseError
+	if errors.As(err, &pe) {
+		why := map[ParseErrorKind]string{
+			NotAFlag:      "is not a flag (only flags may be given here)",
+			UnknownFlag:   "is not a known flag (write long flags in full)",
+			TakesNoValue:  "takes no value",
+			NeedsValue:    "needs a value",
+			ValueAttached: "takes its value attached (" + pe.Word + "=" + pe.Next + ")",
+		}[pe.Kind]
+		word := pe.Word
+		if pe.Kind == NotAFlag {
+			word = fmt.Sprintf("%q", word)
+		}
+		return nil, "", refuse(word, why)
+	}
+	for _, o := range opts {
+		if !allowed[o.Flag.Long] {
+			return nil, "", refuse(o.Written, "is not allowed")
 		}
 	}
 	return words, "", nil

@@ -72,7 +72,7 @@ func TestUserArgsRefused(t *testing.T) {
 		"--priv":                   "--priv is not a known flag",
 		"image-name":               `"image-name" is not a flag`,
 		"-t /other/image":          `"/other/image" is not a flag`,
-		"--set-env FILE":           `"FILE" is not a flag`,
+		"--set-env FILE":           `--set-env takes its value attached (--set-env=FILE)`,
 		"-- sh":                    `"--" is not a flag`,
 		"--private-tmp=yes":        "--private-tmp takes no value",
 		"--cd":                     "--cd needs a value",
