@@ -148,7 +148,9 @@ var runtimes = map[string]runtime{
 
 // driver builds ci-exec with a config for mech in dir.
 func driver(dir, image, mech, table string) *measure.Driver {
-	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\n[general.%s]\nimage_storage_dir = %q\n%s\n",
+	// retain_logs keeps the stage's script copy, which the bare runtime
+	// then runs with the argv ci-exec logged.
+	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\nretain_logs = true\n[general.%s]\nimage_storage_dir = %q\n%s\n",
 		filepath.Join(dir, "data"), mech, mech, filepath.Join(dir, "storage"), table)
 	d, err := measure.NewDriver(dir, cfg, "CUSTOM_ENV_CI_JOB_IMAGE="+image)
 	measure.Must(err)

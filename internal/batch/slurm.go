@@ -14,6 +14,7 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/proc"
@@ -400,7 +401,7 @@ func (s *Slurm) submit(ctx context.Context, j Job) (string, error) {
 		return "", &SubmitError{Msg: err.Error()}
 	}
 	id, _, _ := strings.Cut(strings.TrimSpace(out), ";")
-	if !jobIDRE.MatchString(id) {
+	if !jobIDRE().MatchString(id) {
 		return "", &SubmitError{Msg: fmt.Sprintf("sbatch printed no job id: %q", out)}
 	}
 	return id, nil
@@ -429,7 +430,7 @@ func submitEnv(job, controller []string) []string {
 	return out
 }
 
-var jobIDRE = regexp.MustCompile(`^[0-9]+$`)
+var jobIDRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[0-9]+$`) })
 
 // classifySubmit tells a request Slurm refuses (the user's to fix) from
 // Slurm being unavailable.
@@ -459,22 +460,22 @@ type jobState struct {
 }
 
 var (
-	stateRE    = regexp.MustCompile(`\bJobState=(\S+)`)
-	reasonRE   = regexp.MustCompile(`\bReason=(\S+)`)
-	exitCodeRE = regexp.MustCompile(`\bExitCode=([0-9]+):([0-9]+)`)
+	stateRE    = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`\bJobState=(\S+)`) })
+	reasonRE   = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`\bReason=(\S+)`) })
+	exitCodeRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`\bExitCode=([0-9]+):([0-9]+)`) })
 )
 
 // ParseJob reads one line of `scontrol show job -o`.
 func ParseJob(line string) (jobState, error) {
-	m := stateRE.FindStringSubmatch(line)
+	m := stateRE().FindStringSubmatch(line)
 	if m == nil {
 		return jobState{}, fmt.Errorf("no JobState in %q", strings.TrimSpace(line))
 	}
 	st := jobState{State: m[1]}
-	if r := reasonRE.FindStringSubmatch(line); r != nil {
+	if r := reasonRE().FindStringSubmatch(line); r != nil {
 		st.Reason = r[1]
 	}
-	if e := exitCodeRE.FindStringSubmatch(line); e != nil {
+	if e := exitCodeRE().FindStringSubmatch(line); e != nil {
 		st.ExitCode, _ = strconv.Atoi(e[1])
 		st.Signal, _ = strconv.Atoi(e[2])
 	}

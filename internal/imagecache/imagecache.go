@@ -42,6 +42,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -153,11 +154,11 @@ func waiting(ctx context.Context, reason string) {
 	}
 }
 
-var keyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`)
+var keyRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[a-z0-9][a-z0-9._-]*$`) })
 
 // CheckKey refuses keys that are not plain file names.
 func CheckKey(key string) error {
-	if len(key) > 200 || !keyRE.MatchString(key) || strings.Contains(key, "..") {
+	if len(key) > 200 || !keyRE().MatchString(key) || strings.Contains(key, "..") {
 		return fmt.Errorf("image store: invalid key %q", key)
 	}
 	return nil
@@ -357,13 +358,13 @@ func tagName(ref string) string {
 	return strings.NewReplacer("/", "%", ":", "+", "@", "=").Replace(ref)
 }
 
-var digestRE = regexp.MustCompile(`^sha256:[a-f0-9]{64}$`)
+var digestRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^sha256:[a-f0-9]{64}$`) })
 
 // Tag returns the digest ref pointed to at its last recorded pull ("" if
 // none).
 func (s *Store) Tag(ref string) string {
 	b, err := os.ReadFile(filepath.Join(s.Root, "tags", tagName(ref)))
-	if d := strings.TrimSpace(string(b)); err == nil && digestRE.MatchString(d) {
+	if d := strings.TrimSpace(string(b)); err == nil && digestRE().MatchString(d) {
 		return d
 	}
 	return ""
@@ -371,7 +372,7 @@ func (s *Store) Tag(ref string) string {
 
 // SetTag records the digest ref points to.
 func (s *Store) SetTag(ref, digest string) error {
-	if !digestRE.MatchString(digest) {
+	if !digestRE().MatchString(digest) {
 		return fmt.Errorf("not a sha256 digest: %q", digest)
 	}
 	return atomicfile.Write(filepath.Join(s.Root, "tags", tagName(ref)), []byte(digest+"\n"), 0o600)

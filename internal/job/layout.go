@@ -6,7 +6,6 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
-	"regexp"
 	"strconv"
 
 	"github.com/ci-exec/ci-exec/internal/owndir"
@@ -42,7 +41,23 @@ type Layout struct {
 	StateDir string
 }
 
-var safeComponent = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+// safeComponent reports whether v is a plain path component: 1 to 64 of
+// [A-Za-z0-9_.-], starting with a letter or digit. (A regexp with {0,63}
+// compiles to a large program at every start of ci-exec; this is the run
+// path.)
+func safeComponent(v string) bool {
+	if v == "" || len(v) > 64 {
+		return false
+	}
+	for i := 0; i < len(v); i++ {
+		c := v[i]
+		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+		if !alnum && (i == 0 || c != '_' && c != '.' && c != '-') {
+			return false
+		}
+	}
+	return true
+}
 
 // NewLayout derives the layout for job j under dataDir. It is pure: every
 // stage computes the same paths from the same job.
@@ -51,7 +66,7 @@ func NewLayout(dataDir string, j *Job) Layout {
 	for _, k := range []string{"CI_RUNNER_SHORT_TOKEN", "CI_RUNNER_ID"} {
 		// These come from the runner but users can override them; anything
 		// that is not a plain path component is ignored, never joined.
-		if v := j.Vars[k]; safeComponent.MatchString(v) && v != "." && v != ".." {
+		if v := j.Vars[k]; safeComponent(v) && v != "." && v != ".." {
 			runner = v
 			break
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
@@ -46,12 +47,14 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	return info, nil
 }
 
-var versionRE = regexp.MustCompile(`(?m)^\s*(?:apptainer version\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[-+~][0-9A-Za-z.+~-]*)?)\s*$`)
+var versionRE = sync.OnceValue(func() *regexp.Regexp {
+	return regexp.MustCompile(`(?m)^\s*(?:apptainer version\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[-+~][0-9A-Za-z.+~-]*)?)\s*$`)
+})
 
 // ParseVersion reads `apptainer version` output ("1.5.3", or
 // "1.4.0-rc.1+12-gabc" for builds from git).
 func ParseVersion(out string) (string, error) {
-	m := versionRE.FindStringSubmatch(out)
+	m := versionRE().FindStringSubmatch(out)
 	if m == nil {
 		return "", fmt.Errorf("cannot read the version from apptainer version output %q", kit.OneLine(out))
 	}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"regexp"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
@@ -143,7 +144,7 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 		// Apptainer is a separate program: its output is all there is to
 		// read. The address is Go's, "dial tcp H:P: connect: ...".
 		kind, last = kit.PullRefused, ""
-		if m := dialAddr.FindStringSubmatch(tail); m != nil {
+		if m := dialAddr().FindStringSubmatch(tail); m != nil {
 			last = m[1]
 		}
 	case strings.Contains(last, "no such host") ||
@@ -159,7 +160,7 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 
 // dialAddr finds the address in Go's "dial tcp H:P: connect: connection
 // refused".
-var dialAddr = regexp.MustCompile(`dial tcp (\S+): connect: connection refused`)
+var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`dial tcp (\S+): connect: connection refused`) })
 
 // shellProbe prints the shell stage scripts should run with. It is a fixed
 // script: no user data is ever part of it.
@@ -197,7 +198,7 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, _ string) erro
 }
 
 // sifEntry is the name of a SIF in the store (see Pull).
-var sifEntry = regexp.MustCompile(`^sha256-[0-9a-f]{64}\.sif$`)
+var sifEntry = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^sha256-[0-9a-f]{64}\.sif$`) })
 
 // CheckImage accepts only what Pull makes: a SIF entry of the user's store
 // and a lease on it.
@@ -211,5 +212,5 @@ func (r *Runtime) CheckImage(img mechanism.Image, _ string) error {
 	if len(img.RunOptions) > 0 || len(img.Private) > 0 {
 		return fmt.Errorf("image %s carries run options or per-job paths that Pull never sets", img.Handle)
 	}
-	return r.CheckStored(img, sifEntry)
+	return r.CheckStored(img, sifEntry())
 }

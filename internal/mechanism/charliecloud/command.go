@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
+	"sync"
 
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
@@ -79,7 +80,7 @@ func hasKey(env []string, key string) bool {
 // mkdir: ... (ch_misc.c:409 30)". After ch-run has started the stage's
 // shell nothing of ch-run is left to print one, so such a line with exit
 // code 1 means ch-run itself failed, not the script.
-var chRunError = regexp.MustCompile(`(?m)^ch-run\[[0-9]+\]: error: .*$`)
+var chRunError = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`(?m)^ch-run\[[0-9]+\]: error: .*$`) })
 
 // Diagnose returns ch-run's error line when ch-run failed before running
 // the stage's script.
@@ -87,7 +88,7 @@ func (r *Runtime) Diagnose(exitCode int, stderrTail string) string {
 	if exitCode != 1 {
 		return ""
 	}
-	m := chRunError.FindAllString(stderrTail, -1)
+	m := chRunError().FindAllString(stderrTail, -1)
 	if len(m) == 0 {
 		return ""
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"regexp"
+	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
@@ -52,12 +53,14 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	return info, nil
 }
 
-var versionRE = regexp.MustCompile(`(?m)^\s*(?:ch-run\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[~+.-][0-9A-Za-z.+~-]*)?)\s*$`)
+var versionRE = sync.OnceValue(func() *regexp.Regexp {
+	return regexp.MustCompile(`(?m)^\s*(?:ch-run\s+)?v?([0-9]+\.[0-9]+(?:\.[0-9]+)?(?:[~+.-][0-9A-Za-z.+~-]*)?)\s*$`)
+})
 
 // ParseVersion reads `ch-run --version` output: "0.31" on Debian 12,
 // "0.38" or "0.39~pre+1a2b3c" elsewhere.
 func ParseVersion(out string) (string, error) {
-	m := versionRE.FindStringSubmatch(out)
+	m := versionRE().FindStringSubmatch(out)
 	if m == nil {
 		return "", fmt.Errorf("cannot read the version from ch-run --version output %q", kit.OneLine(out))
 	}

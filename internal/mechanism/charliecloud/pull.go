@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/ci-exec/ci-exec/internal/auth"
@@ -363,7 +364,7 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 		// ch-image is Python: its output is all there is to read. The
 		// address is urllib3's, "HTTPSConnectionPool(host='H', port=P)".
 		kind, last = kit.PullRefused, ""
-		if m := poolAddr.FindStringSubmatch(tail); m != nil {
+		if m := poolAddr().FindStringSubmatch(tail); m != nil {
 			last = net.JoinHostPort(m[1], m[2])
 		}
 	case strings.Contains(tail, "Max retries exceeded") ||
@@ -377,7 +378,7 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 
 // poolAddr finds the address in urllib3's "HTTPSConnectionPool(host='H',
 // port=P)".
-var poolAddr = regexp.MustCompile(`ConnectionPool\(host='([^']+)', port=([0-9]+)\)`)
+var poolAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`ConnectionPool\(host='([^']+)', port=([0-9]+)\)`) })
 
 // jobsDir holds the job copies run by path (FormatDir):
 // <image_storage_dir>/<user>.ci-exec/charliecloud-jobs, next to the store
@@ -389,7 +390,7 @@ func (r *Runtime) jobsDir() string {
 }
 
 // jobKeyRE is the form of a per-job key (mechanism.PullRequest.JobKey).
-var jobKeyRE = regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`)
+var jobKeyRE = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^[a-z0-9][a-z0-9-]*$`) })
 
 // Release ends the job's lease on a stored SquashFS file and removes its
 // own copies: its directory in the storage (img/ci-exec-job+KEY) or in
@@ -405,12 +406,12 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 		key, isCopy := strings.CutPrefix(base, forPath(jobImageRepo+":"))
 		ext := filepath.Ext(base)
 		switch {
-		case isCopy && dir == imgDir && jobKeyRE.MatchString(key),
-			dir == r.jobsDir() && jobKeyRE.MatchString(base):
+		case isCopy && dir == imgDir && jobKeyRE().MatchString(key),
+			dir == r.jobsDir() && jobKeyRE().MatchString(base):
 			if err := removeTree(p); err != nil {
 				errs = append(errs, err)
 			}
-		case jobDir != "" && dir == filepath.Clean(jobDir) && ext == ".mnt" && jobKeyRE.MatchString(strings.TrimSuffix(base, ext)):
+		case jobDir != "" && dir == filepath.Clean(jobDir) && ext == ".mnt" && jobKeyRE().MatchString(strings.TrimSuffix(base, ext)):
 			if err := os.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				errs = append(errs, err)
 			}
@@ -422,7 +423,7 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 }
 
 // squashEntry is the name of a SquashFS entry in the store (squashKey).
-var squashEntry = regexp.MustCompile(`^sha256-[0-9a-f]{64}-[0-9a-f]{12}\.sqfs$`)
+var squashEntry = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^sha256-[0-9a-f]{64}-[0-9a-f]{12}\.sqfs$`) })
 
 // CheckImage accepts only what Pull makes: a per-job copy in the storage
 // by name or in the jobs dir by path (run options: at most --set-env), or
@@ -438,7 +439,7 @@ func (r *Runtime) CheckImage(img mechanism.Image, jobDir string) error {
 	switch img.Format {
 	case FormatStorage:
 		key, ok := strings.CutPrefix(img.Handle, jobImageRepo+":")
-		if !ok || !jobKeyRE.MatchString(key) || img.Lease != "" {
+		if !ok || !jobKeyRE().MatchString(key) || img.Lease != "" {
 			return fmt.Errorf("image %s is not a per-job copy", img.Handle)
 		}
 		if len(img.Private) != 1 || img.Private[0] != filepath.Join(r.Storage, "img", forPath(img.Handle)) {
@@ -446,14 +447,14 @@ func (r *Runtime) CheckImage(img mechanism.Image, jobDir string) error {
 		}
 	case FormatDir:
 		key := filepath.Base(img.Handle)
-		if filepath.Dir(filepath.Clean(img.Handle)) != r.jobsDir() || !jobKeyRE.MatchString(key) || img.Lease != "" {
+		if filepath.Dir(filepath.Clean(img.Handle)) != r.jobsDir() || !jobKeyRE().MatchString(key) || img.Lease != "" {
 			return fmt.Errorf("image %s is not a per-job copy in %s", img.Handle, r.jobsDir())
 		}
 		if len(img.Private) != 1 || filepath.Clean(img.Private[0]) != filepath.Clean(img.Handle) {
 			return fmt.Errorf("image %s lists paths that are not its copy", img.Handle)
 		}
 	case FormatSquash:
-		if err := r.CheckStored(img, squashEntry); err != nil {
+		if err := r.CheckStored(img, squashEntry()); err != nil {
 			return err
 		}
 		if len(img.Private) != 1 {
@@ -461,7 +462,7 @@ func (r *Runtime) CheckImage(img mechanism.Image, jobDir string) error {
 		}
 		mnt := filepath.Clean(img.Private[0])
 		key := strings.TrimSuffix(filepath.Base(mnt), ".mnt")
-		if filepath.Dir(mnt) != filepath.Clean(jobDir) || !strings.HasSuffix(mnt, ".mnt") || !jobKeyRE.MatchString(key) {
+		if filepath.Dir(mnt) != filepath.Clean(jobDir) || !strings.HasSuffix(mnt, ".mnt") || !jobKeyRE().MatchString(key) {
 			return fmt.Errorf("mount point %s is not in the job's state dir", mnt)
 		}
 		allowed["--mount="+mnt] = true
