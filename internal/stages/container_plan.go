@@ -138,10 +138,11 @@ func overlaps(a, b string) bool {
 // Charliecloud without a writable image) would need every job's dirs to
 // exist in the image, which a SquashFS shared by the user's jobs cannot
 // have. Instead, prepare makes the data dir itself a mount point in the
-// image (the same for every job), and each stage binds a fresh, empty
+// image (the same for every job), and each stage binds an empty
 // skeleton of the job's dirs there first, then the real dirs onto it: the
 // rest of the data dir stays hidden underneath. The skeleton lives in the
-// job's state dir. When a bind lands under /tmp (a data dir under /tmp, a
+// job's state dir, and is kept from stage to stage while its mount points
+// are intact. When a bind lands under /tmp (a data dir under /tmp, a
 // volume there), the skeleton covers /tmp too and is the job's private
 // /tmp; otherwise the runtime gives the container a private /tmp itself.
 func (s containerSetup) View(info mechanism.Info, vols []policy.Bind) ([]policy.Bind, error) {
@@ -159,27 +160,76 @@ func (s containerSetup) View(info mechanism.Info, vols []policy.Bind) ([]policy.
 		anchors = append(anchors, l.DataDir)
 	}
 	root := filepath.Join(l.StateDir, "view")
-	if err := os.RemoveAll(root); err != nil {
-		return nil, fmt.Errorf("reset the container view %s: %w", root, err)
-	}
 	var out []policy.Bind
+	type skeleton struct {
+		dir  string
+		rels []string
+	}
+	var skels []skeleton
 	for i, anchor := range anchors {
-		skel := filepath.Join(root, fmt.Sprint(i))
-		if err := os.MkdirAll(skel, 0o700); err != nil {
-			return nil, fmt.Errorf("create the container view: %w", err)
-		}
+		sk := skeleton{dir: filepath.Join(root, fmt.Sprint(i))}
 		for _, b := range all {
 			rel, err := filepath.Rel(anchor, b.Dst)
 			if err != nil || rel == "." || strings.HasPrefix(rel, "..") {
 				continue
 			}
-			if err := os.MkdirAll(filepath.Join(skel, rel), 0o700); err != nil {
+			sk.rels = append(sk.rels, rel)
+		}
+		skels = append(skels, sk)
+		out = append(out, policy.Bind{Src: sk.dir, Dst: anchor})
+	}
+	// An earlier stage's view is kept when every mount point in it is
+	// still a real directory (an Lstat per path component, far cheaper
+	// than making it again): the container can write into its view, but
+	// a symlink or file where a mount point belongs means it is rebuilt.
+	intact := true
+	for _, sk := range skels {
+		intact = intact && realDirs(sk.dir, sk.rels)
+	}
+	if intact {
+		return append(out, all...), nil
+	}
+	if err := os.RemoveAll(root); err != nil {
+		return nil, fmt.Errorf("reset the container view %s: %w", root, err)
+	}
+	for _, sk := range skels {
+		if err := os.MkdirAll(sk.dir, 0o700); err != nil {
+			return nil, fmt.Errorf("create the container view: %w", err)
+		}
+		for _, rel := range sk.rels {
+			if err := os.MkdirAll(filepath.Join(sk.dir, rel), 0o700); err != nil {
 				return nil, fmt.Errorf("create the container view: %w", err)
 			}
 		}
-		out = append(out, policy.Bind{Src: skel, Dst: anchor})
 	}
 	return append(out, all...), nil
+}
+
+// realDirs reports whether dir and every component of each of rels under
+// it are directories, none of them a symlink.
+func realDirs(dir string, rels []string) bool {
+	isDir := func(p string) bool {
+		fi, err := os.Lstat(p)
+		return err == nil && fi.IsDir()
+	}
+	if !isDir(dir) {
+		return false
+	}
+	seen := map[string]bool{}
+	for _, rel := range rels {
+		p := dir
+		for _, c := range strings.Split(rel, "/") {
+			p = filepath.Join(p, c)
+			if seen[p] {
+				continue
+			}
+			if !isDir(p) {
+				return false
+			}
+			seen[p] = true
+		}
+	}
+	return true
 }
 
 // anyUnder reports whether a bind's destination lies under dir.

@@ -105,3 +105,29 @@ func TestUserVolumesMayNotCoverTheJobsDirs(t *testing.T) {
 type namedRuntime struct{ mechanism.Runtime }
 
 func (namedRuntime) Name() string { return "test" }
+
+func TestViewIsKeptWhileIntact(t *testing.T) {
+	data, err := os.MkdirTemp("/var/tmp", "ci-exec-view-")
+	require.NoError(t, err)
+	t.Cleanup(func() { os.RemoveAll(data) })
+	s := viewSetup(data)
+	require.NoError(t, os.MkdirAll(s.Layout.StateDir, 0o700))
+	first, err := s.View(mechanism.Info{FixedMountPoints: true}, nil)
+	require.NoError(t, err)
+	// What the container wrote into its view stays while the mount points
+	// are real directories...
+	written := filepath.Join(first[0].Src, "left-by-the-job")
+	require.NoError(t, os.WriteFile(written, nil, 0o600))
+	second, err := s.View(mechanism.Info{FixedMountPoints: true}, nil)
+	require.NoError(t, err)
+	assert.Equal(t, first, second)
+	assert.FileExists(t, written)
+	// ...and a mount point replaced by a file means a new view.
+	cache := filepath.Join(first[0].Src, "cache", "r")
+	require.NoError(t, os.RemoveAll(cache))
+	require.NoError(t, os.WriteFile(cache, nil, 0o600))
+	_, err = s.View(mechanism.Info{FixedMountPoints: true}, nil)
+	require.NoError(t, err)
+	assert.DirExists(t, cache)
+	assert.NoFileExists(t, written)
+}
