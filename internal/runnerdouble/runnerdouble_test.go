@@ -627,25 +627,31 @@ func TestScriptsRunUnderBusybox(t *testing.T) {
 
 func TestGeneratedScriptTermTrap(t *testing.T) {
 	// The runner's script turns SIGTERM into exit 1 (trap 'exit 1' TERM).
-	sc := scriptContext{projectDir: t.TempDir(), steps: []Step{{Name: "script", Script: []string{"echo ready", "sleep 30"}}}}
+	sc := scriptContext{projectDir: t.TempDir(), steps: []Step{{Name: "script", Script: []string{"echo ready", "sh -c 'echo blocking; exec sleep 30'"}}}}
 	script, ok, err := sc.stageScript("step_script", "bash")
 	require.NoError(t, err)
 	require.True(t, ok)
 	p := filepath.Join(t.TempDir(), "script")
 	require.NoError(t, os.WriteFile(p, []byte(script), 0o700))
 	for _, shell := range [][]string{{"bash"}, {"busybox", "sh"}} {
-		if _, err := exec.LookPath(shell[0]); err != nil {
-			continue
-		}
+		// Under the test command a missing shell fails the test.
+		shell[0] = testenv.RequireBinary(t, shell[0])
 		cmd := exec.Command(shell[0], append(shell[1:], p)...)
 		cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 		out, err := cmd.StdoutPipe()
 		require.NoError(t, err)
 		require.NoError(t, cmd.Start())
-		buf := make([]byte, 64)
-		n, _ := out.Read(buf)
-		assert.Contains(t, string(buf[:n]), "$ echo ready")
-		time.Sleep(200 * time.Millisecond)
+		// Wait until the blocking command itself says it runs (it then
+		// is sleep, in the script's process group): a SIGTERM sent
+		// earlier could reach the shell before sleep exists.
+		var got []byte
+		buf := make([]byte, 256)
+		for !strings.Contains(string(got), "blocking\n") {
+			n, err := out.Read(buf)
+			got = append(got, buf[:n]...)
+			require.NoError(t, err, "output so far: %s", got)
+		}
+		assert.Contains(t, string(got), "$ echo ready")
 		require.NoError(t, syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM))
 		err = cmd.Wait()
 		var ee *exec.ExitError
