@@ -3,14 +3,14 @@
 // `[general.charliecloud]` run-mechanism table (seed 004) wherever they
 // overlap, with the same meaning where that is as safe. Where ci-exec is
 // stricter (whole-reference allowlist entries, user volumes only under
-// volume_prefixes, no [auth] table) docs/config.md "Moving from Jacamar"
+// volume_prefixes, no sudo downscoping) docs/config.md "Moving from Jacamar"
 // lists the difference, and the error a Jacamar configuration meets names
 // the key and the fix.
 //
 // Loading is strict: an unknown key is an error that names the key, because a
 // typo in a security setting (say `image_alowlist`) must never pass silently,
 // and neither may a Jacamar setting ci-exec does not implement (say
-// `[auth] downscope = "setuid"`: the admin would believe jobs run as another
+// `[auth] downscope = "sudo"`: the admin would believe jobs run as another
 // user than they do).
 package config
 
@@ -58,6 +58,9 @@ type Config struct {
 	General General `toml:"general"`
 	// Batch configures the scheduler when General.Executor is a batch one.
 	Batch Batch `toml:"batch"`
+	// Auth is the `[auth]` table: identity and the job's local account
+	// (see auth.go and docs/multi-tenant.md).
+	Auth Auth `toml:"auth"`
 
 	// Path is the file the configuration was read from (not a TOML key).
 	Path string `toml:"-"`
@@ -98,6 +101,13 @@ type General struct {
 	// EnvVars are KEY=VALUE pairs set for every job script; `$VAR` in VALUE
 	// expands from the runner's environment (Jacamar's env_vars).
 	EnvVars []string `toml:"env_vars"`
+	// GitlabServer is the trusted GitLab URL (never one from the job
+	// payload): the ID token's issuer must equal it, and its keys come from
+	// <gitlab_server>/oauth/discovery/keys. Trailing slashes are dropped.
+	GitlabServer string `toml:"gitlab_server"`
+	// JWTEnvVariable is the job variable holding the job's ID token
+	// (default SITE_ID_TOKEN), declared by the job's `id_tokens:`.
+	JWTEnvVariable string `toml:"jwt_env_variable"`
 
 	// Charliecloud is the `[general.charliecloud]` table (seed 004).
 	Charliecloud Mechanism `toml:"charliecloud"`
@@ -324,6 +334,7 @@ func Parse(doc string, u UserInfo) (*Config, error) {
 		return nil, unknownKeys(keys)
 	}
 	cfg.applyDefaults()
+	cfg.authDefaults(md.IsDefined("auth", "min_uid"))
 	if err := cfg.expand(u); err != nil {
 		return nil, err
 	}
@@ -513,6 +524,7 @@ func (c *Config) Validate() error {
 	}{{"charliecloud", &g.Charliecloud}, {"apptainer", &g.Apptainer}} {
 		mc.m.validate("general."+mc.name, add)
 	}
+	c.validateAuth(add)
 	// force_mechanism without default_image is valid, as in Jacamar: jobs
 	// that name no image fail in prepare (mechanism.Prepare), and none runs
 	// on the host.

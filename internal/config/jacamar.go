@@ -11,18 +11,17 @@ import (
 // unknown key, but says why and what to do instead, because an admin moving
 // a Jacamar configuration over meets exactly these (docs/config.md, "Moving
 // from Jacamar"). Accepting and ignoring them would be worse: with
-// `[auth] downscope = "setuid"` ignored, jobs would run as the runner's
-// account while the admin believes they run as the GitLab user.
+// `[auth] downscope = "sudo"` ignored, jobs would run as the runner's
+// account while the admin believes they run as the GitLab user. The [auth]
+// table itself, gitlab_server and jwt_env_variable are real keys (auth.go).
 var jacamarTables = []struct{ prefix, hint string }{
-	{"auth", "ci-exec has no [auth] table: it neither authorizes jobs nor switches users, every stage runs as the user the runner starts it as; remove the [auth] table and run the runner, or a privilege-dropping wrapper in front of ci-exec, as the job's user (docs/admin-guide.md, \"Who runs the job\")"},
+	{"auth.logging", "ci-exec has no [auth.logging] table yet; remove it"},
 	{"general.podman", "ci-exec has no Podman run mechanism; remove [general.podman] and use run_mechanism = \"charliecloud\" or \"apptainer\" with its own table"},
 }
 
 var jacamarKeys = map[string]string{
 	"general.custom_build_dir":      "ci-exec does not let jobs choose their builds dir (CUSTOM_CI_BUILDS_DIR); remove it",
-	"general.jwt_env_variable":      "ci-exec does not authorize jobs with the CI job JWT (it has no [auth]); remove it",
 	"general.unrestricted_cmd_line": "ci-exec has no such switch: it keeps the job token off command lines itself; remove it",
-	"general.gitlab_server":         "a Jacamar setting ci-exec does not use; remove it",
 	"general.name":                  "a Jacamar setting ci-exec does not use; remove it",
 }
 
