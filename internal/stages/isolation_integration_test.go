@@ -17,6 +17,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ci-exec/ci-exec/internal/runnerdouble"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
@@ -52,10 +53,11 @@ func TestContainerJobCannotSteerItsDriver(t *testing.T) {
 		}{
 			// The job names no image and the admin forces one: a stage
 			// steered to the host would be visible at once.
-			{"forced default image", "force_mechanism = true", "default_image = %q", "storage"},
-			// Converted images, and the store inside the data dir (as batch
-			// executors keep it by default).
-			{"converted and the store in the data dir", "force_mechanism = true", "default_image = %q\nconvert = true", "data/" + u.Name},
+			{"forced", "force_mechanism = true", "default_image = %q", "storage"},
+			// Converted images, with the store in the data dir (where batch
+			// executors keep it by default). The name is short: ch-run 0.31
+			// cannot run an image path of more than about 250 bytes.
+			{"store-in-data", "force_mechanism = true", "default_image = %q\nconvert = true", "data/" + u.Name},
 		} {
 			t.Run(c.name, func(t *testing.T) {
 				image := testenv.Fact(t, "CI_EXEC_TEST_IMAGE")
@@ -103,4 +105,16 @@ func outputLines(log string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// ch-run 0.31 takes a long SquashFS path for an image name; prepare says
+// so, naming the key to change, instead of every stage failing later.
+func TestCharliecloudLongImagePathIsRefused(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	testenv.RequireBinary(t, charliecloudFixture.program)
+	e := containerRunnerIn(t, charliecloudFixture, u, "", "convert = true", "storage/"+strings.Repeat("s", 200))
+	res := runJob(t, e.runner, tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE")))
+	assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
+	assert.Contains(t, res.Log, "set general.charliecloud.image_storage_dir to a shorter directory")
+	assert.Empty(t, res.RunStages(), "no stage runs")
 }

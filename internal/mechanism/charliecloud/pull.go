@@ -245,6 +245,14 @@ func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *ima
 	img.Cache = kit.CacheState(res)
 	img.Format = FormatSquash
 	img.Handle, img.Lease = res.Path, res.Lease
+	if len(img.Handle) > maxImagePath {
+		// ch-run 0.31 takes a longer image path for an image name in its
+		// storage ("can't stat: STORAGE/img/%..."), which would fail every
+		// stage with a misleading line; say what to change instead.
+		_ = st.Release(res.Lease)
+		return failure.Systemf("charliecloud: the SquashFS image path %s is %d bytes long; ch-run %s cannot run an image whose path is longer than %d bytes: set general.charliecloud.image_storage_dir to a shorter directory",
+			img.Handle, len(img.Handle), info.Version, maxImagePath)
+	}
 	img.Shell = st.Meta(key, "shell")
 	if img.Shell == "" {
 		return failure.Systemf("charliecloud: the store entry %s has no recorded shell; remove it, it will be rebuilt", res.Path)
@@ -421,6 +429,11 @@ func (r *Runtime) Release(_ context.Context, img mechanism.Image, jobDir string)
 	}
 	return errors.Join(errs...)
 }
+
+// maxImagePath is the longest image path ch-run 0.31 is taken to run as a
+// path (measured here: a 249-byte path works, a 259-byte one is taken for
+// a name in the storage).
+const maxImagePath = 255
 
 // squashEntry is the name of a SquashFS entry in the store (squashKey).
 var squashEntry = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`^sha256-[0-9a-f]{64}-[0-9a-f]{12}\.sqfs$`) })
