@@ -219,7 +219,7 @@ func TestRewrittenGetSourcesFetches(t *testing.T) {
 					require.NoError(t, err, "the submodule was fetched with the same credentials")
 					assert.Equal(t, "from the submodule\n", string(s))
 				}
-				assertNoFileHolds(t, builds, gitToken)
+				testenv.AssertNoFileHolds(t, builds, gitToken)
 
 				ext := filepath.Join(project+".tmp", ".gitlab-runner.ext.conf")
 				host := strings.TrimPrefix(srv.URL, "http://")
@@ -255,25 +255,6 @@ func gitOut(t *testing.T, home string, env []string, stdin string, args ...strin
 	out, err := cmd.Output()
 	require.NoError(t, err, "git %v: %s", args, stderr.String())
 	return strings.TrimSpace(string(out))
-}
-
-// assertNoFileHolds checks that no file under dir contains s.
-func assertNoFileHolds(t *testing.T, dir, s string) {
-	t.Helper()
-	n := 0
-	require.NoError(t, filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return err
-		}
-		n++
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		assert.NotContains(t, string(b), s, "%s holds the token", p)
-		return nil
-	}))
-	require.NotZero(t, n, "the checkout has files")
 }
 
 func bashPath(t *testing.T) string {

@@ -263,29 +263,10 @@ func TestSecretsGitFetchWithoutTokenOnCommandLine(t *testing.T) {
 				assert.Empty(t, srv.Rejected(), "git never sent wrong credentials")
 				assert.Empty(t, hits, "the token appeared on a command line")
 				assert.NotContains(t, res.RawLog, token)
-				assertNoFileHolds(t, res.ProjectDir+".tmp", token)
-				assertNoFileHolds(t, res.ProjectDir, token)
+				testenv.AssertNoFileHolds(t, res.ProjectDir+".tmp", token)
+				testenv.AssertNoFileHolds(t, res.ProjectDir, token)
 				assertSecretFilesPrivate(t, []string{data}, token)
 			})
 		}
 	}
-}
-
-// assertNoFileHolds checks that dir has files and none of them contains s.
-func assertNoFileHolds(t *testing.T, dir, s string) {
-	t.Helper()
-	n := 0
-	require.NoError(t, filepath.WalkDir(dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || !d.Type().IsRegular() {
-			return err
-		}
-		n++
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return err
-		}
-		assert.NotContains(t, string(b), s, "%s holds the token", p)
-		return nil
-	}))
-	require.NotZero(t, n, "%s has files", dir)
 }
