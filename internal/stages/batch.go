@@ -104,14 +104,12 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		Killed:        res.Killed,
 		PendingReason: res.PendingReason,
 	}
-	if plan.Runtime != nil {
-		o.Runtime = plan.Runtime.Name()
-		if plan.UserArgs {
-			o.UserArgsVariable = plan.Runtime.UserArgsVariable()
-		}
-		if res.ExitCode != 0 {
-			o.Diagnosis = plan.Runtime.Diagnose(res.ExitCode, tail.String())
-		}
+	o.Runtime = plan.Runtime.Name()
+	if plan.UserArgs {
+		o.UserArgsVariable = plan.Runtime.UserArgsVariable()
+	}
+	if res.ExitCode != 0 {
+		o.Diagnosis = plan.Runtime.Diagnose(res.ExitCode, tail.String())
 	}
 	var subErr *batch.SubmitError
 	switch {

@@ -58,12 +58,10 @@ func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 		Where:   plan.Where,
 		Program: filepath.Base(plan.Argv[0]),
 		Exited:  true,
+		Runtime: plan.Runtime.Name(),
 	}
-	if plan.Runtime != nil {
-		o.Runtime = plan.Runtime.Name()
-		if plan.UserArgs {
-			o.UserArgsVariable = plan.Runtime.UserArgsVariable()
-		}
+	if plan.UserArgs {
+		o.UserArgsVariable = plan.Runtime.UserArgsVariable()
 	}
 	var se *proc.StartError
 	switch {

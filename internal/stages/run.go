@@ -16,8 +16,8 @@ type Plan struct {
 	Argv  []string
 	Env   []string
 	Dir   string
-	// Runtime is set when the stage runs in a container: it tells the
-	// runtime's own failures from the script's.
+	// Runtime runs the stage: the host or a container runtime (which
+	// tells its own failures from the script's).
 	Runtime mechanism.Runtime
 	// UserArgs is true when the container command carries the user's own
 	// runtime arguments.
