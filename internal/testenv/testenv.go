@@ -207,7 +207,14 @@ func PrivateDir(t testing.TB, u User) string {
 		t.Fatalf("mkdir %s: %v", root, err)
 	}
 	_ = os.Chmod(root, 0o1777)
-	dir, err := os.MkdirTemp(root, strings.ReplaceAll(t.Name(), "/", "_")+"-")
+	// The name is cut short: paths under it (image stores, SquashFS
+	// entries) must stay within what the runtimes take as a path (ch-run
+	// 0.31: about 250 bytes).
+	name := strings.ReplaceAll(t.Name(), "/", "_")
+	if len(name) > 40 {
+		name = name[:40]
+	}
+	dir, err := os.MkdirTemp(root, name+"-")
 	if err != nil {
 		t.Fatalf("mkdtemp: %v", err)
 	}
