@@ -440,13 +440,23 @@ func (s *Store) Use(key, job string) (lease string, err error) {
 // testHookUse runs between Use's mkdir and its write (tests only).
 var testHookUse = func() {}
 
-// Release ends a lease returned by Use. A path that is not a lease of
-// this store is refused.
-func (s *Store) Release(lease string) error {
+// CheckLease reports whether lease is a path Use returns: refs/KEY/JOB
+// under the store, both parts valid keys. Release checks it, and so do the
+// runtimes for a lease read back from a job's state.
+func (s *Store) CheckLease(lease string) error {
 	rel, err := filepath.Rel(filepath.Join(s.Root, "refs"), filepath.Clean(lease))
 	parts := strings.Split(rel, string(filepath.Separator))
 	if err != nil || len(parts) != 2 || CheckKey(parts[0]) != nil || CheckKey(parts[1]) != nil {
 		return fmt.Errorf("not a lease of the image store %s: %s", s.Root, lease)
+	}
+	return nil
+}
+
+// Release ends a lease returned by Use. A path that is not a lease of
+// this store is refused.
+func (s *Store) Release(lease string) error {
+	if err := s.CheckLease(lease); err != nil {
+		return err
 	}
 	if err := os.Remove(lease); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return err

@@ -221,19 +221,10 @@ func (b *Base) CheckStored(img mechanism.Image, entry *regexp.Regexp) error {
 	if !entry.MatchString(name) || st.Path(name) != filepath.Clean(img.Handle) {
 		return fmt.Errorf("image %s is not an entry of the image store %s", img.Handle, st.Root)
 	}
-	return CheckLease(st.Root, img.Lease)
-}
-
-// CheckLease checks that lease is "" or a path under the store's refs.
-func CheckLease(root, lease string) error {
-	if lease == "" {
+	if img.Lease == "" {
 		return nil
 	}
-	rel, err := filepath.Rel(filepath.Join(root, "refs"), filepath.Clean(lease))
-	if err != nil || strings.HasPrefix(rel, "..") || strings.Count(rel, "/") != 1 {
-		return fmt.Errorf("lease %s is not a lease of the image store %s", lease, root)
-	}
-	return nil
+	return st.CheckLease(img.Lease)
 }
 
 // Shells are the stage shells runtimes look for in an image, best first.
