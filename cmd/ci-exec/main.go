@@ -14,6 +14,7 @@ import (
 	"syscall"
 
 	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/downscope"
 	"github.com/ci-exec/ci-exec/internal/proc"
 	"github.com/ci-exec/ci-exec/internal/stages"
 )
@@ -78,6 +79,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return subreaper(stdout, func() int { return stages.Cleanup(ctx, inv) })
 	case "reap":
 		return reap(ctx, rest[1:], stderr)
+	case downscope.AsUserCommand:
+		return asUser(ctx, stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "%s %s\n", stages.DriverName, stages.DriverVersion())
 		return 0

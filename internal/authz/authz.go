@@ -17,9 +17,12 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"os/user"
+	"path/filepath"
 	"slices"
 	"strconv"
+	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
@@ -32,7 +35,11 @@ type Account struct {
 	UID   int
 	GID   int
 	Home  string
+	Shell string
 	Group []string // names of the primary and supplementary groups
+	// GIDs are the primary and supplementary group ids (what initgroups
+	// would set).
+	GIDs []uint32
 }
 
 // Accounts looks local accounts up.
@@ -62,10 +69,16 @@ func (OSAccounts) Lookup(name string) (*Account, error) {
 		return nil, fmt.Errorf("groups of %s: %v", name, err)
 	}
 	for _, g := range gids {
+		n, err := strconv.ParseUint(g, 10, 32)
+		if err != nil {
+			return nil, fmt.Errorf("groups of %s: gid %q: %v", name, g, err)
+		}
+		a.GIDs = append(a.GIDs, uint32(n))
 		if grp, err := user.LookupGroupId(g); err == nil {
 			a.Group = append(a.Group, grp.Name)
 		}
 	}
+	a.Shell = loginShell(u.Username)
 	return a, nil
 }
 
@@ -184,4 +197,18 @@ func (d *Decider) check(c *idtoken.Claims, login string, a *Account) error {
 		return deny("uid %d is below auth.min_uid %d", a.UID, r.MinUID)
 	}
 	return nil
+}
+
+// loginShell is the account's login shell from the passwd database (NSS,
+// so LDAP and SSSD accounts too; os/user does not return it), or /bin/sh.
+func loginShell(name string) string {
+	out, err := exec.Command("getent", "passwd", name).Output()
+	if err != nil {
+		return "/bin/sh"
+	}
+	f := strings.Split(strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0]), ":")
+	if len(f) == 7 && f[0] == name && filepath.IsAbs(f[6]) {
+		return f[6]
+	}
+	return "/bin/sh"
 }

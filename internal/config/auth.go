@@ -26,6 +26,12 @@ const (
 	DefaultJWTEnvVariable = "SITE_ID_TOKEN"
 	DefaultJWKSTTL        = time.Hour
 	DefaultMinUID         = 1000
+	// DefaultStateDir is where a downscoping runner keeps what steers a
+	// job's later stages (the verified identity, prepare's result): owned
+	// by the runner's account and outside every user's reach.
+	DefaultStateDir = "/var/lib/ci-exec/state"
+	// AuditSyslog sends the audit trail to the local syslog (the default).
+	AuditSyslog = "syslog"
 )
 
 // Auth is the `[auth]` table: how a job's identity is verified and which
@@ -59,8 +65,23 @@ type Auth struct {
 	MinUID int `toml:"min_uid"`
 	// AllowRoot admits uid 0 (refused by default, whatever min_uid says).
 	AllowRoot bool `toml:"allow_root"`
+	// StateDir holds, per job, the verified identity and prepare's result
+	// while the job runs (default DefaultStateDir). It must belong to the
+	// runner's account and no user may write to it or to any dir above it.
+	StateDir string `toml:"state_dir"`
+	// AuditLog is "syslog" (default: one record per stage, facility
+	// authpriv) or the absolute path of a JSON-lines file.
+	AuditLog string `toml:"audit_log"`
+	// UserExecutable is the ci-exec the job user's stages run (default:
+	// the running one). A deployment with file capabilities needs it: the
+	// privileged copy must not be executable by users, the user's copy must.
+	UserExecutable string `toml:"user_executable"`
 	// RunAs is `[auth.runas]`.
 	RunAs RunAs `toml:"runas"`
+
+	// dataDirPerUser records whether general.data_dir named $USER or $HOME
+	// before expansion: a downscoping runner must give every user their own.
+	dataDirPerUser bool
 }
 
 // RunAs is `[auth.runas]`: an admin script, pinned by its sha256, that
@@ -77,12 +98,11 @@ type RunAs struct {
 // Downscoping reports whether jobs run as the GitLab user's local account.
 func (a *Auth) Downscoping() bool { return a.Downscope == DownscopeSetuid }
 
-// setuidWired is false until the stages run jobs as the verified user.
-// Until then `downscope = "setuid"` is checked in full and then refused:
-// loading it while every stage still ran as the runner's account would let
-// the admin believe jobs run as their GitLab users when they do not. The
-// commit that wires downscoping into the stages sets it to true.
-var setuidWired = false
+// setuidWired says the stages run jobs as the verified user (package
+// downscope). A build without it refuses `downscope = "setuid"` after
+// checking it in full, so that no admin believes jobs run as their GitLab
+// users when they do not.
+var setuidWired = true
 
 var sha256Hex = regexp.MustCompile(`^[0-9a-fA-F]{64}$`)
 
@@ -106,7 +126,25 @@ func (c *Config) authDefaults(minUIDSet bool) {
 	if !minUIDSet {
 		a.MinUID = DefaultMinUID
 	}
+	if a.StateDir == "" {
+		a.StateDir = DefaultStateDir
+	}
+	if a.AuditLog == "" {
+		a.AuditLog = AuditSyslog
+	}
+	a.dataDirPerUser = perUserPath(g.DataDir)
 	a.RunAs.SHA256 = strings.ToLower(a.RunAs.SHA256)
+}
+
+// perUserPath reports whether a path key names the job user ($USER or
+// $HOME, braced or not) before expansion.
+func perUserPath(p string) bool {
+	for _, m := range varRef.FindAllStringSubmatch(p, -1) {
+		if m[1] == "USER" || m[1] == "HOME" {
+			return true
+		}
+	}
+	return false
 }
 
 // NormaliseServer drops trailing slashes, so that "https://gitlab.example/"
@@ -153,6 +191,9 @@ func (c *Config) validateAuth(add func(string, ...any)) {
 		if g.GitlabServer == "" {
 			add("auth.downscope = \"setuid\" needs general.gitlab_server, the GitLab whose ID tokens identify the job's user (e.g. gitlab_server = \"https://gitlab.example.com\")")
 		}
+		if g.DataDir != "" && !a.dataDirPerUser {
+			add("general.data_dir %q is shared by every user; with auth.downscope = \"setuid\" each user needs their own: put $USER or $HOME in it (e.g. data_dir = \"/srv/ci/$USER\")", g.DataDir)
+		}
 		if !setuidWired {
 			add("auth.downscope = \"setuid\" is not available in this build of ci-exec yet (jobs would still run as the runner's account); use downscope = \"none\" and run the runner as the job's user")
 		}
@@ -166,6 +207,15 @@ func (c *Config) validateAuth(add func(string, ...any)) {
 	}
 	if a.JWKSFile != "" && !filepath.IsAbs(a.JWKSFile) {
 		add("auth.jwks_file must be an absolute path, got %q", a.JWKSFile)
+	}
+	if !filepath.IsAbs(a.StateDir) || filepath.Clean(a.StateDir) == "/" {
+		add("auth.state_dir must be an absolute path other than /, got %q", a.StateDir)
+	}
+	if a.AuditLog != AuditSyslog && !filepath.IsAbs(a.AuditLog) {
+		add("auth.audit_log must be %q or the absolute path of a JSON-lines file, got %q", AuditSyslog, a.AuditLog)
+	}
+	if a.UserExecutable != "" && !filepath.IsAbs(a.UserExecutable) {
+		add("auth.user_executable must be an absolute path, got %q", a.UserExecutable)
 	}
 	if a.JWKSTTL.Duration < 0 {
 		add("auth.jwks_ttl must be positive, got %s", a.JWKSTTL.Duration)

@@ -9,14 +9,14 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// wireSetuid lets a test load downscope = "setuid" as the wired build will.
-func wireSetuid(t *testing.T) {
+// unwireSetuid makes the build one without downscoping.
+func unwireSetuid(t *testing.T) {
 	old := setuidWired
-	setuidWired = true
+	setuidWired = false
 	t.Cleanup(func() { setuidWired = old })
 }
 
-const authHead = "[general]\ndata_dir = \"/d\"\n"
+const authHead = "[general]\ndata_dir = \"/d/$USER\"\n"
 
 func TestAuthDefaults(t *testing.T) {
 	cfg, err := Parse(authHead, bob)
@@ -40,7 +40,6 @@ func TestAuthDefaults(t *testing.T) {
 // TestJacamarAuthTableLoads: a Jacamar site's [auth] table, with the keys
 // ci-exec shares, loads with their meaning.
 func TestJacamarAuthTableLoads(t *testing.T) {
-	wireSetuid(t)
 	const sum = "0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789abcdef"
 	doc := authHead + `gitlab_server = "https://gitlab.example.com/"
 jwt_env_variable = "CI_SITE_TOKEN"
@@ -86,14 +85,27 @@ user_variable = "RUNAS_USER"
 	assert.Equal(t, "RUNAS_USER", a.RunAs.UserVariable)
 }
 
+// TestSetuidNeedsPerUserDataDir: one data_dir for every user would let one
+// user's job reach another's tree.
+func TestSetuidNeedsPerUserDataDir(t *testing.T) {
+	const tail = "gitlab_server = \"https://g.example\"\n[auth]\ndownscope = \"setuid\"\n"
+	_, err := Parse("[general]\ndata_dir = \"/srv/ci\"\n"+tail, bob)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), `general.data_dir "/srv/ci" is shared by every user; with auth.downscope = "setuid" each user needs their own: put $USER or $HOME in it`)
+	for _, dd := range []string{"/srv/ci/$USER", "/srv/${USER}/ci", "$HOME/.ci-exec", "${HOME}/ci"} {
+		_, err := Parse("[general]\ndata_dir = \""+dd+"\"\n"+tail, bob)
+		assert.NoError(t, err, dd)
+	}
+}
+
 func TestSetuidRefusedUntilWired(t *testing.T) {
+	unwireSetuid(t)
 	_, err := Parse(authHead+"gitlab_server = \"https://gitlab.example.com\"\n[auth]\ndownscope = \"setuid\"\n", bob)
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), `auth.downscope = "setuid" is not available in this build`)
 }
 
 func TestAuthErrors(t *testing.T) {
-	wireSetuid(t)
 	const sum = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
 	cases := map[string]struct{ doc, want string }{
 		"setuid without server": {"[auth]\ndownscope = \"setuid\"\n", `auth.downscope = "setuid" needs general.gitlab_server`},
@@ -119,6 +131,9 @@ func TestAuthErrors(t *testing.T) {
 		"sha without script":    {"[auth.runas]\nsha256 = \"" + sum + "\"\n", `auth.runas.sha256 is set without auth.runas.validation_script`},
 		"user var no script":    {"[auth.runas]\nuser_variable = \"RUNAS\"\n", `auth.runas.user_variable needs auth.runas.validation_script`},
 		"bad user var":          {"[auth.runas]\nvalidation_script = \"/r.sh\"\nsha256 = \"" + sum + "\"\nuser_variable = \"RUN AS\"\n", `auth.runas.user_variable: "RUN AS" is not a variable name`},
+		"relative state_dir":    {"[auth]\nstate_dir = \"state\"\n", `auth.state_dir must be an absolute path other than /, got "state"`},
+		"root state_dir":        {"[auth]\nstate_dir = \"/\"\n", `auth.state_dir must be an absolute path other than /`},
+		"bad audit_log":         {"[auth]\naudit_log = \"journal\"\n", `auth.audit_log must be "syslog" or the absolute path of a JSON-lines file, got "journal"`},
 		"unknown runas key":     {"[auth.runas]\nscript = \"/r.sh\"\n", `unknown key "auth.runas.script" (check the spelling`},
 	}
 	for name, c := range cases {

@@ -39,6 +39,9 @@ type Cmd struct {
 	Grace time.Duration
 	// ExtraFiles become descriptors 3, 4, ... of the command.
 	ExtraFiles []*os.File
+	// Credential, when set, is the uid, gid and groups the command runs
+	// as (a downscoping runner's stage; needs root or CAP_SETUID/SETGID).
+	Credential *syscall.Credential
 }
 
 // Result is how the command ended.
@@ -107,6 +110,9 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 		// If ci-exec itself is SIGKILLed (the runner's last resort), the
 		// direct child dies with it instead of running on unsupervised.
 		Pdeathsig: syscall.SIGKILL,
+		// The kernel applies Pdeathsig after the credential change (Go sets
+		// it after setuid), so a downscoped child keeps it.
+		Credential: c.Credential,
 	}
 
 	// Writers that are not files are fed through our own pipes so that Wait

@@ -90,6 +90,9 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 	st.Log.Printf("Submitting %s to Slurm: sbatch %s", stage, strings.Join(batch.SbatchArgs(spec), " "))
 	res, err := s.Run(ctx, batch.Job{Spec: spec, Argv: argv, Env: plan.Env,
 		Script: filepath.Join(st.Layout.ScriptsDir, name+".sbatch"), Out: out})
+	if c := st.Inv.Child; c != nil {
+		c.Result.Slurm = res.JobID // for the audit trail
+	}
 	o := outcome.Outcome{
 		Where:         plan.Where,
 		Program:       filepath.Base(plan.Argv[0]),

@@ -40,6 +40,8 @@ type containerSetup struct {
 	ScriptEnv []string
 	// Grace is kill_timeout.
 	Grace time.Duration
+	// saveState keeps prepare's result (Stage.saveState).
+	saveState func(*State) error
 }
 
 func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
@@ -73,7 +75,7 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 				return nil, err
 			}
 			s.Log.Printf("The job names no image: its scripts run on the host.")
-			return st, st.Save(s.Layout.StateDir)
+			return st, s.saveState(st)
 		case s.Cfg.DefaultImage == "":
 			// As in Jacamar, force_mechanism without default_image is valid
 			// and such a job fails; it never falls back to the host.
@@ -169,7 +171,7 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 			return nil, failure.AsSystem(fmt.Errorf("%s: %w", s.key("runner_image"), err))
 		}
 	}
-	if err := st.Save(s.Layout.StateDir); err != nil {
+	if err := s.saveState(st); err != nil {
 		return nil, failure.AsSystem(err)
 	}
 	return st, nil

@@ -53,6 +53,7 @@ func setup(st *Stage) (*containerSetup, error) {
 		HostEnv:   st.Job.Host,
 		ScriptEnv: scriptEnv(st),
 		Grace:     st.Cfg.General.KillTimeout.Duration,
+		saveState: st.saveState,
 	}, nil
 }
 
@@ -82,7 +83,7 @@ func planStage(ctx context.Context, st *Stage, stage, script string) (Plan, erro
 	if s == nil {
 		return hostPlan(st, script)
 	}
-	state, err := LoadState(st.Layout.StateDir)
+	state, err := st.loadState()
 	if errors.Is(err, ErrNoState) {
 		// prepare always saves a state with a mechanism; without one the
 		// job's directory was removed or prepare never ran.
@@ -114,7 +115,7 @@ func releaseImages(ctx context.Context, st *Stage) {
 	if err != nil || s == nil {
 		return
 	}
-	state, err := LoadState(st.Layout.StateDir)
+	state, err := st.loadState()
 	if err != nil {
 		return
 	}

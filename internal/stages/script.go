@@ -8,6 +8,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"io/fs"
 	"os"
 	"path/filepath"
@@ -23,7 +24,7 @@ import (
 // their environment (package runnerscript). A script that would still put a
 // token on a command line is refused: any user of the host can read argv.
 func copyScript(ctx context.Context, st *Stage, src, stage string) (string, error) {
-	in, err := os.ReadFile(src)
+	in, err := readScript(st, src)
 	if err != nil {
 		return "", failure.AsSystem(fmt.Errorf("read the runner's script: %w", err))
 	}
@@ -44,6 +45,19 @@ func copyScript(ctx context.Context, st *Stage, src, stage string) (string, erro
 		return "", failure.AsSystem(fmt.Errorf("copy the runner's script: %w", err))
 	}
 	return dst, nil
+}
+
+// readScript reads the runner's script: in a downscoped stage from the
+// descriptor the front opened (the runner's temp dir is its account's
+// alone).
+func readScript(st *Stage, src string) ([]byte, error) {
+	if c := st.Inv.Child; c != nil {
+		if c.Script == nil {
+			return nil, fmt.Errorf("the privileged stage passed no script")
+		}
+		return io.ReadAll(c.Script)
+	}
+	return os.ReadFile(src)
 }
 
 // stageFileName is the stage's name as a file name in the scripts dir.

@@ -15,6 +15,7 @@ import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/downscope"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/job"
 	"github.com/ci-exec/ci-exec/internal/joblog"
@@ -54,6 +55,11 @@ type Invocation struct {
 	// Stdout and Stderr are the process's; for config, stdout carries only
 	// the JSON answer.
 	Stdout, Stderr io.Writer
+	// Child is set when a downscoping front started this stage as the
+	// job's user (ci-exec as-user): the config, the trusted job payload and
+	// prepare's state come from it, and the exit code, the new state and
+	// the audit facts go back to it.
+	Child *downscope.Child
 }
 
 // Stage is what every handler works with: the loaded config, the job, its
@@ -65,6 +71,9 @@ type Stage struct {
 	Log    *joblog.Logger
 	User   config.UserInfo
 	Inv    Invocation
+	// doc is the config document, handed to the user's stage when the
+	// front downscopes.
+	doc string
 }
 
 // load reads the job and the config for one call. Errors are system
@@ -73,6 +82,10 @@ type Stage struct {
 func load(inv Invocation, logTo io.Writer) (*Stage, error) {
 	log := joblog.New(logTo)
 	j, err := job.FromEnviron(inv.Environ)
+	if j != nil && inv.Child != nil {
+		// The runner's JOB_RESPONSE_FILE is readable only by its account.
+		j.Response = inv.Child.Handoff.Response
+	}
 	if j != nil {
 		log.AddSecrets(j.Secrets()...)
 	}
@@ -85,10 +98,22 @@ func load(inv Invocation, logTo io.Writer) (*Stage, error) {
 		return st, failure.AsSystem(err)
 	}
 	st.User = config.UserInfo{Name: name, Home: home}
-	cfg, err := config.Load(inv.ConfigPath, st.User)
-	if err != nil {
-		return st, failure.AsSystem(fmt.Errorf("%w (fix the ci-exec configuration; the runner will retry)", err))
+	path, doc := inv.ConfigPath, ""
+	if inv.Child != nil {
+		path, doc = inv.Child.Handoff.ConfigPath, inv.Child.Handoff.Config
+	} else {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return st, failure.AsSystem(fmt.Errorf("read config: %w (fix the ci-exec configuration; the runner will retry)", err))
+		}
+		doc = string(b)
 	}
+	cfg, err := config.Parse(doc, st.User)
+	if err != nil {
+		return st, failure.AsSystem(fmt.Errorf("config %s: %w (fix the ci-exec configuration; the runner will retry)", path, err))
+	}
+	cfg.Path = path
+	st.doc = doc
 	st.Cfg = cfg
 	st.Layout = layoutFor(cfg, j)
 	return st, nil
@@ -159,6 +184,10 @@ func exit(st *Stage, err error) int {
 }
 
 func writeExitCode(st *Stage, code int) {
+	if c := st.Inv.Child; c != nil {
+		c.Result.ScriptCode = &code
+		return
+	}
 	if st.Job == nil || st.Job.ExitCodeFile == "" {
 		return
 	}
@@ -184,6 +213,9 @@ func Config(ctx context.Context, inv Invocation) (code int) {
 	var st *Stage
 	defer guard(&st, &code, inv.Stderr)
 	st, err := load(inv, inv.Stderr)
+	if err == nil && st.downscopes() {
+		return st.delegate(ctx, downscope.StageConfig, "", "")
+	}
 	if err == nil {
 		err = runConfig(ctx, st)
 	}
@@ -195,6 +227,9 @@ func Prepare(ctx context.Context, inv Invocation) (code int) {
 	var st *Stage
 	defer guard(&st, &code, inv.Stdout)
 	st, err := load(inv, inv.Stdout)
+	if err == nil && st.downscopes() {
+		return st.delegate(ctx, downscope.StagePrepare, "", "")
+	}
 	if err == nil {
 		err = runPrepare(ctx, st)
 	}
@@ -206,6 +241,9 @@ func Run(ctx context.Context, inv Invocation, scriptPath, stage string) (code in
 	var st *Stage
 	defer guard(&st, &code, inv.Stdout)
 	st, err := load(inv, inv.Stdout)
+	if err == nil && st.downscopes() {
+		return st.delegate(ctx, downscope.StageRun, scriptPath, stage)
+	}
 	if err == nil {
 		err = runStage(ctx, st, scriptPath, stage)
 	}
@@ -227,6 +265,10 @@ func Cleanup(ctx context.Context, inv Invocation) int {
 				// Without a config the layout is only known from job_env.
 				cleanupFromJobEnv(st)
 			}
+			return
+		}
+		if st.downscopes() {
+			st.delegate(ctx, downscope.StageCleanup, "", "")
 			return
 		}
 		runCleanup(ctx, st)

@@ -1,9 +1,11 @@
 package stages
 
 import (
+	"bytes"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 
@@ -33,13 +35,22 @@ type State struct {
 	Runner *mechanism.Image `json:"runner,omitempty"`
 }
 
-// Save writes the state atomically, mode 0600.
-func (s *State) Save(dir string) error {
+// saveState keeps prepare's state: atomically, mode 0600, in the job's
+// state dir; or, in a downscoped stage, with the privileged front, which
+// keeps it where the job's user cannot change it (package downscope).
+func (st *Stage) saveState(s *State) error {
 	b, err := json.MarshalIndent(s, "", "  ")
 	if err != nil {
 		return fmt.Errorf("encode prepare state: %w", err)
 	}
-	if err := atomicfile.Write(filepath.Join(dir, StateFile), append(b, '\n'), 0o600); err != nil {
+	if c := st.Inv.Child; c != nil {
+		c.Result.State = b
+		if s.Job != nil {
+			c.Result.Image, c.Result.Digest = s.Job.Ref, s.Job.Digest
+		}
+		return nil
+	}
+	if err := atomicfile.Write(filepath.Join(st.Layout.StateDir, StateFile), append(b, '\n'), 0o600); err != nil {
 		return fmt.Errorf("save prepare state: %w", err)
 	}
 	return nil
@@ -49,23 +60,36 @@ func (s *State) Save(dir string) error {
 // prepared without a run mechanism).
 var ErrNoState = errors.New("no prepare state")
 
-// LoadState reads the state saved by prepare. Unknown fields are refused:
-// the file is ci-exec's own, and anything else in it was not written by
-// this version.
-func LoadState(dir string) (*State, error) {
-	f, err := os.Open(filepath.Join(dir, StateFile))
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, ErrNoState
+// loadState reads the state saved by prepare (from the handoff in a
+// downscoped stage). Unknown fields are refused: the state is ci-exec's
+// own, and anything else in it was not written by this version.
+func (st *Stage) loadState() (*State, error) {
+	var r io.Reader
+	where := filepath.Join(st.Layout.StateDir, StateFile)
+	if c := st.Inv.Child; c != nil {
+		if len(c.Handoff.State) == 0 {
+			return nil, ErrNoState
+		}
+		r, where = bytes.NewReader(c.Handoff.State), "from the privileged stage"
+	} else {
+		f, err := os.Open(where)
+		if errors.Is(err, os.ErrNotExist) {
+			return nil, ErrNoState
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read prepare state: %w", err)
+		}
+		defer f.Close()
+		r = f
 	}
-	if err != nil {
-		return nil, fmt.Errorf("read prepare state: %w", err)
-	}
-	defer f.Close()
 	var s State
-	dec := json.NewDecoder(f)
+	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&s); err != nil {
-		return nil, fmt.Errorf("decode prepare state %s: %w", filepath.Join(dir, StateFile), err)
+		return nil, fmt.Errorf("decode prepare state %s: %w", where, err)
+	}
+	if c := st.Inv.Child; c != nil && s.Job != nil {
+		c.Result.Image, c.Result.Digest = s.Job.Ref, s.Job.Digest
 	}
 	return &s, nil
 }

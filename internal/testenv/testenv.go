@@ -368,3 +368,25 @@ func WatchCmdlines(needles ...string) (stop func() []string) {
 		return append([]string(nil), w.hits...)
 	}
 }
+
+// StateRoot returns a fresh dir for a downscoping runner's auth.state_dir:
+// owned by root, 0700, with no dir above it that another user can write
+// (unlike PrivateDir's /var/tmp parent), as the runner requires.
+func StateRoot(t testing.TB) string {
+	t.Helper()
+	RequireRoot(t)
+	root := "/var/lib/ci-exec-test/auth-state"
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		t.Fatalf("mkdir %s: %v", root, err)
+	}
+	name := strings.ReplaceAll(t.Name(), "/", "_")
+	if len(name) > 40 {
+		name = name[:40]
+	}
+	dir, err := os.MkdirTemp(root, name+"-")
+	if err != nil {
+		t.Fatalf("mkdtemp: %v", err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(dir) })
+	return dir
+}
