@@ -173,7 +173,7 @@ func TestErrorsNameFileLineAndKey(t *testing.T) {
 		"reference missing": {map[string]string{".gitlab-ci.yml": "a:\n  script: !reference [.nope, script]\n"}, "a",
 			".gitlab-ci.yml:2: !reference [.nope script]: no .nope in the file"},
 		"no script": {map[string]string{".gitlab-ci.yml": "a:\n  image: x\n"}, "a", "a has no script:"},
-		"trigger": {map[string]string{".gitlab-ci.yml": "a:\n  trigger: other/project\n"}, "a", "trigger job"},
+		"trigger":   {map[string]string{".gitlab-ci.yml": "a:\n  trigger: other/project\n"}, "a", "trigger job"},
 		"bad timeout": {map[string]string{".gitlab-ci.yml": "a:\n  timeout: soon\n  script: [x]\n"}, "a",
 			".gitlab-ci.yml:2: a: timeout: \"soon\" is not a duration"},
 		"no job": {map[string]string{".gitlab-ci.yml": "a:\n  script: [x]\n"}, "b", `no job "b"`},
