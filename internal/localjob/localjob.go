@@ -390,12 +390,18 @@ func (r *run) cleanup() {
 			fmt.Fprintf(r.opt.Diag, "WARNING: remove %s: %v\n", d, err)
 		}
 	}
-	// The now-empty parents up to the builds dir (project namespace dirs).
+	// The now-empty parents: the project's namespace dirs, the builds dir
+	// of this local slot and its runner dir, the (unused) cache dir. A dir
+	// another local job still uses is not empty and stays.
 	for d := path.Dir(r.project); len(d) > len(r.builds) && strings.HasPrefix(d, r.builds+"/"); d = path.Dir(d) {
 		if os.Remove(d) != nil {
 			break
 		}
 	}
+	if os.Remove(r.builds) == nil {
+		_ = os.Remove(path.Dir(r.builds))
+	}
+	_ = os.Remove(r.cache)
 }
 
 // env is a driver call's environment, in the runner's order.
