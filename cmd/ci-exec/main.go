@@ -39,6 +39,12 @@ Commands for people (ci-exec help COMMAND for each one's flags and examples):
   help [COMMAND]         show this help or a command's
 
 --config PATH   admin configuration (default $CI_EXEC_CONFIG or ` + config.DefaultPath + `)
+
+Examples:
+  ci-exec check                      is this machine ready to run jobs?
+  ci-exec exec --list                the jobs of ./.gitlab-ci.yml and their images
+  ci-exec exec build                 run the job "build" here, as the runner would
+  ci-exec help exec                  ci-exec exec's flags
 `
 
 func main() {
