@@ -239,6 +239,27 @@ func TestExecOnHost(t *testing.T) {
 	}
 }
 
+func TestExecInPlace(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	p := newProject(t, u, "", "")
+	// In the tree itself the job sees ignored files too; the job checks
+	// that it does not.
+	require.NoError(t, os.Remove(filepath.Join(p.tree, "ignored.log")))
+	out, _, code := p.execJob(t, "ok", "--in-place")
+	assert.Equal(t, 0, code)
+	assertLines(t, out, "Running in the working tree "+p.tree+" (--in-place)", "Job succeeded")
+	b, err := os.ReadFile(filepath.Join(p.tree, "out", "result.txt"))
+	require.NoError(t, err, "the job wrote into the tree itself")
+	assert.Equal(t, "artifact-content\n", string(b))
+	b, err = os.ReadFile(filepath.Join(p.tree, "tracked.txt"))
+	require.NoError(t, err)
+	assert.Equal(t, "tracked\nscribble\n", string(b))
+	_, err = os.Stat(p.artifacts)
+	assert.True(t, os.IsNotExist(err), "nothing copied: the artifacts are in the tree")
+	assert.Empty(t, files(t, p.data), "only the link to the tree went, and it is gone")
+	assert.Empty(t, runnerdouble.ProcessesWithMarker(p.marker))
+}
+
 func TestExecListAndUsageErrors(t *testing.T) {
 	u := testenv.Root(t)
 	p := newProject(t, u, "image: docker.io/library/alpine:3.20", "")

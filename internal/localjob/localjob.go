@@ -45,6 +45,8 @@ const RunnerShortToken = "local"
 const (
 	buildFailureCode  = 1
 	systemFailureCode = 2
+	// canceledCode is what ci-exec exec exits with when interrupted.
+	canceledCode = 130
 )
 
 // Options say how to run the job.
@@ -256,7 +258,8 @@ func (r *run) contextError(ctx context.Context, err error) error {
 	if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 		return &jobError{msg: fmt.Sprintf("execution took longer than %v", r.timeout()), code: buildFailureCode, reason: "job_execution_timeout"}
 	}
-	return &jobError{msg: "canceled", code: buildFailureCode, reason: "job_canceled"}
+	// Interrupted (Ctrl-C, SIGTERM): the shell's code for SIGINT.
+	return &jobError{msg: "canceled", code: canceledCode, reason: "job_canceled"}
 }
 
 func (r *run) timeout() time.Duration {
