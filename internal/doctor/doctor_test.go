@@ -145,6 +145,22 @@ func TestRuntimeProbes(t *testing.T) {
 	}
 }
 
+func TestOtherConfiguredRuntimeProbed(t *testing.T) {
+	testenv.RequireBinary(t, "ch-run")
+	testenv.RequireBinary(t, "apptainer")
+	dir := t.TempDir()
+	storage := filepath.Join(dir, "images")
+	require.NoError(t, os.Mkdir(storage, 0o755))
+	r := Run(context.Background(), writeConfig(t, fmt.Sprintf(
+		"[general]\ndata_dir = %q\nrun_mechanism = \"charliecloud\"\n[general.charliecloud]\nimage_storage_dir = %q\n[general.apptainer]\napplication_path = \"/opt/apptainer/bin\"\nimage_storage_dir = %q\n",
+		filepath.Join(dir, "data"), storage, storage)))
+	assert.NotNil(t, find(r, "charliecloud", "charliecloud 0."), "%+v", r.Checks)
+	c := find(r, "apptainer", "(configured, not the run_mechanism)")
+	require.NotNil(t, c, "%+v", r.Checks)
+	assert.Equal(t, OK, c.Status)
+	assert.Regexp(t, `^apptainer [0-9]+\.[0-9]+`, c.Message)
+}
+
 func slurmConfig(t *testing.T, dir string) string {
 	return writeConfig(t, fmt.Sprintf("[general]\ndata_dir = %q\nexecutor = \"slurm\"\n[batch]\noptions = [\"--partition=%s\"]\n",
 		filepath.Join(dir, "data"), testenv.Fact(t, "CI_EXEC_TEST_SLURM_PARTITION")))

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"regexp"
 	"sort"
 	"strconv"
 	"syscall"
@@ -26,7 +27,7 @@ func Run(ctx context.Context, path string) *Report {
 		return r
 	}
 	u := config.UserInfo{Name: name, Home: home}
-	cfg := checkConfig(r, path, u)
+	cfg, doc := checkConfig(r, path, u)
 	if cfg == nil {
 		return r
 	}
@@ -38,6 +39,13 @@ func Run(ctx context.Context, path string) *Report {
 	} else {
 		r.ok("runtime", "jobs run on the host (no general.run_mechanism)")
 	}
+	// A runtime with a table of its own that is not the run_mechanism (a
+	// site preparing a switch): its version, and whether it works.
+	for _, name := range []string{config.MechanismCharliecloud, config.MechanismApptainer} {
+		if name != cfg.General.RunMechanism && tableRE(name).MatchString(doc) {
+			probeOther(ctx, r, cfg, name, u)
+		}
+	}
 	if cfg.IsBatch() {
 		checkSlurm(ctx, r, cfg)
 	}
@@ -45,12 +53,17 @@ func Run(ctx context.Context, path string) *Report {
 	return r
 }
 
-func checkConfig(r *Report, path string, u config.UserInfo) *config.Config {
+// tableRE matches the [general.<name>] header of a TOML document.
+func tableRE(name string) *regexp.Regexp {
+	return regexp.MustCompile(`(?m)^\s*\[\s*general\.` + name + `\s*\]`)
+}
+
+func checkConfig(r *Report, path string, u config.UserInfo) (*config.Config, string) {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		r.add(Check{Area: "config", Status: Fail, Message: fmt.Sprintf("cannot read %s: %v", path, err),
 			Fix: "create it (configs/ci-exec.toml is an example), make it readable by the job user, or pass --config PATH"})
-		return nil
+		return nil, ""
 	}
 	cfg, probs := config.Diagnose(string(b), u)
 	// In file order; problems without a line last.
@@ -62,7 +75,7 @@ func checkConfig(r *Report, path string, u config.UserInfo) *config.Config {
 		r.add(Check{Area: "config", Status: Fail, Message: p.Message, Key: p.Key, Line: p.Line})
 	}
 	if cfg == nil {
-		return nil
+		return nil, ""
 	}
 	if len(probs) == 0 {
 		mech := cfg.General.RunMechanism
@@ -71,7 +84,7 @@ func checkConfig(r *Report, path string, u config.UserInfo) *config.Config {
 		}
 		r.ok("config", "%s is valid (executor %s, run_mechanism %s)", path, cfg.General.Executor, mech)
 	}
-	return cfg
+	return cfg, string(b)
 }
 
 // runAs re-runs `ci-exec check` as user when that is someone else: root

@@ -116,6 +116,26 @@ func checkRuntime(ctx context.Context, r *Report, cfg *config.Config, m config.M
 	cgroups(r, name)
 }
 
+// probeOther reports the version of a runtime that has a table but is not
+// the run_mechanism; it failing is only a warning, no job uses it.
+func probeOther(ctx context.Context, r *Report, cfg *config.Config, name string, u config.UserInfo) {
+	m := cfg.General.Charliecloud
+	var rt mechanism.Runtime = charliecloud.New(m, u, hostEnv(), cfg.General.KillTimeout.Duration)
+	if name == config.MechanismApptainer {
+		m = cfg.General.Apptainer
+		rt = apptainer.New(m, u, hostEnv(), cfg.General.KillTimeout.Duration)
+	}
+	pctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	info, err := rt.Probe(pctx)
+	if err != nil {
+		r.add(Check{Area: name, Status: Warn, Key: "general." + name, Message: oneLine(err.Error()) + " (configured, not the run_mechanism)",
+			Fix: "install it before switching general.run_mechanism to " + name})
+		return
+	}
+	r.ok(name, "%s (configured, not the run_mechanism)", info.Describe(name))
+}
+
 // userns checks the kernel's unprivileged user namespaces.
 func userns(r *Report, name string) {
 	b, err := os.ReadFile("/proc/sys/user/max_user_namespaces")
