@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/idtoken/idtokentest"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
@@ -159,6 +160,26 @@ func TestOtherConfiguredRuntimeProbed(t *testing.T) {
 	require.NotNil(t, c, "%+v", r.Checks)
 	assert.Equal(t, OK, c.Status)
 	assert.Regexp(t, `^apptainer [0-9]+\.[0-9]+`, c.Message)
+}
+
+func TestJWKS(t *testing.T) {
+	dir := t.TempDir()
+	iss := idtokentest.New(t, "https://gitlab.example.com")
+	good := iss.WriteJWKS(t, dir)
+	bad := filepath.Join(dir, "bad.json")
+	require.NoError(t, os.WriteFile(bad, []byte("{not json"), 0o644))
+	for file, want := range map[string]Status{good: OK, bad: Fail} {
+		r := Run(context.Background(), writeConfig(t, fmt.Sprintf("[general]\ndata_dir = %q\n[auth]\njwks_file = %q\n",
+			filepath.Join(dir, "data"), file)))
+		c := find(r, "auth", "JWKS from file "+file)
+		require.NotNil(t, c, "%+v", r.Checks)
+		assert.Equal(t, want, c.Status, c.Message)
+		if want == Fail {
+			assert.Equal(t, "auth.jwks_file", c.Key)
+		} else {
+			assert.Regexp(t, `: [1-9][0-9]* key\(s\)$`, c.Message)
+		}
+	}
 }
 
 func slurmConfig(t *testing.T, dir string) string {
