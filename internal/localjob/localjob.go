@@ -23,9 +23,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -418,8 +420,9 @@ func (r *run) env(withJobEnv bool) []string {
 		"JOB_RESPONSE_FILE="+r.respF,
 	)
 	if withJobEnv {
-		for k, v := range r.jobEnv {
-			env = append(env, k+"="+v)
+		// In key order, as the runner adds job_env.
+		for _, k := range slices.Sorted(maps.Keys(r.jobEnv)) {
+			env = append(env, k+"="+r.jobEnv[k])
 		}
 	}
 	for _, v := range r.vars {
