@@ -31,7 +31,7 @@ type Tool struct {
 // Progress makes a long pull or conversion visible: every few seconds one
 // job-log line with the bytes (and files: layers, blobs) the tool added
 // to its download or output directories since it started, and the rate.
-// A tool that ends within First prints nothing.
+// A tool that ends within First (3 s) prints nothing.
 type Progress struct {
 	// What names the work ("ch-image pull", "apptainer pull").
 	What string
@@ -39,7 +39,8 @@ type Progress struct {
 	Dirs []string
 	// Logf writes one job-log line (safe for concurrent use).
 	Logf func(format string, args ...any)
-	// First is when the first line comes, Every how often (default 5 s).
+	// First is when the first line comes (default 3 s), Every how often
+	// after that (default 5 s).
 	First, Every time.Duration
 }
 
@@ -68,7 +69,7 @@ func (p *Progress) watch(start time.Time, stop <-chan struct{}, done chan<- stru
 		every = 5 * time.Second
 	}
 	if first <= 0 {
-		first = every
+		first = min(3*time.Second, every)
 	}
 	baseBytes, baseFiles := usage(p.Dirs)
 	t := time.NewTimer(first)
