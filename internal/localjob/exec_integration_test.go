@@ -235,6 +235,16 @@ func TestExecOnHost(t *testing.T) {
 			assert.Equal(t, 7, code, "the script's exit code passes through")
 			assertLines(t, out, "about to fail", "after_script with failed", "ERROR: Job failed: exit status 7")
 			p.assertNothingLeft(t, before)
+
+			// --var and --env-file win over the file's variables.
+			env := filepath.Join(p.artifacts+"-env", "ci.env")
+			require.NoError(t, os.MkdirAll(filepath.Dir(env), 0o755))
+			require.NoError(t, os.WriteFile(env, []byte("# local values\nGREETING=hi\n"), 0o644))
+			chownTree(t, filepath.Dir(env), u)
+			out, _, code = p.execJob(t, "fail", "--var", "WHO=tester", "--env-file", env)
+			assert.Equal(t, 7, code)
+			assertLines(t, out, "hi tester from fail (test)")
+			p.assertNothingLeft(t, before)
 		})
 	}
 }
