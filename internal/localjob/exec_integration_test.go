@@ -241,9 +241,9 @@ func TestExecOnHost(t *testing.T) {
 			require.NoError(t, os.MkdirAll(filepath.Dir(env), 0o755))
 			require.NoError(t, os.WriteFile(env, []byte("# local values\nGREETING=hi\n"), 0o644))
 			chownTree(t, filepath.Dir(env), u)
-			out, _, code = p.execJob(t, "fail", "--var", "WHO=tester", "--env-file", env)
-			assert.Equal(t, 7, code)
-			assertLines(t, out, "hi tester from fail (test)")
+			out, _, code = p.execJob(t, "ok", "--var", "WHO=tester", "--env-file", env)
+			assert.Equal(t, 0, code)
+			assertLines(t, out, "hi tester from ok (build)")
 			p.assertNothingLeft(t, before)
 		})
 	}
