@@ -60,6 +60,9 @@ func Load(projectDir, file string) (*Config, error) {
 		return nil, err
 	}
 	root.Delete("include")
+	if _, ok := root.Get("workflow"); ok {
+		l.note("%s: workflow: is not evaluated; the job runs as if the pipeline were created", root.PosOf("workflow"))
+	}
 	return &Config{root: root, Notes: l.notes, extended: map[string]*Map{}}, nil
 }
 

@@ -270,6 +270,19 @@ func TestExecInPlace(t *testing.T) {
 	assert.Empty(t, runnerdouble.ProcessesWithMarker(p.marker))
 }
 
+func TestExecWithSlurm(t *testing.T) {
+	testenv.RequireBinary(t, "sbatch")
+	u := testenv.Unprivileged(t)
+	p := newProject(t, u, "", fmt.Sprintf("executor = \"slurm\"\n[batch]\noptions = [\"--partition=%s\"]\n",
+		testenv.Fact(t, "CI_EXEC_TEST_SLURM_PARTITION")))
+	before := snapshot(t, p.tree)
+	out, _, code := p.execJob(t, "fail")
+	assert.Equal(t, 7, code, "the batch job's exit code passes through")
+	assert.Regexp(t, `\nSubmitted Slurm job [0-9]+ \(ci-[0-9]+-build_script\); output is streamed below\.\n`, out)
+	assertLines(t, out, "about to fail", "after_script with failed", "ERROR: Job failed: exit status 7")
+	p.assertNothingLeft(t, before)
+}
+
 func TestExecListAndUsageErrors(t *testing.T) {
 	u := testenv.Root(t)
 	p := newProject(t, u, "image: docker.io/library/alpine:3.20", "")
