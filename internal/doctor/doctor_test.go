@@ -256,3 +256,23 @@ func TestDiagnoseMatchesLoad(t *testing.T) {
 	assert.Empty(t, probs)
 	assert.Equal(t, "/srv/ci/alice", cfg.General.DataDir)
 }
+
+func TestAllowlistRegistries(t *testing.T) {
+	m := config.Mechanism{
+		ImageAllowlist: []string{`127\.0\.0\.1:5443/ci/.*`, `^docker\.io/library/alpine:.*`, `.*`, `registry\.example\.org/.*`, `[a-z]+\.example/x`},
+		DefaultImage:   "ghcr.io/org/img:1",
+	}
+	assert.Equal(t, []string{"127.0.0.1:5443", "docker.io", "ghcr.io", "registry.example.org"}, allowlistRegistries(m))
+}
+
+func TestPartitionFromOptions(t *testing.T) {
+	for opts, want := range map[string]string{
+		"--partition=debug":     "debug",
+		"--partition debug":     "debug",
+		"-p debug":              "debug",
+		"-pdebug":               "debug",
+		"--time=10 --account=x": "",
+	} {
+		assert.Equal(t, want, partition(strings.Fields(opts)), opts)
+	}
+}
