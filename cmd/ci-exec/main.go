@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -15,6 +16,8 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/downscope"
+	"github.com/ci-exec/ci-exec/internal/doctor"
+	"github.com/ci-exec/ci-exec/internal/localjob"
 	"github.com/ci-exec/ci-exec/internal/proc"
 	"github.com/ci-exec/ci-exec/internal/stages"
 )
@@ -31,7 +34,18 @@ Commands (called by gitlab-runner's custom executor):
                          script's wrapper on a compute node)
   version                print the version
 
+Commands for people (ci-exec help COMMAND for each one's flags and examples):
+  exec [flags] [JOB]     run a job of .gitlab-ci.yml here, as the runner would
+  check [flags]          check the configuration, runtimes, storage and Slurm
+  help [COMMAND]         show this help or a command's
+
 --config PATH   admin configuration (default $CI_EXEC_CONFIG or ` + config.DefaultPath + `)
+
+Examples:
+  ci-exec check                      is this machine ready to run jobs?
+  ci-exec exec --list                the jobs of ./.gitlab-ci.yml and their images
+  ci-exec exec build                 run the job "build" here, as the runner would
+  ci-exec help exec                  ci-exec exec's flags
 `
 
 func main() {
@@ -48,6 +62,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	}
 	cfgPath := fs.String("config", defPath, "admin configuration file")
 	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		return systemFailureCode()
 	}
 	rest := fs.Args()
@@ -81,6 +98,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return reap(ctx, rest[1:], stderr)
 	case downscope.AsUserCommand:
 		return asUser(ctx, stdout, stderr)
+	case "exec":
+		return subreaper(stderr, func() int { return localjob.Main(ctx, rest[1:], self(), *cfgPath, stdout, stderr) })
+	case "check":
+		return doctor.Main(ctx, rest[1:], *cfgPath, stdout, stderr)
+	case "help", "--help", "-h":
+		return help(rest[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "%s %s\n", stages.DriverName, stages.DriverVersion())
 		return 0
@@ -89,6 +112,38 @@ func run(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return systemFailureCode()
 	}
+}
+
+// help prints the usage of ci-exec or of one command.
+func help(args []string, stdout, stderr io.Writer) int {
+	topic := ""
+	if len(args) > 0 {
+		topic = args[0]
+	}
+	switch topic {
+	case "":
+		fmt.Fprint(stdout, usage)
+	case "exec":
+		fmt.Fprint(stdout, localjob.Usage)
+	case "check":
+		fmt.Fprint(stdout, doctor.Usage)
+	case "config", "prepare", "run", "cleanup", "reap":
+		fmt.Fprintf(stdout, "ci-exec %s is called by gitlab-runner's custom executor (see docs/admin-guide.md and configs/runner-config.toml).\n\n%s", topic, usage)
+	default:
+		fmt.Fprintf(stderr, "ERROR: ci-exec help: unknown command %q\n", topic)
+		fmt.Fprint(stderr, usage)
+		return systemFailureCode()
+	}
+	return 0
+}
+
+// self is this binary, which ci-exec exec calls for each stage as the
+// runner would.
+func self() string {
+	if p, err := os.Executable(); err == nil {
+		return p
+	}
+	return os.Args[0]
 }
 
 // subreaper runs a stage that starts processes as a child subreaper, so

@@ -32,6 +32,10 @@ type Slurm struct {
 	Poll time.Duration
 	// PendingLimit cancels a job pending longer (0 = no limit).
 	PendingLimit time.Duration
+	// PendingLog is how often a pending job's state and reason go to the
+	// job log (0: after 5 s, then every 30 s), so a long queue wait is
+	// never a silent log.
+	PendingLog time.Duration
 	// UnknownLimit is how long the job may be unknown to Slurm before it is
 	// given up as vanished.
 	UnknownLimit time.Duration
@@ -291,7 +295,27 @@ type watch struct {
 	start time.Time
 
 	pendingSince, unknownSince time.Time
-	pendingLogged              bool
+	// pendingLogged is when the pending state was last logged, and with
+	// which reason.
+	pendingLogged time.Time
+	pendingReason string
+}
+
+// pendingDue reports whether a pending job's state is due in the log:
+// first after 5 s (or PendingLog when shorter), then every PendingLog
+// (30 s by default) or when Slurm's reason changes.
+func (w *watch) pendingDue(now time.Time, reason string) bool {
+	every, first := w.s.PendingLog, 5*time.Second
+	if every <= 0 {
+		every = 30 * time.Second
+	}
+	if every < first {
+		first = every
+	}
+	if w.pendingLogged.IsZero() {
+		return now.Sub(w.start) >= first
+	}
+	return now.Sub(w.pendingLogged) >= every || reason != w.pendingReason
 }
 
 // fromMarker copies what the end marker reported into res.
@@ -347,9 +371,9 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 		if w.pendingSince.IsZero() {
 			w.pendingSince = now
 		}
-		if !w.pendingLogged && now.Sub(w.start) > 5*time.Second {
-			s.Logf("Slurm job %s is pending (reason: %s).", id, st.Reason)
-			w.pendingLogged = true
+		if w.pendingDue(now, st.Reason) {
+			s.Logf("Slurm job %s is pending for %s (reason: %s).", id, now.Sub(w.start).Round(time.Second), st.Reason)
+			w.pendingLogged, w.pendingReason = now, st.Reason
 		}
 		if s.PendingLimit > 0 && now.Sub(w.pendingSince) > s.PendingLimit {
 			res.PendingReason = st.Reason

@@ -550,6 +550,38 @@ func TestRunNoPendingLimit(t *testing.T) {
 	assert.Empty(t, res.PendingReason)
 }
 
+func TestRunPendingStateLogged(t *testing.T) {
+	// A long wait in the queue shows its state and reason again and
+	// again: here every 30 ms, the test ends the wait after the third line.
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	s := f.slurm()
+	s.PendingLog = 30 * time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var lines []string
+	var mu sync.Mutex
+	s.Logf = func(format string, args ...any) {
+		mu.Lock()
+		defer mu.Unlock()
+		if l := fmt.Sprintf(format, args...); strings.Contains(l, "is pending") {
+			lines = append(lines, l)
+		}
+		if len(lines) == 3 {
+			cancel()
+		}
+	}
+	res, err := s.Run(ctx, f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err)
+	assert.True(t, res.Stopped)
+	mu.Lock()
+	defer mu.Unlock()
+	require.GreaterOrEqual(t, len(lines), 3)
+	for _, l := range lines[:3] {
+		assert.Regexp(t, `^Slurm job 42 is pending for [0-9.]+m?s \(reason: JobHeldUser\)\.$`, l)
+	}
+}
+
 func TestRunVanished(t *testing.T) {
 	f := newFakeSlurm(t)
 	f.touch("hold", "") // never runs, so no marker

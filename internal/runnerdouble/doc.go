@@ -1,4 +1,8 @@
 // Package runnerdouble is a test double of gitlab-runner's custom executor.
+// The stage scripts it hands the driver are written by internal/jobscript,
+// which `ci-exec exec` (internal/localjob) uses too; this package adds what
+// only a test needs (the payload GitLab would send, retries, cancel, the
+// fake helper, call records).
 //
 // It drives a custom-executor driver binary (config_exec, prepare_exec,
 // run_exec, cleanup_exec) exactly the way gitlab-runner 19.4.0 does, so that
@@ -29,7 +33,7 @@
 //     runner does ("gitlab-runner artifacts-uploader --url ... --token
 //     <job token> --id ..."); ./fakehelper is a gitlab-runner stand-in that
 //     records its own argv (HelperCalls);
-//   - get_sources as the runner writes it (gitsources.go): for GIT_STRATEGY
+//   - get_sources as the runner writes it (internal/jobscript): for GIT_STRATEGY
 //     fetch and clone the git template dir, the external git config with
 //     the runner's insteadOf rules carrying the job token (or, under
 //     FF_GIT_URLS_WITHOUT_TOKENS, its credential helper), git init, fetch,

@@ -1,6 +1,8 @@
 package runnerdouble
 
 import (
+	"github.com/ci-exec/ci-exec/internal/jobscript"
+
 	"context"
 	"os"
 	"path/filepath"
@@ -33,21 +35,22 @@ func TestHelperCallsAsTheRealRunnerWritesThem(t *testing.T) {
 	// The captured job: data_dir /srv/ci/data, runner run-job-h, project
 	// demo-group/demo, job 4246, cache key demo-cache on out/, artifacts
 	// demo-artifacts of out/ for 1 day. Only the server URL differs.
-	sc := scriptContext{
-		buildsDir:   "/srv/ci/data/builds/run-job-h/000",
-		cacheDir:    "/srv/ci/data/cache/run-job-h",
-		projectDir:  "/srv/ci/data/builds/run-job-h/000/demo-group/demo",
-		projectPath: "demo-group/demo",
-		jobID:       4246,
-		token:       "glcbt-fake-job-token-4246",
-		cache:       &Cache{Key: "demo-cache", Paths: []string{"out/"}},
-		artifacts:   &Artifacts{Name: "demo-artifacts", Paths: []string{"out/"}, ExpireIn: "1 day"},
+	sc := jobscript.Context{
+		ServerURL:   ServerURL,
+		BuildsDir:   "/srv/ci/data/builds/run-job-h/000",
+		CacheDir:    "/srv/ci/data/cache/run-job-h",
+		ProjectDir:  "/srv/ci/data/builds/run-job-h/000/demo-group/demo",
+		ProjectPath: "demo-group/demo",
+		JobID:       4246,
+		Token:       "glcbt-fake-job-token-4246",
+		Cache:       &Cache{Key: "demo-cache", Paths: []string{"out/"}},
+		Artifacts:   &Artifacts{Name: "demo-artifacts", Paths: []string{"out/"}, ExpireIn: "1 day"},
 	}
 	for _, stage := range []string{"restore_cache", "archive_cache", "upload_artifacts_on_success"} {
 		t.Run(stage, func(t *testing.T) {
 			want, err := os.ReadFile(filepath.Join(capturedDir, stage+".bash"))
 			require.NoError(t, err)
-			got, ok, err := sc.stageScript(stage, "bash")
+			got, ok, err := sc.StageScript(stage, "bash")
 			require.NoError(t, err)
 			require.True(t, ok)
 			w := strings.ReplaceAll(string(want), "http://127.0.0.1:44271", ServerURL)
@@ -61,7 +64,7 @@ func TestHelperCallsAsTheRealRunnerWritesThem(t *testing.T) {
 	}
 	// No cache and no artifacts: the stages have nothing to do.
 	for _, stage := range []string{"restore_cache", "archive_cache", "upload_artifacts_on_success", "download_artifacts"} {
-		_, ok, err := scriptContext{}.stageScript(stage, "bash")
+		_, ok, err := jobscript.Context{}.StageScript(stage, "bash")
 		require.NoError(t, err)
 		assert.False(t, ok, stage)
 	}

@@ -1,7 +1,10 @@
 package runnerdouble
 
 import (
+	"github.com/ci-exec/ci-exec/internal/jobscript"
+
 	"encoding/json"
+	"net/url"
 	"path"
 	"sort"
 	"strconv"
@@ -9,20 +12,7 @@ import (
 )
 
 // Variable is one job variable as in the payload's "variables" array.
-type Variable struct {
-	// Key is the variable name.
-	Key string `json:"key"`
-	// Value is the variable value.
-	Value string `json:"value"`
-	// Public is true for non-secret variables.
-	Public bool `json:"public"`
-	// Masked is true for variables masked in the job log.
-	Masked bool `json:"masked"`
-	// File is true for file-type variables (never set by the double).
-	File bool `json:"file"`
-	// Raw is true for variables that are not expanded.
-	Raw bool `json:"raw"`
-}
+type Variable = jobscript.Variable
 
 type payloadJobInfo struct {
 	Name            string `json:"name"`
@@ -248,11 +238,11 @@ func (j Job) ResponseJSON() ([]byte, error) {
 			"when": whenOr(a.When), "artifact_type": "archive", "artifact_format": "zip", "expire_in": a.ExpireIn})
 	}
 	if c := j.Cache; c != nil {
-		p.Cache = append(p.Cache, map[string]any{"key": c.key(), "untracked": false, "policy": "pull-push",
+		p.Cache = append(p.Cache, map[string]any{"key": c.KeyOrDefault(), "untracked": false, "policy": "pull-push",
 			"paths": c.Paths, "when": whenOr(c.When)})
 	}
 	for _, d := range j.Dependencies {
-		p.Dependencies = append(p.Dependencies, map[string]any{"id": d.ID, "name": d.Name, "token": d.token(j.Token),
+		p.Dependencies = append(p.Dependencies, map[string]any{"id": d.ID, "name": d.Name, "token": d.TokenFor(j.Token),
 			"artifacts_file": map[string]any{"filename": "artifacts.zip", "size": 1}})
 	}
 	for _, s := range j.steps() {
@@ -271,4 +261,15 @@ func (j Job) ResponseJSON() ([]byte, error) {
 		return nil, err
 	}
 	return append(b, '\n'), nil
+}
+
+// withJobToken is the repo_url GitLab sends: an http(s) URL carries
+// gitlab-ci-token and the job token.
+func withJobToken(repoURL, token string) string {
+	u, err := url.Parse(repoURL)
+	if err != nil || u.User != nil || u.Scheme != "http" && u.Scheme != "https" {
+		return repoURL
+	}
+	u.User = url.UserPassword("gitlab-ci-token", token)
+	return u.String()
 }

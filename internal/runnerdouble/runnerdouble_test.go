@@ -1,6 +1,8 @@
 package runnerdouble
 
 import (
+	"github.com/ci-exec/ci-exec/internal/jobscript"
+
 	"context"
 	"encoding/json"
 	"fmt"
@@ -627,8 +629,8 @@ func TestScriptsRunUnderBusybox(t *testing.T) {
 
 func TestGeneratedScriptTermTrap(t *testing.T) {
 	// The runner's script turns SIGTERM into exit 1 (trap 'exit 1' TERM).
-	sc := scriptContext{projectDir: t.TempDir(), steps: []Step{{Name: "script", Script: []string{"echo ready", "sh -c 'echo blocking; exec sleep 30'"}}}}
-	script, ok, err := sc.stageScript("step_script", "bash")
+	sc := jobscript.Context{ProjectDir: t.TempDir(), Steps: []Step{{Name: "script", Script: []string{"echo ready", "sh -c 'echo blocking; exec sleep 30'"}}}}
+	script, ok, err := sc.StageScript("step_script", "bash")
 	require.NoError(t, err)
 	require.True(t, ok)
 	p := filepath.Join(t.TempDir(), "script")

@@ -1,6 +1,8 @@
 package runnerdouble
 
 import (
+	"github.com/ci-exec/ci-exec/internal/jobscript"
+
 	"context"
 	"errors"
 	"fmt"
@@ -92,7 +94,7 @@ func (r *run) executeUserScripts(ctx context.Context) (error, error) {
 		if s.Name == "after_script" {
 			continue
 		}
-		err, fault = r.executeStage(scriptCtx, stepStage(s))
+		err, fault = r.executeStage(scriptCtx, jobscript.StepStage(s))
 		if fault != nil {
 			return nil, fault
 		}
@@ -133,25 +135,26 @@ func (r *run) variableValue(key string) string {
 	return val
 }
 
-func (r *run) scriptContext() scriptContext {
-	return scriptContext{
-		vars:         r.variables(),
-		buildsDir:    r.buildsDir,
-		cacheDir:     r.cacheDir,
-		projectDir:   r.projectDir,
-		projectPath:  r.job.ProjectFullPath,
-		hostname:     r.hostname,
-		gitStrategy:  r.variableValue("GIT_STRATEGY"),
-		repoURL:      r.job.repoURL(),
-		sha:          r.job.Sha,
-		ref:          "main",
-		refspecs:     r.job.refspecs(),
-		steps:        r.job.steps(),
-		jobID:        r.job.ID,
-		token:        r.job.Token,
-		cache:        r.job.Cache,
-		artifacts:    r.job.Artifacts,
-		dependencies: r.job.Dependencies,
+func (r *run) scriptContext() jobscript.Context {
+	return jobscript.Context{
+		Vars:         r.variables(),
+		BuildsDir:    r.buildsDir,
+		CacheDir:     r.cacheDir,
+		ProjectDir:   r.projectDir,
+		ProjectPath:  r.job.ProjectFullPath,
+		Hostname:     r.hostname,
+		GitStrategy:  r.variableValue("GIT_STRATEGY"),
+		RepoURL:      r.job.repoURL(),
+		Sha:          r.job.Sha,
+		Ref:          "main",
+		Refspecs:     r.job.refspecs(),
+		Steps:        r.job.steps(),
+		JobID:        r.job.ID,
+		Token:        r.job.Token,
+		ServerURL:    ServerURL,
+		Cache:        r.job.Cache,
+		Artifacts:    r.job.Artifacts,
+		Dependencies: r.job.Dependencies,
 	}
 }
 
@@ -161,14 +164,14 @@ func (r *run) executeStage(ctx context.Context, stage string) (error, error) {
 	if err := ctx.Err(); err != nil {
 		return err, nil
 	}
-	script, ok, err := r.scriptContext().stageScript(stage, r.shell)
+	script, ok, err := r.scriptContext().StageScript(stage, r.shell)
 	if err != nil {
 		return err, nil
 	}
 	if !ok {
 		return nil, nil
 	}
-	r.logln(stageDescription(stage))
+	r.logln(jobscript.StageDescription(stage))
 	defer func() {
 		if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 			r.warnln(stage + " could not run to completion because the timeout was exceeded. " + timeoutDocsHint)
@@ -218,5 +221,5 @@ func (c Config) StageScript(job Job, stage, buildsDir, cacheDir string) (script 
 	job = job.withDefaults()
 	r := &run{cfg: c.withDefaults(), job: job, jobStatus: "running", shell: "bash",
 		buildsDir: buildsDir, cacheDir: cacheDir, projectDir: path.Join(buildsDir, job.ProjectFullPath)}
-	return r.scriptContext().stageScript(stage, r.shell)
+	return r.scriptContext().StageScript(stage, r.shell)
 }

@@ -3,16 +3,19 @@ package runnerdouble
 import (
 	"io"
 	"os"
+	"strings"
 	"syscall"
 	"time"
 
 	"gitlab.com/gitlab-org/gitlab-runner/executors/custom/api"
+
+	"github.com/ci-exec/ci-exec/internal/jobscript"
 )
 
 // Values the double reports as the runner's own identity.
 const (
 	// RunnerVersion is the gitlab-runner version the double imitates (CI_RUNNER_VERSION).
-	RunnerVersion = "19.4.0"
+	RunnerVersion = jobscript.RunnerVersion
 	// RunnerRevision is the gitlab-runner revision the double imitates (CI_RUNNER_REVISION).
 	RunnerRevision = "fc1f1862"
 	// ServerURL is the fake GitLab URL given as CI_SERVER_URL; nothing listens there.
@@ -86,15 +89,15 @@ const (
 	KindCleanup = "cleanup"
 )
 
-// Step is one entry of the payload's "steps": Name is "script", "after_script",
-// "release" or any other step name; each step except after_script becomes
-// the run stage "step_<name>" ("step_script" is passed as "build_script").
-type Step struct {
-	// Name is the payload step name.
-	Name string
-	// Script is the step's command lines.
-	Script []string
-}
+// Step, Cache, Artifacts and Dependency are the job's steps, cache:,
+// artifacts: and dependencies, as the stage scripts (internal/jobscript)
+// take them.
+type (
+	Step       = jobscript.Step
+	Cache      = jobscript.Cache
+	Artifacts  = jobscript.Artifacts
+	Dependency = jobscript.Dependency
+)
 
 // Job describes the job the double "receives from GitLab".
 type Job struct {
@@ -161,68 +164,6 @@ type Job struct {
 	// Cancel, when not nil, cancels the job (UI/API cancel semantics) when it
 	// is closed or receives a value.
 	Cancel <-chan struct{}
-}
-
-// Cache is a job's cache: entry.
-type Cache struct {
-	// Key is the cache key; default "default".
-	Key string
-	// Paths are the paths archived (relative to the project dir).
-	Paths []string
-	// When is "on_success" (default), "on_failure" or "always".
-	When string
-}
-
-func (c *Cache) key() string {
-	if c.Key == "" {
-		return "default"
-	}
-	return c.Key
-}
-
-// runsOn reports whether the archive stage runs for a job that failed or not.
-func (c *Cache) runsOn(failed bool) bool { return whenAllows(c.When, failed) }
-
-// Artifacts is a job's artifacts: entry.
-type Artifacts struct {
-	// Name is the archive name (--name); "" leaves the flag out.
-	Name string
-	// Paths are the paths uploaded (relative to the project dir).
-	Paths []string
-	// When is "on_success" (default), "on_failure" or "always".
-	When string
-	// ExpireIn is --expire-in; "" leaves the flag out.
-	ExpireIn string
-}
-
-func (a *Artifacts) runsOn(failed bool) bool { return whenAllows(a.When, failed) }
-
-func whenAllows(when string, failed bool) bool {
-	switch when {
-	case "always":
-		return true
-	case "on_failure":
-		return failed
-	}
-	return !failed
-}
-
-// Dependency is an earlier job whose artifacts this one downloads.
-type Dependency struct {
-	// ID is the dependency's job ID (--id).
-	ID int64
-	// Name is its job name.
-	Name string
-	// Token is what the runner passes as --token; "" means the job's own
-	// token (what GitLab sends).
-	Token string
-}
-
-func (d Dependency) token(job string) string {
-	if d.Token == "" {
-		return job
-	}
-	return d.Token
 }
 
 // Config describes the runner side: the driver and the [runners.custom] settings.
@@ -471,4 +412,9 @@ func (j Job) steps() []Step {
 		steps = append(steps, Step{Name: "after_script", Script: j.AfterScript})
 	}
 	return steps
+}
+
+// shellQuote single-quotes s for POSIX sh.
+func shellQuote(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }

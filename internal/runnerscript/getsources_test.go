@@ -1,7 +1,7 @@
 package runnerscript_test
 
 // get_sources with FF_GIT_URLS_WITHOUT_TOKENS off and on, as the runner
-// double writes it (internal/runnerdouble/gitsources.go, a transcription
+// double writes it (internal/jobscript/gitsources.go, a transcription
 // of gitlab-runner 19.4's writer that uses the runner's own URL code; see
 // testdata/README.md).
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"sync"
@@ -99,7 +100,10 @@ func (r *Runtime) prepareDirs() error {
 func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, source, out string) error {
 	end := req.Log.Section("apptainer_pull", "apptainer pull "+source, false)
 	w := req.Log.Writer()
-	res, err := kit.RunTool(ctx, kit.Tool{Argv: r.pullArgv(info, req, source, out), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.Grace})
+	// Apptainer fetches the blobs into its cache dir, builds in its tmp
+	// dir and writes the SIF next to out.
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: r.pullArgv(info, req, source, out), Env: r.toolEnv(req.Credential), Dir: req.Dir, Output: w, Grace: r.Grace,
+		Progress: &kit.Progress{What: "apptainer pull", Dirs: []string{r.cacheDir(), r.tmpDir(), filepath.Dir(out)}, Logf: req.Log.Printf}})
 	w.Close()
 	end()
 	if err != nil {

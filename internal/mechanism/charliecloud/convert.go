@@ -33,7 +33,8 @@ func (r *Runtime) convert(ctx context.Context, info mechanism.Info, st *imagecac
 	}
 	end := req.Log.Section("ch_convert", "ch-convert "+req.Ref.Full+" to SquashFS", false)
 	w := req.Log.Writer()
-	res, err := kit.RunTool(ctx, kit.Tool{Argv: r.convertArgv(info, dir, out), Env: r.toolEnv(auth.Credential{}, false), Dir: req.Dir, Output: w, Grace: r.Grace})
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: r.convertArgv(info, dir, out), Env: r.toolEnv(auth.Credential{}, false), Dir: req.Dir, Output: w, Grace: r.Grace,
+		Progress: &kit.Progress{What: "ch-convert", Dirs: []string{filepath.Dir(out)}, Logf: req.Log.Printf}})
 	w.Close()
 	end()
 	if err != nil {

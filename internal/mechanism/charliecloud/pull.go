@@ -301,7 +301,12 @@ func (r *Runtime) pull(ctx context.Context, info mechanism.Info, req mechanism.P
 	defer end()
 	w := req.Log.Writer()
 	defer w.Close()
-	res, err := r.runBusy(ctx, kit.Tool{Argv: argv, Env: r.toolEnv(req.Credential, req.Insecure), Dir: req.Dir, Output: w, Grace: r.Grace}, req)
+	t := kit.Tool{Argv: argv, Env: r.toolEnv(req.Credential, req.Insecure), Dir: req.Dir, Output: w, Grace: r.Grace}
+	if req.Log != nil {
+		// ch-image downloads the layers into the storage's dlcache.
+		t.Progress = &kit.Progress{What: "ch-image pull", Dirs: []string{filepath.Join(r.Storage, "dlcache")}, Logf: req.Log.Printf}
+	}
+	res, err := r.runBusy(ctx, t, req)
 	if err != nil {
 		return failure.Systemf("charliecloud: ch-image pull %s: %v", req.Ref.Full, err)
 	}

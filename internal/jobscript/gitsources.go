@@ -1,4 +1,4 @@
-package runnerdouble
+package jobscript
 
 // get_sources as gitlab-runner 19.4 writes it for bash (shells/abstract.go
 // writeGetSourcesScript and what it calls, shells/bash.go BashWriter;
@@ -14,7 +14,6 @@ package runnerdouble
 
 import (
 	"fmt"
-	"net/url"
 	"path"
 	"regexp"
 	"strconv"
@@ -119,12 +118,12 @@ func (w *scriptWriter) checkForErrors() {
 }
 
 // gitAuth is Build.withUrlHelper: the runner's own URL code.
-func (s scriptContext) gitAuth() *url_helpers.GitAuthHelper {
+func (s Context) gitAuth() *url_helpers.GitAuthHelper {
 	return url_helpers.NewGitAuthHelper(url_helpers.GitAuthConfig{
-		CredentialsURL:         ServerURL,
-		RepoURL:                s.repoURL,
+		CredentialsURL:         s.ServerURL,
+		RepoURL:                s.RepoURL,
 		GitSubmoduleForceHTTPS: s.boolVar("GIT_SUBMODULE_FORCE_HTTPS"),
-		Token:                  s.token,
+		Token:                  s.Token,
 		ProjectPath:            s.value("CI_PROJECT_PATH"),
 		Server: url_helpers.GitAuthServerConfig{
 			Host:    s.value("CI_SERVER_HOST"),
@@ -135,9 +134,9 @@ func (s scriptContext) gitAuth() *url_helpers.GitAuthHelper {
 }
 
 // value is the last value of a job variable.
-func (s scriptContext) value(key string) string {
+func (s Context) value(key string) string {
 	v := ""
-	for _, x := range s.vars {
+	for _, x := range s.Vars {
 		if x.Key == key {
 			v = x.Value
 		}
@@ -145,13 +144,13 @@ func (s scriptContext) value(key string) string {
 	return v
 }
 
-func (s scriptContext) boolVar(key string) bool {
+func (s Context) boolVar(key string) bool {
 	b, _ := strconv.ParseBool(s.value(key))
 	return b
 }
 
 // remoteHost is AbstractShell.getRemoteHost.
-func (s scriptContext) remoteHost() (string, error) {
+func (s Context) remoteHost() (string, error) {
 	u, err := s.gitAuth().GetRemoteURL()
 	if err != nil {
 		return "", fmt.Errorf("getting remote URL: %w", err)
@@ -159,7 +158,7 @@ func (s scriptContext) remoteHost() (string, error) {
 	return url_helpers.OnlySchemeAndHost(u).String(), nil
 }
 
-func (s scriptContext) submoduleStrategy() string {
+func (s Context) submoduleStrategy() string {
 	switch v := s.value("GIT_SUBMODULE_STRATEGY"); v {
 	case "normal", "recursive":
 		return v
@@ -167,10 +166,10 @@ func (s scriptContext) submoduleStrategy() string {
 	return "none"
 }
 
-func (s scriptContext) lfsSmudgeDisabled() bool { return s.boolVar("GIT_LFS_SKIP_SMUDGE") }
+func (s Context) lfsSmudgeDisabled() bool { return s.boolVar("GIT_LFS_SKIP_SMUDGE") }
 
 // flagsVar is a cmdFlags build setting: the variable split on spaces, or def.
-func (s scriptContext) flagsVar(key string, def ...string) []string {
+func (s Context) flagsVar(key string, def ...string) []string {
 	v := s.value(key)
 	if v == "" {
 		return def
@@ -182,7 +181,7 @@ func (s scriptContext) flagsVar(key string, def ...string) []string {
 }
 
 // getSources is AbstractShell.writeGetSourcesScript.
-func (s scriptContext) getSources(w *scriptWriter) error {
+func (s Context) getSources(w *scriptWriter) error {
 	s.exports(w)
 	w.export("GIT_TERMINAL_PROMPT", "0")
 	w.export("GCM_INTERACTIVE", "Never")
@@ -195,13 +194,13 @@ func (s scriptContext) getSources(w *scriptWriter) error {
 	if err := s.writeSubmoduleUpdateCmds(w); err != nil {
 		return err
 	}
-	s.changeFilesOwnership(w, s.buildsDir)
+	s.changeFilesOwnership(w, s.BuildsDir)
 	s.writeClearGitCredentials(w)
 	return nil
 }
 
 // setupTokenlessGitConfig is the runner's: only with FF_GIT_URLS_WITHOUT_TOKENS.
-func (s scriptContext) setupTokenlessGitConfig(w *scriptWriter) error {
+func (s Context) setupTokenlessGitConfig(w *scriptWriter) error {
 	if !s.flag("FF_GIT_URLS_WITHOUT_TOKENS") {
 		return nil
 	}
@@ -214,7 +213,7 @@ func (s scriptContext) setupTokenlessGitConfig(w *scriptWriter) error {
 		w.endIf()
 	}
 	w.commandArgExpand("git", "config", "--file", seed, "--add", "include.path", ext)
-	if s.gitStrategy == "none" || s.gitStrategy == "empty" {
+	if s.GitStrategy == "none" || s.GitStrategy == "empty" {
 		w.commandArgExpand("rm", "-f", ext)
 		host, err := s.remoteHost()
 		if err != nil {
@@ -226,33 +225,33 @@ func (s scriptContext) setupTokenlessGitConfig(w *scriptWriter) error {
 }
 
 // writeCloneFetchCmds is the runner's.
-func (s scriptContext) writeCloneFetchCmds(w *scriptWriter) error {
+func (s Context) writeCloneFetchCmds(w *scriptWriter) error {
 	if !s.lfsSmudgeDisabled() {
 		w.export("GIT_LFS_SKIP_SMUDGE", "1")
 	}
-	switch s.gitStrategy {
+	switch s.GitStrategy {
 	case "fetch", "clone":
 		s.writeGitCleanup(w)
 		templateDir, remoteURL, err := s.setupTemplateDir(w)
 		if err != nil {
 			return err
 		}
-		if s.gitStrategy == "clone" {
+		if s.GitStrategy == "clone" {
 			// writeCloneCmdIfPossible without FF_USE_GIT_NATIVE_CLONE.
-			w.rmDir(s.projectDir)
+			w.rmDir(s.ProjectDir)
 		}
 		s.writeRefspecFetchCmd(w, templateDir, remoteURL)
 	case "none":
 		w.noticef("Skipping Git repository setup")
-		w.command("mkdir", "-p", s.projectDir)
+		w.command("mkdir", "-p", s.ProjectDir)
 	case "empty":
 		w.noticef("Skipping Git repository setup and creating an empty build directory")
-		w.rmDir(s.projectDir)
-		w.command("mkdir", "-p", s.projectDir)
+		w.rmDir(s.ProjectDir)
+		w.command("mkdir", "-p", s.ProjectDir)
 	default:
-		return fmt.Errorf("unknown GIT_STRATEGY %q", s.gitStrategy)
+		return fmt.Errorf("unknown GIT_STRATEGY %q", s.GitStrategy)
 	}
-	if s.gitStrategy != "none" && s.gitStrategy != "empty" && s.boolVarOr("GIT_CHECKOUT", true) {
+	if s.GitStrategy != "none" && s.GitStrategy != "empty" && s.boolVarOr("GIT_CHECKOUT", true) {
 		s.writeCheckoutCmd(w)
 		if !s.lfsSmudgeDisabled() {
 			w.ifCmd("git", "lfs", "version")
@@ -266,7 +265,7 @@ func (s scriptContext) writeCloneFetchCmds(w *scriptWriter) error {
 	return nil
 }
 
-func (s scriptContext) boolVarOr(key string, def bool) bool {
+func (s Context) boolVarOr(key string, def bool) bool {
 	b, err := strconv.ParseBool(s.value(key))
 	if err != nil {
 		return def
@@ -276,29 +275,29 @@ func (s scriptContext) boolVarOr(key string, def bool) bool {
 
 // writeGitCleanup and writeGitCleanupAllConfigs are the runner's (the
 // custom executor cleans the git configs by default).
-func (s scriptContext) writeGitCleanup(w *scriptWriter) {
+func (s Context) writeGitCleanup(w *scriptWriter) {
 	sub := s.submoduleStrategy()
 	forSubmodules := sub == "normal" || sub == "recursive"
 	for _, f := range []string{"index.lock", "shallow.lock", "HEAD.lock", "hooks/post-checkout", "config.lock"} {
-		w.commandArgExpand("rm", "-f", path.Join(s.projectDir, ".git", f))
+		w.commandArgExpand("rm", "-f", path.Join(s.ProjectDir, ".git", f))
 		if forSubmodules {
-			w.rmFilesRecursive(path.Join(s.projectDir, ".git", "modules"), path.Base(f))
+			w.rmFilesRecursive(path.Join(s.ProjectDir, ".git", "modules"), path.Base(f))
 		}
 	}
-	w.rmFilesRecursive(path.Join(s.projectDir, ".git", "refs"), "*.lock")
-	for _, dir := range []string{s.tmpFile(gitTemplateDir), path.Join(s.projectDir, ".git")} {
+	w.rmFilesRecursive(path.Join(s.ProjectDir, ".git", "refs"), "*.lock")
+	for _, dir := range []string{s.tmpFile(gitTemplateDir), path.Join(s.ProjectDir, ".git")} {
 		w.commandArgExpand("rm", "-f", path.Join(dir, "config"))
 		w.rmDir(path.Join(dir, "hooks"))
 	}
 	if forSubmodules {
-		modules := path.Join(s.projectDir, ".git", "modules")
+		modules := path.Join(s.ProjectDir, ".git", "modules")
 		w.rmFilesRecursive(modules, "config")
 		w.rmDirsRecursive(modules, "hooks")
 	}
 }
 
 // setupTemplateDir is the runner's.
-func (s scriptContext) setupTemplateDir(w *scriptWriter) (templateDir, remoteURL string, err error) {
+func (s Context) setupTemplateDir(w *scriptWriter) (templateDir, remoteURL string, err error) {
 	templateDir = path.Join(s.tmpProjectDir(), gitTemplateDir)
 	w.command("mkdir", "-p", templateDir)
 	templateFile := path.Join(templateDir, "config")
@@ -320,7 +319,7 @@ func (s scriptContext) setupTemplateDir(w *scriptWriter) (templateDir, remoteURL
 
 // setupExternalGitConfig is the runner's: with FF_GIT_URLS_WITHOUT_TOKENS
 // off, insteadOf rules that put the job token into the URLs git uses.
-func (s scriptContext) setupExternalGitConfig(w *scriptWriter, ext string) (string, error) {
+func (s Context) setupExternalGitConfig(w *scriptWriter, ext string) (string, error) {
 	w.commandArgExpand("rm", "-f", ext)
 	if s.flagOr("FF_USE_GITALY_CORRELATION_ID", true) {
 		w.commandArgExpand("git", "config", "-f", ext, "http.extraHeader", "X-Gitaly-Correlation-ID: "+correlationID)
@@ -366,10 +365,10 @@ func (s scriptContext) setupExternalGitConfig(w *scriptWriter, ext string) (stri
 }
 
 // writeRefspecFetchCmd is the runner's (depth 0, sha1 objects).
-func (s scriptContext) writeRefspecFetchCmd(w *scriptWriter, templateDir, remoteURL string) {
+func (s Context) writeRefspecFetchCmd(w *scriptWriter, templateDir, remoteURL string) {
 	w.noticef("Fetching changes...")
-	w.command("git", "init", s.projectDir, "--template", templateDir)
-	w.cd(s.projectDir)
+	w.command("git", "init", s.ProjectDir, "--template", templateDir)
+	w.cd(s.ProjectDir)
 	w.ifCmd("git", "remote", "add", "origin", remoteURL)
 	w.noticef("Created fresh repository.")
 	w.elseBranch()
@@ -380,7 +379,7 @@ func (s scriptContext) writeRefspecFetchCmd(w *scriptWriter, templateDir, remote
 	w.endIf()
 	args := []string{"-c", fmt.Sprintf("http.userAgent=gitlab-runner %s linux/amd64", RunnerVersion),
 		"fetch", "origin", "--no-recurse-submodules"}
-	args = append(args, s.refspecs...)
+	args = append(args, s.Refspecs...)
 	args = append(args, s.flagsVar("GIT_FETCH_EXTRA_FLAGS", "--prune", "--quiet")...)
 	w.ifTest("-e", ".git/shallow")
 	w.command("git", append(append([]string(nil), args...), "--unshallow")...)
@@ -390,9 +389,9 @@ func (s scriptContext) writeRefspecFetchCmd(w *scriptWriter, templateDir, remote
 }
 
 // writeCheckoutCmd is the runner's.
-func (s scriptContext) writeCheckoutCmd(w *scriptWriter) {
-	w.noticef("Checking out %s as detached HEAD (ref is %s)...", s.sha[:8], s.ref)
-	w.command("git", "-c", "submodule.recurse=false", "checkout", "-f", "-q", s.sha)
+func (s Context) writeCheckoutCmd(w *scriptWriter) {
+	w.noticef("Checking out %s as detached HEAD (ref is %s)...", s.Sha[:8], s.Ref)
+	w.command("git", "-c", "submodule.recurse=false", "checkout", "-f", "-q", s.Sha)
 	if clean := s.flagsVar("GIT_CLEAN_FLAGS", "-ffdx"); len(clean) > 0 {
 		w.command("git", append([]string{"clean"}, clean...)...)
 	}
@@ -400,7 +399,7 @@ func (s scriptContext) writeCheckoutCmd(w *scriptWriter) {
 
 // writeSubmoduleUpdateCmds and writeSubmoduleUpdateCmd are the runner's
 // (no GIT_SUBMODULE_PATHS, no GIT_SUBMODULE_DEPTH).
-func (s scriptContext) writeSubmoduleUpdateCmds(w *scriptWriter) error {
+func (s Context) writeSubmoduleUpdateCmds(w *scriptWriter) error {
 	recursive := false
 	switch s.submoduleStrategy() {
 	case "none":
@@ -457,8 +456,8 @@ func (s scriptContext) writeSubmoduleUpdateCmds(w *scriptWriter) error {
 }
 
 // changeFilesOwnership is the runner's (bash).
-func (s scriptContext) changeFilesOwnership(w *scriptWriter, dirs ...string) {
-	uidGid := s.buildsDir + "/" + buildUIDGIDFile
+func (s Context) changeFilesOwnership(w *scriptWriter, dirs ...string) {
+	uidGid := s.BuildsDir + "/" + buildUIDGIDFile
 	w.ifTest("-e", uidGid)
 	for _, d := range dirs {
 		if strings.TrimSpace(d) == "" {
@@ -473,7 +472,7 @@ func (s scriptContext) changeFilesOwnership(w *scriptWriter, dirs ...string) {
 
 // writeClearGitCredentials is the runner's: a best-effort `git credential
 // reject` for the remote's host.
-func (s scriptContext) writeClearGitCredentials(w *scriptWriter) {
+func (s Context) writeClearGitCredentials(w *scriptWriter) {
 	u, err := s.gitAuth().GetRemoteURL()
 	if err != nil {
 		return
@@ -483,15 +482,4 @@ func (s scriptContext) writeClearGitCredentials(w *scriptWriter) {
 		return
 	}
 	w.commandWithStdin(true, "url="+remote.String()+"\nusername=gitlab-ci-token", "git", "credential", "reject")
-}
-
-// withJobToken is the repo_url GitLab sends: an http(s) URL carries
-// gitlab-ci-token and the job token.
-func withJobToken(repoURL, token string) string {
-	u, err := url.Parse(repoURL)
-	if err != nil || u.User != nil || u.Scheme != "http" && u.Scheme != "https" {
-		return repoURL
-	}
-	u.User = url.UserPassword("gitlab-ci-token", token)
-	return u.String()
 }

@@ -1,4 +1,4 @@
-package runnerdouble
+package jobscript
 
 import (
 	"crypto/sha256"
@@ -10,16 +10,11 @@ import (
 	"strings"
 )
 
-// shellQuote single-quotes s for POSIX sh.
-func shellQuote(s string) string {
-	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
-}
-
 // The runner's word quoting, ported from gitlab-runner helpers/shell_escape.go
 // (19.4): ShellEscape (bash ANSI-C $'...', the default) and, under
-// FF_POSIXLY_CORRECT_ESCAPES, PosixShellEscape (double quotes). The double
-// keeps its own copy, independent of ci-exec's internal/runnerscript, so
-// that a mistake in one cannot hide one in the other.
+// FF_POSIXLY_CORRECT_ESCAPES, PosixShellEscape (double quotes). This package
+// keeps its own copy, independent of ci-exec's internal/runnerscript (which
+// reads such scripts), so that a mistake in one cannot hide one in the other.
 const (
 	ansiCLiteral = ",-./0123456789@ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
 	ansiCQuote   = " !\"#$%&()*+:;<=>?[]^`{|}~"
@@ -204,37 +199,17 @@ func (w *scriptWriter) finish(shell string) string {
 	return b.String()
 }
 
-// scriptContext is what the stage scripts need from the running job.
-type scriptContext struct {
-	vars         []Variable
-	buildsDir    string
-	cacheDir     string
-	projectDir   string
-	projectPath  string
-	hostname     string
-	gitStrategy  string
-	repoURL      string // as GitLab sends it: with the job token
-	sha, ref     string
-	refspecs     []string
-	steps        []Step
-	jobID        int64
-	token        string
-	cache        *Cache
-	artifacts    *Artifacts
-	dependencies []Dependency
-}
+func (s Context) tmpProjectDir() string { return s.ProjectDir + ".tmp" }
 
-func (s scriptContext) tmpProjectDir() string { return s.projectDir + ".tmp" }
-
-func (s scriptContext) tmpFile(name string) string { return path.Join(s.tmpProjectDir(), name) }
+func (s Context) tmpFile(name string) string { return path.Join(s.tmpProjectDir(), name) }
 
 // flag returns the last value of a feature flag among the job's variables.
-func (s scriptContext) flag(name string) bool { return s.flagOr(name, false) }
+func (s Context) flag(name string) bool { return s.flagOr(name, false) }
 
 // flagOr is flag for a flag whose default is def.
-func (s scriptContext) flagOr(name string, def bool) bool {
+func (s Context) flagOr(name string, def bool) bool {
 	on := def
-	for _, v := range s.vars {
+	for _, v := range s.Vars {
 		if v.Key == name {
 			on, _ = strconv.ParseBool(v.Value)
 		}
@@ -244,8 +219,8 @@ func (s scriptContext) flagOr(name string, def bool) bool {
 
 // exports is the runner's exportVariables: every job variable, GITLAB_ENV
 // and sourcing of the (empty) GITLAB_ENV file.
-func (s scriptContext) exports(w *scriptWriter) {
-	for _, v := range s.vars {
+func (s Context) exports(w *scriptWriter) {
+	for _, v := range s.Vars {
 		w.export(v.Key, v.Value)
 	}
 	envFile := s.tmpFile("gitlab_runner_env")
@@ -262,14 +237,14 @@ func (s scriptContext) exports(w *scriptWriter) {
 // key's archive: <cache_dir>/<project path>/<key>/cache.zip, given to the
 // helpers relative to the project dir; with hashed, the key's SHA-256
 // instead of the key (the runner's --alternate-file).
-func (s scriptContext) cacheFile(hashed bool) string {
-	key := s.cache.key()
+func (s Context) cacheFile(hashed bool) string {
+	key := s.Cache.KeyOrDefault()
 	if hashed {
 		sum := sha256.Sum256([]byte(key))
 		key = hex.EncodeToString(sum[:])
 	}
-	abs := filepath.Join(s.cacheDir, s.projectPath, key, "cache.zip")
-	if rel, err := filepath.Rel(s.projectDir, abs); err == nil {
+	abs := filepath.Join(s.CacheDir, s.ProjectPath, key, "cache.zip")
+	if rel, err := filepath.Rel(s.ProjectDir, abs); err == nil {
 		return rel
 	}
 	return abs
@@ -285,15 +260,15 @@ func runnerGuard(w *scriptWriter, action string, f func()) {
 	w.endIf()
 }
 
-// stageScript returns the script for a run stage, or ok=false when the
+// StageScript returns the script for a run stage, or ok=false when the
 // runner would skip the stage (nothing to do).
-func (s scriptContext) stageScript(stage, shell string) (script string, ok bool, err error) {
+func (s Context) StageScript(stage, shell string) (script string, ok bool, err error) {
 	w := &scriptWriter{posix: s.flag("FF_POSIXLY_CORRECT_ESCAPES"), legacyEval: s.flag("FF_USE_LEGACY_BASH_EVAL"),
 		exitCodeCheck: s.flag("FF_ENABLE_BASH_EXIT_CODE_CHECK")}
 	switch stage {
 	case "prepare_script":
-		if s.hostname != "" {
-			w.line("echo " + strconv.Quote("Running on $(hostname) via "+s.hostname+"..."))
+		if s.Hostname != "" {
+			w.line("echo " + strconv.Quote("Running on $(hostname) via "+s.Hostname+"..."))
 		} else {
 			w.line("echo " + strconv.Quote("Running on $(hostname)..."))
 		}
@@ -304,13 +279,13 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			return "", false, err
 		}
 	case "restore_cache":
-		if s.cache == nil {
+		if s.Cache == nil {
 			return "", false, nil
 		}
 		s.exports(w)
-		w.cd(s.projectDir)
+		w.cd(s.ProjectDir)
 		runnerGuard(w, "Extracting cache", func() {
-			w.noticef("Checking cache for %s...", s.cache.key())
+			w.noticef("Checking cache for %s...", s.Cache.KeyOrDefault())
 			w.ifCmdWithOutput("gitlab-runner", "cache-extractor", "--file", s.cacheFile(false), "--timeout", "10")
 			w.noticef("Successfully extracted cache")
 			w.elseBranch()
@@ -318,30 +293,30 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			w.endIf()
 		})
 	case "download_artifacts":
-		if len(s.dependencies) == 0 {
+		if len(s.Dependencies) == 0 {
 			return "", false, nil
 		}
 		s.exports(w)
-		w.cd(s.projectDir)
+		w.cd(s.ProjectDir)
 		runnerGuard(w, "Artifacts downloading", func() {
-			for _, d := range s.dependencies {
+			for _, d := range s.Dependencies {
 				w.noticef("Downloading artifacts for %s (%d)...", d.Name, d.ID)
-				w.command("gitlab-runner", "artifacts-downloader", "--url", ServerURL, "--token", d.token(s.token),
+				w.command("gitlab-runner", "artifacts-downloader", "--url", s.ServerURL, "--token", d.TokenFor(s.Token),
 					"--id", strconv.FormatInt(d.ID, 10))
 			}
 		})
 	case "archive_cache", "archive_cache_on_failure":
-		if s.cache == nil || !s.cache.runsOn(stage == "archive_cache_on_failure") || len(s.cache.Paths) == 0 {
+		if s.Cache == nil || !s.Cache.RunsOn(stage == "archive_cache_on_failure") || len(s.Cache.Paths) == 0 {
 			return "", false, nil
 		}
 		s.exports(w)
-		w.cd(s.projectDir)
+		w.cd(s.ProjectDir)
 		runnerGuard(w, "Creating cache", func() {
-			w.noticef("Creating cache %s...", s.cache.key())
+			w.noticef("Creating cache %s...", s.Cache.KeyOrDefault())
 			envFile := s.tmpFile("gitlab_runner_cache_env")
-			w.line(fmt.Sprintf("cat << EOF > %s\nCACHE_METADATA=\"{\\\"cachekey\\\":\\\"%s\\\"}\"\nEOF\n", envFile, s.cache.key()))
+			w.line(fmt.Sprintf("cat << EOF > %s\nCACHE_METADATA=\"{\\\"cachekey\\\":\\\"%s\\\"}\"\nEOF\n", envFile, s.Cache.KeyOrDefault()))
 			args := []string{"cache-archiver", "--file", s.cacheFile(false), "--alternate-file", s.cacheFile(true), "--timeout", "10"}
-			for _, p := range s.cache.Paths {
+			for _, p := range s.Cache.Paths {
 				args = append(args, "--path", p)
 			}
 			args = append(args, "--env-file", envFile)
@@ -353,16 +328,16 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			w.rmFile(envFile)
 		})
 	case "upload_artifacts_on_success", "upload_artifacts_on_failure":
-		a := s.artifacts
-		if a == nil || !a.runsOn(stage == "upload_artifacts_on_failure") || len(a.Paths) == 0 {
+		a := s.Artifacts
+		if a == nil || !a.RunsOn(stage == "upload_artifacts_on_failure") || len(a.Paths) == 0 {
 			return "", false, nil
 		}
 		s.exports(w)
-		w.cd(s.projectDir)
+		w.cd(s.ProjectDir)
 		runnerGuard(w, "Uploading artifacts", func() {
 			w.noticef("Uploading artifacts...")
-			args := []string{"artifacts-uploader", "--url", ServerURL, "--token", s.token,
-				"--id", strconv.FormatInt(s.jobID, 10), "--timeout", "1h0m0s", "--response-header-timeout", "10m0s"}
+			args := []string{"artifacts-uploader", "--url", s.ServerURL, "--token", s.Token,
+				"--id", strconv.FormatInt(s.JobID, 10), "--timeout", "1h0m0s", "--response-header-timeout", "10m0s"}
 			for _, p := range a.Paths {
 				args = append(args, "--path", p)
 			}
@@ -377,9 +352,9 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 		})
 	case "after_script":
 		var step *Step
-		for i := range s.steps {
-			if s.steps[i].Name == "after_script" {
-				step = &s.steps[i]
+		for i := range s.Steps {
+			if s.Steps[i].Name == "after_script" {
+				step = &s.Steps[i]
 				break
 			}
 		}
@@ -387,7 +362,7 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			return "", false, nil
 		}
 		s.exports(w)
-		w.cd(s.projectDir)
+		w.cd(s.ProjectDir)
 		w.noticef("Running after script...")
 		w.userCommands(step.Script)
 	case "cleanup_file_variables":
@@ -395,12 +370,12 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 		w.rmFile(s.tmpFile("gitlab_runner_env"))
 		w.rmFile(s.tmpFile("masking.db"))
 		w.rmFile(s.tmpFile(".gitlab-runner.ext.conf"))
-		w.rmFile(path.Join(s.buildsDir, ".gitlab-build-uid-gid"))
+		w.rmFile(path.Join(s.BuildsDir, ".gitlab-build-uid-gid"))
 	default:
 		var step *Step
-		for i := range s.steps {
-			if s.steps[i].Name != "after_script" && stepStage(s.steps[i]) == stage {
-				step = &s.steps[i]
+		for i := range s.Steps {
+			if s.Steps[i].Name != "after_script" && StepStage(s.Steps[i]) == stage {
+				step = &s.Steps[i]
 				break
 			}
 		}
@@ -408,19 +383,19 @@ func (s scriptContext) stageScript(stage, shell string) (script string, ok bool,
 			return "", false, nil
 		}
 		s.exports(w)
-		w.cd(s.projectDir)
+		w.cd(s.ProjectDir)
 		w.userCommands(step.Script)
 	}
 	return w.finish(shell), true, nil
 }
 
-// stepStage is the runner's StepToBuildStage: "step_<lowercased name>".
-func stepStage(s Step) string {
+// StepStage is the runner's StepToBuildStage: "step_<lowercased name>".
+func StepStage(s Step) string {
 	return "step_" + strings.ToLower(s.Name)
 }
 
-// stageDescription is the runner's GetStageDescription.
-func stageDescription(stage string) string {
+// StageDescription is the runner's GetStageDescription.
+func StageDescription(stage string) string {
 	switch stage {
 	case "prepare_script":
 		return "Preparing environment"
