@@ -89,6 +89,8 @@ type identity struct {
 	Via     string         `json:"via"`
 }
 
+var errNoIdentity = errors.New("no verified identity")
+
 // Run runs one stage as the job's user. Errors are classified (package
 // failure): a denial is a build failure, an infrastructure fault a system
 // failure.
@@ -146,6 +148,12 @@ func (f *front) run(ctx context.Context) (Outcome, error) {
 		}
 		id = &identity{Claims: *claims}
 	} else if id, err = f.loadIdentity(); err != nil {
+		if f.Stage == StageCleanup && errors.Is(err, errNoIdentity) {
+			// The job was refused (or never configured) here: nothing ran
+			// as anyone, so there is nothing to clean up.
+			f.rec.Decision, f.rec.Reason = "none", "no verified identity: nothing to clean up"
+			return Outcome{}, nil
+		}
 		return Outcome{}, err
 	}
 	f.rec.Login, f.rec.Project, f.rec.PipelineID = id.Claims.UserLogin, id.Claims.ProjectPath, id.Claims.PipelineID
@@ -217,7 +225,7 @@ func (f *front) verifier() *idtoken.Verifier {
 func (f *front) loadIdentity() (*identity, error) {
 	b, err := f.root.read(f.id, identityFile)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil, failure.Systemf("no verified identity for job %d in auth.state_dir %s: its config stage did not run on this host, or the state was removed; the runner will retry", f.id, f.root)
+		return nil, &failure.Error{Class: failure.System, Err: fmt.Errorf("%w for job %d in auth.state_dir %s: its config stage did not run on this host, or the state was removed; the runner will retry", errNoIdentity, f.id, f.root)}
 	}
 	if err != nil {
 		return nil, failure.Systemf("read the job's verified identity: %v", err)

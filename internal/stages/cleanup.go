@@ -4,6 +4,7 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"syscall"
 )
 
 // runCleanup removes the job's scripts dir (copied scripts, batch output,
@@ -31,6 +32,12 @@ func cleanupFromJobEnv(st *Stage) {
 	}
 	data := st.Job.Host[envDataDir]
 	if data == "" {
+		return
+	}
+	if fi, err := os.Lstat(data); os.Geteuid() == 0 && (err != nil || fi.Sys().(*syscall.Stat_t).Uid != 0) {
+		// A root process removes nothing in a user's tree (a downscoping
+		// runner whose config cannot be read any more).
+		st.Log.Warnf("cleanup: not removing job dirs under %s as root: it is not root's", data)
 		return
 	}
 	for key, top := range map[string]string{envScriptsDir: "scripts", envStateDir: "state"} {

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/go-jose/go-jose/v4/jwt"
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
@@ -45,6 +46,13 @@ type authEnv struct {
 // a runner double running ci-exec as root.
 func authRunner(t *testing.T, rt *runtimeFixture, general, auth string) authEnv {
 	t.Helper()
+	return authRunnerKeys(t, rt, general, auth, true)
+}
+
+// authRunnerKeys is authRunner; withFile false leaves out jwks_file, so
+// that the keys come from gitlab_server (which does not answer).
+func authRunnerKeys(t *testing.T, rt *runtimeFixture, general, auth string, withFile bool) authEnv {
+	t.Helper()
 	root := testenv.Root(t)
 	testenv.RequireRoot(t)
 	dir := testenv.PrivateDir(t, root)
@@ -65,8 +73,12 @@ func authRunner(t *testing.T, rt *runtimeFixture, general, auth string) authEnv 
 		general += fmt.Sprintf("\nrun_mechanism = %q\n", rt.name)
 		mech = fmt.Sprintf("[general.%s]\nimage_storage_dir = %q\n%s\n", rt.name, storage+"/$USER", rt.table)
 	}
-	cfg := fmt.Sprintf("[general]\ndata_dir = %q\ngitlab_server = %q\nkill_timeout = \"5s\"\n%s\n%s\n[auth]\ndownscope = \"setuid\"\njwks_file = %q\nstate_dir = %q\naudit_log = %q\n%s\n",
-		e.data, testServer, general, mech, jwks, e.state, e.audit, auth)
+	keys := fmt.Sprintf("jwks_file = %q\n", jwks)
+	if !withFile {
+		keys = ""
+	}
+	cfg := fmt.Sprintf("[general]\ndata_dir = %q\ngitlab_server = %q\nkill_timeout = \"5s\"\n%s\n%s\n[auth]\ndownscope = \"setuid\"\n%sstate_dir = %q\naudit_log = %q\n%s\n",
+		e.data, testServer, general, mech, keys, e.state, e.audit, auth)
 	path := testenv.WriteConfig(t, dir, cfg)
 	t.Logf("config:\n%s", cfg)
 	e.runner = runnerConfig(t, root, path, dir)
@@ -241,4 +253,153 @@ func TestDownscopedHostJobsOfTwoUsers(t *testing.T) {
 			assert.Positive(t, stages[u.Name+" "+s], "audit record of %s's %s stage", u.Name, s)
 		}
 	}
+}
+
+// TestDownscopedRefusals: every token or account the runner must not run
+// is refused in the config stage, without a retry, with one line that
+// says why; nothing of the job runs, and the denial is audited.
+func TestDownscopedRefusals(t *testing.T) {
+	e := authRunner(t, nil, "", `user_blocklist = ["`+testenv.Unprivileged2(t).Name+`"]`)
+	forger := idtokentest.New(t, testServer)
+	u := testenv.Unprivileged(t).Name
+	cases := []struct {
+		name  string
+		login string
+		edit  func(*runnerdouble.Job, *idtokenClaims)
+		want  string
+	}{
+		{"missing", u, func(_ *runnerdouble.Job, c *idtokenClaims) { c.none = true },
+			`add ` + "`" + `id_tokens: {SITE_ID_TOKEN: {aud: "` + testServer + `"}}` + "`"},
+		{"expired", u, func(_ *runnerdouble.Job, c *idtokenClaims) {
+			c.Expiry = jwtDate(time.Now().Add(-time.Hour))
+		}, "expired"},
+		{"wrong audience", u, func(_ *runnerdouble.Job, c *idtokenClaims) {
+			c.Audience = []string{"https://elsewhere.example"}
+		}, "audience"},
+		{"forged signature", u, func(_ *runnerdouble.Job, c *idtokenClaims) {
+			c.opts = append(c.opts, idtokentest.SignWith("RS256", forger.RSA, e.iss.RSAKID))
+		}, "signature"},
+		{"another job's token", u, func(_ *runnerdouble.Job, c *idtokenClaims) { c.JobID = "1" }, `belongs to job "1", not to this job`},
+		{"blocked user", testenv.Unprivileged2(t).Name, nil, "auth.user_blocklist"},
+		{"unknown account", "no-such-gitlab-user", nil, `has no local account "no-such-gitlab-user" on host`},
+		{"root", "root", nil, "never run as root"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			j := e.job(t, c.login, c.edit)
+			marker := "refused-job-ran-" + strconv.FormatInt(j.ID, 10)
+			j.Script = []string{"echo " + marker + "-$((1+1))"}
+			res := runJob(t, e.runner, j)
+			assert.Equal(t, runnerdouble.StateFailed, res.State)
+			assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason, "a refusal is a build failure: retrying cannot help")
+			assert.Contains(t, res.Log, c.want)
+			assert.NotContains(t, res.Log, marker+"-2", "nothing of a refused job runs")
+			assert.Empty(t, res.RunStages())
+			assert.Len(t, res.Calls(runnerdouble.KindConfig), 1)
+			assert.NoDirExists(t, filepath.Join(e.state, "jobs", strconv.FormatInt(j.ID, 10)))
+		})
+	}
+	denied := 0
+	for _, r := range e.auditRecords(t) {
+		if r["stage"] == "config" && r["decision"] == "deny" {
+			denied++
+			assert.NotEmpty(t, r["reason"])
+		}
+	}
+	assert.Equal(t, len(cases), denied, "every refusal is in the audit trail")
+}
+
+func jwtDate(t time.Time) *jwt.NumericDate { return jwt.NewNumericDate(t) }
+
+// TestDownscopedKeysUnreachable: when GitLab's keys cannot be fetched the
+// job is not the user's fault: a system failure, which the runner retries.
+func TestDownscopedKeysUnreachable(t *testing.T) {
+	e := authRunnerKeys(t, nil, "", "", false)
+	res := runJob(t, e.runner, e.job(t, testenv.Unprivileged(t).Name, nil))
+	assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
+	assert.Contains(t, res.Log, testServer+"/oauth/discovery/keys")
+	assert.Greater(t, len(res.Calls(runnerdouble.KindConfig))+len(res.Calls(runnerdouble.KindPrepare)), 0)
+}
+
+// TestDownscopedContainerJobs: in Charliecloud and Apptainer the image
+// pull, the runtime and the script all run as the job's user, and what the
+// job writes belongs to them.
+func TestDownscopedContainerJobs(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	for _, rt := range runtimes(t) {
+		t.Run(rt.name, func(t *testing.T) {
+			testenv.RequireBinary(t, rt.program)
+			e := authRunner(t, &rt, "", "")
+			j := e.job(t, u.Name, nil)
+			tj := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Image, j.Registry, j.Token = tj.Image, tj.Registry, tj.Token
+			j.Variables["GITLAB_USER_LOGIN"] = "root"
+			j.Script = []string{`echo "in-image uid=$(id -u) user=$USER"`, `echo made > from-container.txt`}
+			stop := testenv.WatchUIDs(e.dir)
+			res := runJob(t, e.runner, j)
+			seen := stop()
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, fmt.Sprintf("in-image uid=%d user=%s", u.UID, u.Name))
+			assert.Equal(t, u.UID, ownerOf(t, filepath.Join(res.ProjectDir, "from-container.txt")))
+			assertAllOwnedBy(t, filepath.Join(e.dir, "data", u.Name), u)
+			assertAllOwnedBy(t, filepath.Join(e.dir, "storage", u.Name), u)
+			runtimeSeen := false
+			for _, l := range seen {
+				if strings.Contains(l, " --config ") && strings.Contains(l, "ci-exec") {
+					continue // the privileged front, as the runner started it
+				}
+				assert.True(t, strings.HasPrefix(l, fmt.Sprintf("uid=%d ", u.UID)), "runs as %s: %s", u.Name, l)
+				runtimeSeen = runtimeSeen || strings.Contains(l, rt.program) || strings.Contains(l, "ch-image")
+			}
+			assert.True(t, runtimeSeen, "the watch saw the runtime: %v", seen)
+			var digest bool
+			for _, r := range e.auditRecords(t) {
+				digest = digest || r["stage"] == "prepare" && strings.HasPrefix(r["digest"].(string), "sha256:")
+			}
+			assert.True(t, digest, "the audit trail names the image digest")
+		})
+	}
+}
+
+// TestDownscopedSlurmJob: the Slurm job belongs to the job's user.
+func TestDownscopedSlurmJob(t *testing.T) {
+	testenv.RequireBinary(t, "sbatch")
+	requireSlurmUp(t)
+	u := testenv.Unprivileged(t)
+	e := authRunner(t, nil, "executor = \"slurm\"\n", "")
+	j := e.job(t, u.Name, nil)
+	j.Script = []string{`echo "node uid=$(id -u)"`, `scontrol show job "$SLURM_JOB_ID" | grep -o 'UserId=[^ ]*'`}
+	res := runJob(t, e.runner, j)
+	require.True(t, res.Succeeded(), res.Error)
+	assert.Contains(t, res.Log, fmt.Sprintf("node uid=%d", u.UID))
+	assert.Contains(t, res.Log, fmt.Sprintf("UserId=%s(%d)", u.Name, u.UID))
+	var slurm string
+	for _, r := range e.auditRecords(t) {
+		if r["stage"] == "run" && r["slurm_job"] != "" {
+			slurm = r["slurm_job"].(string)
+		}
+	}
+	assert.Regexp(t, `^[0-9]+$`, slurm, "the audit trail names the Slurm job")
+}
+
+// TestDownscopedCancel: the runner's SIGTERM reaches the user's stage
+// through the privileged front; the script's trap runs and nothing of the
+// job is left.
+func TestDownscopedCancel(t *testing.T) {
+	e := authRunner(t, nil, "", "")
+	marker := fmt.Sprintf("CI_EXEC_MARKER_%d", time.Now().UnixNano())
+	j := e.job(t, testenv.Unprivileged(t).Name, nil)
+	j.Variables["PROC_MARKER"] = marker
+	j.Script = []string{
+		`trap 'echo "build got TERM"; exit 143' TERM`,
+		`sleep 1000 & (setsid sleep 1000 < /dev/null > /dev/null 2>&1 &)`,
+		`echo started`, `wait`,
+	}
+	j.AfterScript = []string{`echo "after status=$CI_JOB_STATUS"`}
+	j.CancelOnLog = "started"
+	res := runJob(t, e.runner, j)
+	assert.Equal(t, runnerdouble.InternalReasonJobCanceled, res.InternalFailureReason)
+	assert.Contains(t, res.Log, "build got TERM")
+	assert.Contains(t, res.Log, "after status=canceled")
+	noProcessWith(t, marker)
 }

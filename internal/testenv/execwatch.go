@@ -136,17 +136,23 @@ func cmdline(pid string) string {
 // cmdlineWatch is WatchCmdlines' state.
 type cmdlineWatch struct {
 	needles []string
+	// withUID prefixes each hit with "uid=<real uid> ".
+	withUID bool
 	mu      sync.Mutex
 	seen    map[string]bool
 	hits    []string
 }
 
-func (w *cmdlineWatch) check(line string) {
+func (w *cmdlineWatch) check(pid string) {
+	line := cmdline(pid)
 	if line == "" {
 		return
 	}
 	for _, n := range w.needles {
 		if n != "" && strings.Contains(line, n) {
+			if w.withUID {
+				line = "uid=" + realUID(pid) + " " + line
+			}
 			w.mu.Lock()
 			if !w.seen[line] {
 				w.seen[line] = true
@@ -162,7 +168,7 @@ func (w *cmdlineWatch) poll() {
 	ents, _ := os.ReadDir("/proc")
 	for _, e := range ents {
 		if e.Name()[0] >= '0' && e.Name()[0] <= '9' {
-			w.check(cmdline(e.Name()))
+			w.check(e.Name())
 		}
 	}
 }
@@ -179,3 +185,17 @@ func ExecEvents() bool {
 }
 
 func itoa(pid int) string { return strconv.Itoa(pid) }
+
+// realUID is a process's real uid from /proc ("?" once it is gone).
+func realUID(pid string) string {
+	b, err := os.ReadFile(filepath.Join("/proc", pid, "status"))
+	if err != nil {
+		return "?"
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(l); len(f) > 1 && f[0] == "Uid:" {
+			return f[1]
+		}
+	}
+	return "?"
+}

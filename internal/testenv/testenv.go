@@ -328,8 +328,17 @@ func WriteConfig(t testing.TB, dir, content string) string {
 // its own argv as well (the runner double's fake gitlab-runner helper does:
 // runnerdouble.HelperCalls).
 func WatchCmdlines(needles ...string) (stop func() []string) {
-	w := &cmdlineWatch{needles: needles, seen: map[string]bool{}}
-	l, err := listenExecs(func(pid int) { w.check(cmdline(itoa(pid))) })
+	return watch(&cmdlineWatch{needles: needles, seen: map[string]bool{}})
+}
+
+// WatchUIDs is WatchCmdlines with each hit prefixed "uid=<real uid> ":
+// which account every matching process ran as.
+func WatchUIDs(needles ...string) (stop func() []string) {
+	return watch(&cmdlineWatch{needles: needles, seen: map[string]bool{}, withUID: true})
+}
+
+func watch(w *cmdlineWatch) (stop func() []string) {
+	l, err := listenExecs(func(pid int) { w.check(itoa(pid)) })
 	if err != nil {
 		l = nil
 	}
