@@ -15,8 +15,8 @@ import (
 	"syscall"
 
 	"github.com/ci-exec/ci-exec/internal/config"
-	"github.com/ci-exec/ci-exec/internal/downscope"
 	"github.com/ci-exec/ci-exec/internal/doctor"
+	"github.com/ci-exec/ci-exec/internal/downscope"
 	"github.com/ci-exec/ci-exec/internal/localjob"
 	"github.com/ci-exec/ci-exec/internal/proc"
 	"github.com/ci-exec/ci-exec/internal/stages"
