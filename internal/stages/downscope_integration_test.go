@@ -2,6 +2,8 @@ package stages_test
 
 import (
 	"bufio"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -402,4 +404,66 @@ func TestDownscopedCancel(t *testing.T) {
 	assert.Contains(t, res.Log, "build got TERM")
 	assert.Contains(t, res.Log, "after status=canceled")
 	noProcessWith(t, marker)
+}
+
+// TestDownscopedJobCannotReachTheFront: a hostile job of a downscoped
+// runner looks for what the privileged part holds: the job's state and
+// identity in auth.state_dir, the runner's JOB_RESPONSE_FILE and temp dir,
+// the environment of every process above it (the runner's own secret is
+// in the front's). It reaches none of it, and a CI_JOB_ID naming another
+// job changes nothing.
+func TestDownscopedJobCannotReachTheFront(t *testing.T) {
+	e := authRunner(t, nil, "", "")
+	u := testenv.Unprivileged(t)
+	j := e.job(t, u.Name, nil)
+	j.Variables["CI_JOB_ID"] = "1"
+	j.Variables["STATE_DIR"] = filepath.Join(e.state, "jobs", strconv.FormatInt(j.ID, 10))
+	j.Variables["STATE_ROOT"] = e.state
+	j.Variables["RUNNER_TMP"] = e.dir
+	secret := fmt.Sprintf("front-only-%d", time.Now().UnixNano())
+	e.runner.BaseEnv = append(e.runner.BaseEnv, "RUNNER_FRONT_SECRET=x"+secret)
+	j.Variables["LEAK_NEEDLE"] = secret
+	j.Script = []string{
+		`for p in "$STATE_ROOT" "$STATE_DIR" "$STATE_DIR/identity.json"; do if ls "$p" >/dev/null 2>&1 || cat "$p" >/dev/null 2>&1; then echo "reach=OPEN $p"; else echo "reach=closed $p"; fi; done`,
+		`n=$(for f in /proc/[0-9]*/environ; do tr '\0' '\n' < "$f" 2>/dev/null; done | grep -c "x$LEAK_NEEDLE" || true); echo "leaks=$n"`,
+		`for f in "$RUNNER_TMP"/custom-executor*/response.json; do [ -r "$f" ] && echo "response=READABLE $f"; done; echo response-check-done`,
+	}
+	res := runJob(t, e.runner, j)
+	require.True(t, res.Succeeded(), res.Error)
+	assert.Equal(t, 3, strings.Count(res.Log, "\nreach=closed "), "the state dir and its files are out of the job's reach")
+	assert.NotContains(t, res.Log, "\nreach=OPEN")
+	assert.Contains(t, res.Log, "\nleaks=0", "no process the job can inspect has the runner's environment")
+	assert.Contains(t, res.Log, "\nresponse-check-done")
+	assert.NotContains(t, res.Log, "\nresponse=READABLE")
+	for _, r := range e.auditRecords(t) {
+		assert.EqualValues(t, j.ID, r["job_id"], "the job id comes from the runner's payload, not CI_JOB_ID")
+	}
+}
+
+// TestDownscopedRunAs: the admin's pinned RunAs script lets a job run as a
+// service account it asks for in user_variable, and refuses others with
+// its own reason.
+func TestDownscopedRunAs(t *testing.T) {
+	u, svc := testenv.Unprivileged(t), testenv.Unprivileged2(t)
+	dir := testenv.PrivateDir(t, testenv.Root(t))
+	script := filepath.Join(dir, "runas.sh")
+	body := fmt.Sprintf("#!/bin/sh\n[ \"$CI_EXEC_CLAIM_USER_LOGIN\" = %s ] && [ \"$CI_EXEC_RUNAS_USER\" = %s ] && exit 0\n[ -z \"$CI_EXEC_RUNAS_USER\" ] && exit 0\necho \"only %s may run as %s\" >&2\nexit 1\n", u.Name, svc.Name, u.Name, svc.Name)
+	require.NoError(t, os.WriteFile(script, []byte(body), 0o755))
+	sum := sha256.Sum256([]byte(body))
+	e := authRunner(t, nil, "", fmt.Sprintf("[auth.runas]\nvalidation_script = %q\nsha256 = %q\nuser_variable = \"RUNAS_USER\"\n", script, hex.EncodeToString(sum[:])))
+
+	j := e.job(t, u.Name, nil)
+	j.Variables["RUNAS_USER"] = svc.Name
+	j.Script = []string{`echo "ran as $(id -un)"`}
+	res := runJob(t, e.runner, j)
+	require.True(t, res.Succeeded(), res.Error)
+	assert.Contains(t, res.Log, "ran as "+svc.Name)
+
+	j = e.job(t, "root", nil)
+	j.Variables["RUNAS_USER"] = svc.Name
+	j.Script = []string{`echo "ran as $(id -un)"`}
+	res = runJob(t, e.runner, j)
+	assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
+	assert.Contains(t, res.Log, "only "+u.Name+" may run as "+svc.Name)
+	assert.Empty(t, res.RunStages())
 }
