@@ -40,46 +40,55 @@ type Record struct {
 
 // Log is an open audit destination.
 type Log struct {
-	log   *slog.Logger
-	close func() error
+	// info and warn write allowed and refused stages (syslog severities
+	// info and warning; one stream for a file).
+	info, warn *slog.Logger
+	close      func() error
 }
 
 // syslogDial is the syslog connection (a variable so that tests can use a
 // socket of their own: this machine has no /dev/log).
-var syslogDial = func() (io.WriteCloser, error) {
+var syslogDial = func() (*syslog.Writer, error) {
 	return syslog.New(syslog.LOG_AUTHPRIV|syslog.LOG_INFO, "ci-exec")
+}
+
+// severity writes each record with one syslog severity.
+type severity func(string) error
+
+func (s severity) Write(p []byte) (int, error) { return len(p), s(string(p)) }
+
+func jsonLogger(w io.Writer) *slog.Logger {
+	return slog.New(slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo}))
 }
 
 // Open opens the destination `auth.audit_log` names. An audit trail that
 // cannot be written stops the job: a site that asked for one must not run
 // jobs without it.
 func Open(dest string) (*Log, error) {
-	var w io.WriteCloser
-	var err error
 	if dest == config.AuditSyslog {
-		w, err = syslogDial()
+		w, err := syslogDial()
 		if err != nil {
 			return nil, fmt.Errorf("auth.audit_log: cannot reach the local syslog (%v): start it, or write the trail to a file (audit_log = \"/var/log/ci-exec/audit.jsonl\")", err)
 		}
-	} else {
-		// O_APPEND: the records of concurrent jobs interleave whole (slog
-		// writes each record with one write).
-		w, err = os.OpenFile(dest, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-		if err != nil {
-			return nil, fmt.Errorf("auth.audit_log: %v (the directory must exist and belong to the runner's account)", err)
-		}
+		return &Log{info: jsonLogger(severity(w.Info)), warn: jsonLogger(severity(w.Warning)), close: w.Close}, nil
 	}
-	h := slog.NewJSONHandler(w, &slog.HandlerOptions{Level: slog.LevelInfo})
-	return &Log{log: slog.New(h), close: w.Close}, nil
+	// O_APPEND: the records of concurrent jobs interleave whole (slog
+	// writes each record with one write).
+	f, err := os.OpenFile(dest, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("auth.audit_log: %v (the directory must exist and belong to the runner's account)", err)
+	}
+	l := jsonLogger(f)
+	return &Log{info: l, warn: l, close: f.Close}, nil
 }
 
 // Write records r.
 func (l *Log) Write(ctx context.Context, r Record) {
-	level := slog.LevelInfo
-	if r.Decision != "allow" {
-		level = slog.LevelWarn
+	log, level := l.info, slog.LevelInfo
+	if r.Decision != "allow" && r.Decision != "none" {
+		log, level = l.warn, slog.LevelWarn
 	}
-	l.log.LogAttrs(ctx, level, "ci-exec stage",
+	log.LogAttrs(ctx, level, "ci-exec stage",
 		slog.String("stage", r.Stage),
 		slog.String("gitlab_server", r.Server),
 		slog.String("project", r.Project),
