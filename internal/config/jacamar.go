@@ -15,7 +15,7 @@ import (
 // account while the admin believes they run as the GitLab user. The [auth]
 // table itself, gitlab_server and jwt_env_variable are real keys (auth.go).
 var jacamarTables = []struct{ prefix, hint string }{
-	{"auth.logging", "ci-exec has no [auth.logging] table yet; remove it"},
+	{"auth.logging", "ci-exec writes its audit trail with [auth] audit_log = \"syslog\" (the default) or the path of a JSON-lines file; remove [auth.logging]"},
 	{"general.podman", "ci-exec has no Podman run mechanism; remove [general.podman] and use run_mechanism = \"charliecloud\" or \"apptainer\" with its own table"},
 }
 
@@ -23,6 +23,7 @@ var jacamarKeys = map[string]string{
 	"general.custom_build_dir":      "ci-exec does not let jobs choose their builds dir (CUSTOM_CI_BUILDS_DIR); remove it",
 	"general.unrestricted_cmd_line": "ci-exec has no such switch: it keeps the job token off command lines itself; remove it",
 	"general.name":                  "a Jacamar setting ci-exec does not use; remove it",
+	"general.root_dir_creation":     "ci-exec creates a downscoped user's data_dir itself when its parent belongs to root (docs/multi-tenant.md); remove it",
 }
 
 // jacamarHint returns why ci-exec refuses the Jacamar key k, or "".

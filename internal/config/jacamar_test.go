@@ -99,7 +99,7 @@ func TestJacamarDifferences(t *testing.T) {
 		"sudo downscope": {head + "[auth]\ndownscope = \"sudo\"\n",
 			[]string{`auth.downscope = "sudo" is not supported`, `use "setuid"`}},
 		"auth logging table": {head + "[auth.logging]\nenabled = true\n",
-			[]string{`unknown key "auth.logging" (ci-exec has no [auth.logging] table yet`}},
+			[]string{`unknown key "auth.logging" (ci-exec writes its audit trail with [auth] audit_log`}},
 		"auth typo": {head + "[auth]\nuser_alowlist = [\"a\"]\n",
 			[]string{`unknown key "auth.user_alowlist" (check the spelling`}},
 		"podman table": {head + "[general.podman]\nrunner_image = \"x\"\n",
