@@ -276,3 +276,29 @@ func TestPartitionFromOptions(t *testing.T) {
 		assert.Equal(t, want, partition(strings.Fields(opts)), opts)
 	}
 }
+
+// TestDownscopeDeployment: a downscoping config is checked for what the
+// runner itself needs: a trusted state_dir and a writable audit trail.
+func TestDownscopeDeployment(t *testing.T) {
+	testenv.RequireRoot(t)
+	dir := t.TempDir()
+	iss := idtokentest.New(t, "https://gitlab.example.com")
+	jwks := iss.WriteJWKS(t, dir)
+	cfg := func(state string) string {
+		return writeConfig(t, fmt.Sprintf("[general]\ndata_dir = %q\ngitlab_server = \"https://gitlab.example.com\"\n[auth]\ndownscope = \"setuid\"\njwks_file = %q\nstate_dir = %q\naudit_log = %q\n",
+			filepath.Join(dir, "data", "$USER"), jwks, state, filepath.Join(dir, "audit.jsonl")))
+	}
+	r := Run(context.Background(), cfg(testenv.StateRoot(t)))
+	c := find(r, "auth", "downscoping: can switch to job users")
+	require.NotNil(t, c, "%+v", r.Checks)
+	assert.Equal(t, OK, c.Status)
+
+	shared := filepath.Join(dir, "shared")
+	require.NoError(t, os.Mkdir(shared, 0o777))
+	require.NoError(t, os.Chmod(shared, 0o777))
+	r = Run(context.Background(), cfg(filepath.Join(shared, "state")))
+	c = find(r, "auth", "is writable by group or others")
+	require.NotNil(t, c, "%+v", r.Checks)
+	assert.Equal(t, Fail, c.Status)
+	assert.True(t, r.Failed())
+}

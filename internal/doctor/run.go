@@ -15,6 +15,7 @@ import (
 	"syscall"
 
 	"github.com/ci-exec/ci-exec/internal/config"
+	"github.com/ci-exec/ci-exec/internal/downscope"
 	"github.com/ci-exec/ci-exec/internal/job"
 )
 
@@ -50,7 +51,24 @@ func Run(ctx context.Context, path string) *Report {
 		checkSlurm(ctx, r, cfg)
 	}
 	checkJWKS(ctx, r, cfg)
+	checkDownscope(r, cfg)
 	return r
+}
+
+// checkDownscope checks a downscoping runner's own needs (root or the
+// capabilities, state_dir, audit trail).
+func checkDownscope(r *Report, cfg *config.Config) {
+	if !cfg.Auth.Downscoping() {
+		return
+	}
+	errs := downscope.Preflight(cfg)
+	for _, err := range errs {
+		r.add(Check{Area: "auth", Status: Fail, Key: "auth.downscope", Message: oneLine(err.Error()),
+			Fix: "see docs/multi-tenant.md, \"Deploying\""})
+	}
+	if len(errs) == 0 {
+		r.ok("auth", "downscoping: can switch to job users; state_dir %s and audit_log %s usable", cfg.Auth.StateDir, cfg.Auth.AuditLog)
+	}
 }
 
 // tableRE matches the [general.<name>] header of a TOML document.

@@ -420,3 +420,27 @@ func childEnv(environ []string, cfg *config.Config, a *authz.Account) []string {
 func StateDirOf(cfg *config.Config, jobID int64) string {
 	return stateRoot(filepath.Clean(cfg.Auth.StateDir)).jobDir(jobID)
 }
+
+// Preflight checks what a downscoping runner needs before any job comes
+// (for `ci-exec check`): the power to switch users, a trusted state_dir,
+// and a writable audit trail. Each problem is one error with its fix.
+func Preflight(cfg *config.Config) []error {
+	var errs []error
+	if _, err := checkPrivilege(); err != nil {
+		errs = append(errs, err)
+	}
+	if _, err := openStateRoot(cfg.Auth.StateDir); err != nil {
+		errs = append(errs, err)
+	}
+	if l, err := audit.Open(cfg.Auth.AuditLog); err != nil {
+		errs = append(errs, err)
+	} else {
+		l.Close()
+	}
+	if p := cfg.Auth.UserExecutable; p != "" {
+		if fi, err := os.Stat(p); err != nil || fi.Mode().Perm()&0o001 == 0 {
+			errs = append(errs, fmt.Errorf("auth.user_executable %s must exist and be executable by every job user (mode 0755)", p))
+		}
+	}
+	return errs
+}
