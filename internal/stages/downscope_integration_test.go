@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -466,4 +467,63 @@ func TestDownscopedRunAs(t *testing.T) {
 	assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
 	assert.Contains(t, res.Log, "only "+u.Name+" may run as "+svc.Name)
 	assert.Empty(t, res.RunStages())
+}
+
+// TestDownscopedWithCapabilities: the deployment without root from
+// docs/multi-tenant.md. The runner runs as its own account (here the
+// second test user); a copy of ci-exec with the setcap line's
+// capabilities, executable only by that account's group, is the front;
+// the ordinary binary is auth.user_executable. A job of the first test
+// user runs as that user. A copy others may execute is refused.
+func TestDownscopedWithCapabilities(t *testing.T) {
+	testenv.RequireRoot(t)
+	setcap := testenv.RequireBinary(t, "setcap")
+	runnerAcct, jobUser := testenv.Unprivileged2(t), testenv.Unprivileged(t)
+	dir := testenv.PrivateDir(t, runnerAcct)
+	data := filepath.Join(dir, "data")
+	require.NoError(t, os.Mkdir(data, 0o755))
+	require.NoError(t, os.Chown(data, runnerAcct.UID, runnerAcct.GID))
+	// The state dir belongs to the runner's account, under dirs only root writes.
+	stateParent := testenv.StateRoot(t)
+	require.NoError(t, os.Chmod(stateParent, 0o755))
+	require.NoError(t, os.Chmod(filepath.Dir(stateParent), 0o755))
+	state := filepath.Join(stateParent, "state")
+	require.NoError(t, os.Mkdir(state, 0o700))
+	require.NoError(t, os.Chown(state, runnerAcct.UID, runnerAcct.GID))
+
+	front := filepath.Join(dir, "ci-exec-auth")
+	b, err := os.ReadFile(testenv.Driver(t))
+	require.NoError(t, err)
+	require.NoError(t, os.WriteFile(front, b, 0o750))
+	require.NoError(t, os.Chown(front, 0, runnerAcct.GID))
+	require.NoError(t, os.Chmod(front, 0o750))
+	out, err := exec.Command(setcap, "cap_setuid,cap_setgid,cap_chown+ep", front).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+
+	iss := idtokentest.New(t, testServer)
+	jwks := iss.WriteJWKS(t, dir)
+	audit := filepath.Join(dir, "audit.jsonl")
+	cfg := fmt.Sprintf("[general]\ndata_dir = %q\ngitlab_server = %q\n[auth]\ndownscope = \"setuid\"\njwks_file = %q\nstate_dir = %q\naudit_log = %q\nuser_executable = %q\n",
+		data+"/$USER", testServer, jwks, state, audit, testenv.Driver(t))
+	path := testenv.WriteConfig(t, dir, cfg)
+	runner := runnerConfig(t, runnerAcct, path, dir)
+	runner.Driver = front
+	e := authEnv{runner: runner, iss: iss, dir: dir, state: state, audit: audit}
+
+	j := e.job(t, jobUser.Name, nil)
+	j.Script = []string{`echo "ran as $(id -un) uid=$(id -u)"`, `echo x > made.txt`}
+	res := runJob(t, e.runner, j)
+	require.True(t, res.Succeeded(), res.Error)
+	assert.Contains(t, res.Log, fmt.Sprintf("ran as %s uid=%d", jobUser.Name, jobUser.UID))
+	assert.Equal(t, jobUser.UID, ownerOf(t, filepath.Join(res.ProjectDir, "made.txt")))
+	assertAllOwnedBy(t, filepath.Join(data, jobUser.Name), jobUser)
+	assert.Equal(t, runnerAcct.UID, ownerOf(t, audit))
+
+	// The same copy, executable by everyone: refused.
+	require.NoError(t, os.Chmod(front, 0o755))
+	out, err = exec.Command(setcap, "cap_setuid,cap_setgid,cap_chown+ep", front).CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	res = runJob(t, e.runner, e.job(t, jobUser.Name, nil))
+	assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
+	assert.Contains(t, res.Log, "has capabilities but other users may run it")
 }
