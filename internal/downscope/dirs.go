@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"syscall"
+	"time"
 
 	"github.com/ci-exec/ci-exec/internal/atomicfile"
 	"github.com/ci-exec/ci-exec/internal/authz"
@@ -75,6 +76,25 @@ func (r stateRoot) read(id int64, name string) ([]byte, error) {
 }
 
 func (r stateRoot) remove(id int64) error { return os.RemoveAll(r.jobDir(id)) }
+
+// staleAge is when a job's state is surely abandoned (its cleanup never
+// came: a crashed runner or host): longer than any GitLab job may run.
+const staleAge = 31 * 24 * time.Hour
+
+// sweep removes job states older than staleAge, so that a runner that
+// lost jobs does not fill state_dir. It runs in the config stage.
+func (r stateRoot) sweep(now time.Time) {
+	jobs := filepath.Join(string(r), "jobs")
+	ents, err := os.ReadDir(jobs)
+	if err != nil {
+		return
+	}
+	for _, e := range ents {
+		if fi, err := e.Info(); err == nil && now.Sub(fi.ModTime()) > staleAge {
+			_ = os.RemoveAll(filepath.Join(jobs, e.Name()))
+		}
+	}
+}
 
 // ensureDataDir makes the job user's data_dir exist and belong to them.
 //

@@ -6,6 +6,7 @@ import (
 	"slices"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
@@ -118,4 +119,15 @@ func TestEnsureDataDir(t *testing.T) {
 	err = ensureDataDir(filepath.Join(base, "carol"), a, privilege{})
 	require.Error(t, err)
 	assert.Contains(t, err.Error(), "CAP_CHOWN")
+}
+
+func TestSweepRemovesOnlyAbandonedStates(t *testing.T) {
+	r := stateRoot(t.TempDir())
+	require.NoError(t, r.write(1, identityFile, []byte("{}")))
+	require.NoError(t, r.write(2, identityFile, []byte("{}")))
+	old := time.Now().Add(-staleAge - time.Hour)
+	require.NoError(t, os.Chtimes(r.jobDir(1), old, old))
+	r.sweep(time.Now())
+	assert.NoDirExists(t, r.jobDir(1))
+	assert.DirExists(t, r.jobDir(2))
 }

@@ -142,6 +142,7 @@ func (f *front) run(ctx context.Context) (Outcome, error) {
 
 	var id *identity
 	if f.Stage == StageConfig {
+		f.root.sweep(time.Now())
 		claims, err := f.verifier().Verify(ctx, f.Job.Vars[g.JWTEnvVariable], strconv.FormatInt(f.id, 10))
 		if err != nil {
 			return Outcome{}, err
