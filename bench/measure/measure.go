@@ -10,6 +10,7 @@ import (
 	"os/exec"
 	"sort"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -72,11 +73,17 @@ func Func(name string, warmup, runs int, f func() error) (Sample, error) {
 
 // Command returns a function that runs argv with env and dir and fails on a
 // non-zero exit, for Func.
-func Command(argv, env []string, dir string) func() error {
+func Command(argv, env []string, dir string) func() error { return CommandAs(nil, argv, env, dir) }
+
+// CommandAs is Command run with credential cred (nil: as the caller).
+func CommandAs(cred *syscall.Credential, argv, env []string, dir string) func() error {
 	return func() error {
 		cmd := exec.Command(argv[0], argv[1:]...)
 		cmd.Env = env
 		cmd.Dir = dir
+		if cred != nil {
+			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+		}
 		out, err := cmd.CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("%s: %v: %s", strings.Join(argv, " "), err, out)

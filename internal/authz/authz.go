@@ -199,16 +199,31 @@ func (d *Decider) check(c *idtoken.Claims, login string, a *Account) error {
 	return nil
 }
 
-// loginShell is the account's login shell from the passwd database (NSS,
-// so LDAP and SSSD accounts too; os/user does not return it), or /bin/sh.
+// loginShell is the account's login shell from the passwd database:
+// /etc/passwd first (no process to start on every stage), then NSS through
+// getent (LDAP and SSSD accounts; os/user does not return the shell), else
+// /bin/sh.
 func loginShell(name string) string {
-	out, err := exec.Command("getent", "passwd", name).Output()
-	if err != nil {
-		return "/bin/sh"
+	if b, err := os.ReadFile("/etc/passwd"); err == nil {
+		if sh := shellField(string(b), name); sh != "" {
+			return sh
+		}
 	}
-	f := strings.Split(strings.TrimSpace(strings.SplitN(string(out), "\n", 2)[0]), ":")
-	if len(f) == 7 && f[0] == name && filepath.IsAbs(f[6]) {
-		return f[6]
+	if out, err := exec.Command("getent", "passwd", name).Output(); err == nil {
+		if sh := shellField(string(out), name); sh != "" {
+			return sh
+		}
 	}
 	return "/bin/sh"
+}
+
+// shellField finds name's shell in passwd-format lines.
+func shellField(db, name string) string {
+	for _, line := range strings.Split(db, "\n") {
+		f := strings.Split(strings.TrimSpace(line), ":")
+		if len(f) == 7 && f[0] == name && filepath.IsAbs(f[6]) {
+			return f[6]
+		}
+	}
+	return ""
 }
