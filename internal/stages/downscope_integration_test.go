@@ -324,42 +324,60 @@ func TestDownscopedKeysUnreachable(t *testing.T) {
 	assert.Greater(t, len(res.Calls(runnerdouble.KindConfig))+len(res.Calls(runnerdouble.KindPrepare)), 0)
 }
 
-// TestDownscopedContainerJobs: in Charliecloud and Apptainer the image
-// pull, the runtime and the script all run as the job's user, and what the
-// job writes belongs to them.
+// TestDownscopedContainerJobs: in Charliecloud and Apptainer, for two
+// users at once, the image pull, the runtime and the script all run as the
+// job's user, and what the job writes belongs to them.
 func TestDownscopedContainerJobs(t *testing.T) {
-	u := testenv.Unprivileged(t)
+	users := []testenv.User{testenv.Unprivileged(t), testenv.Unprivileged2(t)}
 	for _, rt := range runtimes(t) {
 		t.Run(rt.name, func(t *testing.T) {
 			testenv.RequireBinary(t, rt.program)
 			e := authRunner(t, &rt, "", "")
-			j := e.job(t, u.Name, nil)
-			tj := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
-			j.Image, j.Registry, j.Token = tj.Image, tj.Registry, tj.Token
-			j.Variables["GITLAB_USER_LOGIN"] = "root"
-			j.Script = []string{`echo "in-image uid=$(id -u) user=$USER"`, `echo made > from-container.txt`}
 			stop := testenv.WatchUIDs(e.dir)
-			res := runJob(t, e.runner, j)
+			results := make([]chan *runnerdouble.Result, len(users))
+			for i, u := range users {
+				j := e.job(t, u.Name, nil)
+				tj := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+				j.Image, j.Registry, j.Token = tj.Image, tj.Registry, tj.Token
+				j.Variables["GITLAB_USER_LOGIN"] = "root"
+				j.Script = []string{`echo "in-image uid=$(id -u) user=$USER"`, `echo made > from-container.txt`}
+				results[i] = make(chan *runnerdouble.Result, 1)
+				go func() {
+					res, err := runJobErr(t, e.runner, j)
+					if err != nil {
+						t.Errorf("%s: %v", u.Name, err)
+					}
+					results[i] <- res
+				}()
+			}
+			for i, u := range users {
+				res := <-results[i]
+				require.NotNil(t, res)
+				require.True(t, res.Succeeded(), "%s: %s", u.Name, res.Error)
+				assert.Contains(t, res.Log, fmt.Sprintf("in-image uid=%d user=%s", u.UID, u.Name))
+				assert.Equal(t, u.UID, ownerOf(t, filepath.Join(res.ProjectDir, "from-container.txt")))
+				assertAllOwnedBy(t, filepath.Join(e.dir, "data", u.Name), u)
+				assertAllOwnedBy(t, filepath.Join(e.dir, "storage", u.Name), u)
+			}
 			seen := stop()
-			require.True(t, res.Succeeded(), res.Error)
-			assert.Contains(t, res.Log, fmt.Sprintf("in-image uid=%d user=%s", u.UID, u.Name))
-			assert.Equal(t, u.UID, ownerOf(t, filepath.Join(res.ProjectDir, "from-container.txt")))
-			assertAllOwnedBy(t, filepath.Join(e.dir, "data", u.Name), u)
-			assertAllOwnedBy(t, filepath.Join(e.dir, "storage", u.Name), u)
-			runtimeSeen := false
-			for _, l := range seen {
-				if strings.Contains(l, " --config ") && strings.Contains(l, "ci-exec") {
-					continue // the privileged front, as the runner started it
+			for _, u := range users {
+				runtimeSeen := false
+				for _, l := range seen {
+					if !strings.Contains(l, "/data/"+u.Name+"/") && !strings.Contains(l, "/storage/"+u.Name+"/") {
+						continue
+					}
+					assert.True(t, strings.HasPrefix(l, fmt.Sprintf("uid=%d ", u.UID)), "runs as %s: %s", u.Name, l)
+					runtimeSeen = runtimeSeen || strings.Contains(l, rt.program) || strings.Contains(l, "ch-image")
 				}
-				assert.True(t, strings.HasPrefix(l, fmt.Sprintf("uid=%d ", u.UID)), "runs as %s: %s", u.Name, l)
-				runtimeSeen = runtimeSeen || strings.Contains(l, rt.program) || strings.Contains(l, "ch-image")
+				assert.True(t, runtimeSeen, "the watch saw %s's runtime: %v", u.Name, seen)
 			}
-			assert.True(t, runtimeSeen, "the watch saw the runtime: %v", seen)
-			var digest bool
+			digests := 0
 			for _, r := range e.auditRecords(t) {
-				digest = digest || r["stage"] == "prepare" && strings.HasPrefix(r["digest"].(string), "sha256:")
+				if r["stage"] == "prepare" && strings.HasPrefix(r["digest"].(string), "sha256:") {
+					digests++
+				}
 			}
-			assert.True(t, digest, "the audit trail names the image digest")
+			assert.Equal(t, len(users), digests, "the audit trail names each job's image digest")
 		})
 	}
 }
