@@ -28,6 +28,9 @@ Commands (called by gitlab-runner's custom executor):
   reap [--grace D] -- ARGV...
                          run ARGV and end what it leaves running (the batch
                          script's wrapper on a compute node)
+  sweep [--stale D] [--runner TOKEN] [--dry-run]
+                         cancel this user's Slurm jobs whose CI job is gone
+                         (for a cron job or a systemd timer)
   version                print the version
 
 --config PATH   admin configuration (default $CI_EXEC_CONFIG or ` + config.DefaultPath + `)
@@ -78,6 +81,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return subreaper(stdout, func() int { return stages.Cleanup(ctx, inv) })
 	case "reap":
 		return reap(ctx, rest[1:], stderr)
+	case "sweep":
+		return sweep(ctx, inv, rest[1:], stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "%s %s\n", stages.DriverName, stages.DriverVersion())
 		return 0

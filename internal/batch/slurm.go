@@ -140,6 +140,13 @@ func BatchScript(argv []string, nonce, jobName, startFile string, reaper Reaper)
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\n# ci-exec batch script for " + jobName + "\n")
 	b.WriteString(reaper.prologue())
+	writeCommand(&b, argv, startFile, reaper)
+	writeMarker(&b, nonce)
+	return b.String()
+}
+
+// writeCommand writes the command line and sets rc and started.
+func writeCommand(b *strings.Builder, argv []string, startFile string, reaper Reaper) {
 	b.WriteString(reaper.prefix())
 	for i, a := range argv {
 		if i > 0 {
@@ -150,8 +157,11 @@ func BatchScript(argv []string, nonce, jobName, startFile string, reaper Reaper)
 	sf := shellQuote(startFile)
 	b.WriteString(" </dev/null 3>" + sf + "\nrc=$?\n")
 	b.WriteString("started=0\n[ -s " + sf + " ] && started=1\n")
-	fmt.Fprintf(&b, "printf '\\n%s %s rc=%%d started=%%d\\n' \"$rc\" \"$started\"\nexit \"$rc\"\n", markerPrefix, nonce)
-	return b.String()
+}
+
+// writeMarker writes the end marker line and the script's exit.
+func writeMarker(b *strings.Builder, nonce string) {
+	fmt.Fprintf(b, "printf '\\n%s %s rc=%%d started=%%d\\n' \"$rc\" \"$started\"\nexit \"$rc\"\n", markerPrefix, nonce)
 }
 
 // shellQuote single-quotes s for a POSIX shell.
@@ -254,20 +264,27 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 	}
 	res.JobID = id
 	s.Logf("Submitted Slurm job %s (%s); output is streamed below.", id, j.Spec.JobName)
+	w := &watch{s: s, id: id, tail: newFollower(j.Spec.Output, j.Out, nonce), start: time.Now()}
+	return w.follow(ctx, res)
+}
 
-	tail := &follower{path: j.Spec.Output, out: j.Out, marker: markerPrefix + " " + nonce + " rc="}
-	w := watch{s: s, id: id, tail: tail, start: time.Now()}
+func newFollower(path string, out io.Writer, nonce string) *follower {
+	return &follower{path: path, out: out, marker: markerPrefix + " " + nonce + " rc="}
+}
+
+// follow polls the output file and the job until the stage is over.
+func (w *watch) follow(ctx context.Context, res Result) (Result, error) {
 	// The output file is read often (cheap, and the end marker makes the
 	// end visible at once); Slurm is asked every Poll, and often again
 	// once the marker has shown up, to see the job leave.
-	fast := min(tailInterval, s.Poll)
+	fast := min(tailInterval, w.s.Poll)
 	tick := time.NewTicker(fast)
 	defer tick.Stop()
 	var nextState time.Time
 	for {
-		tail.poll()
-		if now := time.Now(); tail.done || !now.Before(nextState) {
-			nextState = now.Add(s.Poll)
+		w.tail.poll()
+		if now := time.Now(); w.tail.done || !now.Before(nextState) {
+			nextState = now.Add(w.s.Poll)
 			if end, err := w.check(ctx, &res); end {
 				return res, err
 			}
@@ -283,15 +300,24 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 // tailInterval is how often the output file is read.
 const tailInterval = 50 * time.Millisecond
 
+// pendingLogEvery is how often a pending job's state, reason and pending
+// time are logged, so that a user sees a queue rather than a hang.
+const pendingLogEvery = 30 * time.Second
+
 // watch is the state of following one job.
 type watch struct {
 	s     *Slurm
 	id    string
 	tail  *follower
 	start time.Time
+	// alloc is set when the stage runs in the CI job's allocation rather
+	// than as a job of its own.
+	alloc *allocRun
+	// pendingFrom is when the job was submitted, if known (an allocation
+	// submitted in prepare): the pending limit counts from there.
+	pendingFrom time.Time
 
-	pendingSince, unknownSince time.Time
-	pendingLogged              bool
+	pendingSince, unknownSince, pendingLogged time.Time
 }
 
 // fromMarker copies what the end marker reported into res.
@@ -328,11 +354,21 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 			// Slurm may only have lost sight of the job (a controller
 			// restart or failover, scontrol failing): make sure it does not
 			// run on unsupervised once the controller knows it again.
-			s.Logf("Slurm job %s is unknown to scontrol for %s; cancelling it (scancel) in case it still exists.", id, s.UnknownLimit)
+			if errors.Is(err, errUnknownJob) {
+				s.Logf("Slurm job %s has been unknown to Slurm for %s (batch.unknown_state_limit); cancelling it (scancel) in case it still exists.", id, s.UnknownLimit)
+			} else {
+				s.Logf("Slurm could not be asked about job %s for %s (batch.unknown_state_limit: %v); cancelling it (scancel) so that it does not run on unsupervised.", id, s.UnknownLimit, err)
+			}
 			s.cancel(ctx, id, nil)
 			return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
 		}
 	case isFinal(st.State):
+		if w.alloc != nil && !tail.done && w.alloc.reclaim() {
+			// The allocation ended before it took the stage: the stage
+			// never ran.
+			res.State, res.ExitCode, res.Signal = st.State, st.ExitCode, st.Signal
+			return true, &AllocationEndedError{ID: id, State: st.State, Idle: w.alloc.idle()}
+		}
 		tail.drain(2 * time.Second)
 		res.State = st.State
 		res.ExitCode, res.Signal = st.ExitCode, st.Signal
@@ -342,15 +378,24 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 		w.unknownSince = time.Time{}
 		if st.State != "PENDING" {
 			w.pendingSince = time.Time{}
+			if w.alloc != nil && !tail.done {
+				if rc, ok := w.alloc.ended(); ok {
+					// The allocation ran the stage's script, which ended
+					// without its marker (its output file could not be
+					// written, say).
+					tail.drain(2 * time.Second)
+					if !tail.done {
+						res.State, res.ExitCode = "FAILED", rc
+						return true, nil
+					}
+				}
+			}
 			return false, nil
 		}
 		if w.pendingSince.IsZero() {
-			w.pendingSince = now
+			w.pendingSince = cmp.Or(w.pendingFrom, now)
 		}
-		if !w.pendingLogged && now.Sub(w.start) > 5*time.Second {
-			s.Logf("Slurm job %s is pending (reason: %s).", id, st.Reason)
-			w.pendingLogged = true
-		}
+		w.logPending(now, st.Reason)
 		if s.PendingLimit > 0 && now.Sub(w.pendingSince) > s.PendingLimit {
 			res.PendingReason = st.Reason
 			s.cancel(ctx, id, nil)
@@ -360,6 +405,16 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 		}
 	}
 	return false, nil
+}
+
+// logPending says that the job waits in the queue, and why: after 5 s,
+// then every pendingLogEvery.
+func (w *watch) logPending(now time.Time, reason string) {
+	if now.Sub(w.start) < 5*time.Second || !w.pendingLogged.IsZero() && now.Sub(w.pendingLogged) < pendingLogEvery {
+		return
+	}
+	w.pendingLogged = now
+	w.s.Logf("Slurm job %s is PENDING for %s (reason: %s).", w.id, now.Sub(w.pendingSince).Round(time.Second), reason)
 }
 
 // stop scancels the job (pending or running: Slurm sends SIGTERM to all

@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 
 	"github.com/ci-exec/ci-exec/internal/atomicfile"
+	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
@@ -31,6 +32,9 @@ type State struct {
 	Job *mechanism.Image `json:"job,omitempty"`
 	// Runner is runner_image; nil when the runner's stages run on the host.
 	Runner *mechanism.Image `json:"runner,omitempty"`
+	// Allocation is the job's Slurm allocation (batch.allocate =
+	// "prepare"); nil otherwise.
+	Allocation *batch.Allocation `json:"allocation,omitempty"`
 }
 
 // Save writes the state atomically, mode 0600.
