@@ -330,6 +330,16 @@ func (f *follower) fromMarker(res *Result) {
 // check asks Slurm about the job once; end is true when Run is over.
 func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 	s, id, tail := w.s, w.id, w.tail
+	if w.alloc != nil && tail.done {
+		// The allocation runs on after the stage: the marker is the
+		// stage's end, and Slurm need not be asked.
+		res.State = "COMPLETED"
+		if tail.rc != 0 {
+			res.State = "FAILED"
+		}
+		tail.fromMarker(res)
+		return true, nil
+	}
 	st, err := s.state(ctx, id)
 	now := time.Now()
 	switch {

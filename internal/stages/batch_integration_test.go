@@ -58,10 +58,11 @@ func batchJob() runnerdouble.Job {
 	return runnerdouble.Job{ID: batchJobID.Add(1)}
 }
 
-// assertNoSlurmJob fails if Slurm still lists a job of this CI job.
+// assertNoSlurmJob fails if Slurm still lists a job of this CI job (its
+// allocation or its build_script job).
 func assertNoSlurmJob(t *testing.T, j runnerdouble.Job) {
 	t.Helper()
-	name := fmt.Sprintf("ci-%d-build_script", j.ID)
+	name := fmt.Sprintf("ci-%d-build_script,ci-%d-alloc", j.ID, j.ID)
 	var out []byte
 	ok := assert.Eventually(t, func() bool {
 		out, _ = exec.Command("squeue", "-h", "-n", name, "-o", "%i %T").CombinedOutput()
@@ -85,7 +86,7 @@ func TestBatchJob(t *testing.T) {
 				res := runJob(t, c, j)
 				require.True(t, res.Succeeded(), res.Error)
 				assert.Contains(t, res.Log, "hello from the node")
-				assert.Regexp(t, fmt.Sprintf(`slurm job=[0-9]+ name=ci-%d-build_script uid=%d`, j.ID, u.UID), res.Log)
+				assert.Regexp(t, fmt.Sprintf(`slurm job=[0-9]+ name=ci-%d-alloc uid=%d`, j.ID, u.UID), res.Log, "the stage ran in the job's allocation")
 				assert.Contains(t, res.Log, "after slurm job=[]", "after_script runs on the login node, not in Slurm")
 				assert.NotContains(t, res.Log, "__CI_EXEC_BATCH_END__", "the end marker is not part of the job's output")
 				fi, err := os.Stat(filepath.Join(res.ProjectDir, "node.txt"))
