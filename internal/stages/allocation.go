@@ -123,6 +123,19 @@ func releaseAllocation(ctx context.Context, st *Stage, why string) {
 	}
 }
 
+// markAllocationEnded records that the allocation has ended without
+// being released.
+func markAllocationEnded(st *Stage) {
+	state, a := allocation(st)
+	if a == nil || a.Released {
+		return
+	}
+	a.Released = true
+	if err := state.Save(st.Layout.StateDir); err != nil {
+		st.Log.Warnf("%v", err)
+	}
+}
+
 // afterUserScripts are the stages that come after the last user-script
 // stage: once one starts, the allocation has nothing left to run.
 var afterUserScripts = map[string]bool{

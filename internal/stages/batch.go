@@ -81,6 +81,11 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		res, err = s.RunIn(ctx, a, batch.StageJob{Name: spec.JobName, Argv: argv, Env: plan.Env, Dir: plan.Dir,
 			Script: script, Output: spec.Output, Out: out})
 		var ended *batch.AllocationEndedError
+		if errors.As(err, &ended) || res.Stopped || errors.Is(err, batch.ErrPendingLimit) || errors.Is(err, batch.ErrVanished) {
+			// It has ended, or was cancelled with the stage: no later stage
+			// may use it, and nothing is left to release.
+			markAllocationEnded(st)
+		}
 		switch {
 		case errors.As(err, &ended) && (ended.Idle || ended.State == "COMPLETED"):
 			// It ended by itself (idle_limit): nothing went wrong, the

@@ -70,7 +70,9 @@ func assertNoSlurmJob(t *testing.T, j runnerdouble.Job) {
 	}, 30*time.Second, 200*time.Millisecond)
 	if !ok {
 		t.Errorf("squeue still lists %s: %s", name, out)
-		_ = exec.Command("scancel", "-n", name).Run()
+		for _, n := range strings.Split(name, ",") {
+			_ = exec.Command("scancel", "-n", n).Run()
+		}
 	}
 }
 
@@ -280,7 +282,8 @@ func TestBatchInContainer(t *testing.T) {
 				assert.Contains(t, res.Log, "slurm job=\n", "apptainer --cleanenv keeps Slurm's variables out (docs/slurm.md)")
 			}
 			assert.Contains(t, res.Log, "after: ID=citiny")
-			assert.Contains(t, res.Log, "Submitted Slurm job")
+			assert.Contains(t, res.Log, "Submitted Slurm allocation")
+			assert.Contains(t, res.Log, "in Slurm allocation", "the stage ran in the allocation")
 			fi, err := os.Stat(filepath.Join(res.ProjectDir, "node.txt"))
 			require.NoError(t, err)
 			assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid)
