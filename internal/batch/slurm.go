@@ -370,7 +370,10 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 				s.Logf("Slurm could not be asked about job %s for %s (batch.unknown_state_limit: %v); cancelling it (scancel) so that it does not run on unsupervised.", id, s.UnknownLimit, err)
 			}
 			s.cancel(ctx, id, nil)
-			return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
+			if errors.Is(err, errUnknownJob) {
+				return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
+			}
+			return true, fmt.Errorf("%w: Slurm could not be asked about job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
 		}
 	case isFinal(st.State):
 		if w.alloc != nil && !tail.done && w.alloc.reclaim() {
@@ -551,7 +554,14 @@ func ParseJob(line string) (jobState, error) {
 // means Slurm answered and does not know it; any other error means the
 // answer is unknown.
 func (s *Slurm) state(ctx context.Context, id string) (jobState, error) {
-	out, err := s.call(ctx, askLimit, s.Env, "", "scontrol", "show", "job", "-o", id)
+	// scontrol waits for a controller that is down (18 s with Slurm's
+	// defaults); within a short unknown_state_limit it must not wait
+	// longer than that limit.
+	limit := askLimit
+	if s.UnknownLimit > 0 && s.UnknownLimit < limit {
+		limit = max(s.UnknownLimit, 2*time.Second)
+	}
+	out, err := s.call(ctx, limit, s.Env, "", "scontrol", "show", "job", "-o", id)
 	var ee *exitError
 	if errors.As(err, &ee) && strings.Contains(ee.Msg, "Invalid job id specified") {
 		return jobState{}, fmt.Errorf("%w (scontrol show job %s: %s)", errUnknownJob, id, ee.Msg)

@@ -113,8 +113,14 @@ func (c *Slurmctld) Start() {
 	for {
 		out, err := exec.Command("scontrol", "ping").CombinedOutput()
 		if err == nil && bytes.Contains(out, []byte("is UP")) {
-			c.t.Logf("slurmctld is up")
-			return
+			// And the node has registered again (its state is "unknown"
+			// until slurmd answers the new controller).
+			st, _ := exec.Command("sinfo", "-h", "-o", "%T").Output()
+			if bytes.Contains(st, []byte("idle")) || bytes.Contains(st, []byte("mix")) || bytes.Contains(st, []byte("alloc")) {
+				c.t.Logf("slurmctld is up, node %s", bytes.TrimSpace(st))
+				return
+			}
+			out = append(out, st...)
 		}
 		if time.Now().After(deadline) {
 			c.t.Errorf("slurmctld does not answer 60 s after its start: %s", fmt.Sprint(string(out)))
