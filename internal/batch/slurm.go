@@ -52,6 +52,9 @@ type Slurm struct {
 
 	// killWait is how long a killed job gets to leave (0: 10 s).
 	killWait time.Duration
+	// pendingFirst and pendingEvery time the pending lines (0: 5 s and
+	// pendingLogEvery; see watch.logPending).
+	pendingFirst, pendingEvery time.Duration
 }
 
 // Job is one submission.
@@ -423,7 +426,8 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 // logPending says that the job waits in the queue, and why: after 5 s,
 // then every pendingLogEvery.
 func (w *watch) logPending(now time.Time, reason string) {
-	if now.Sub(w.start) < 5*time.Second || !w.pendingLogged.IsZero() && now.Sub(w.pendingLogged) < pendingLogEvery {
+	first, every := cmp.Or(w.s.pendingFirst, 5*time.Second), cmp.Or(w.s.pendingEvery, pendingLogEvery)
+	if now.Sub(w.start) < first || !w.pendingLogged.IsZero() && now.Sub(w.pendingLogged) < every {
 		return
 	}
 	w.pendingLogged = now

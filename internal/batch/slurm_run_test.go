@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -603,4 +604,19 @@ func TestRunFinalWithoutMarker(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, Result{JobID: "42", State: "TIMEOUT", ExitCode: 0, Signal: 15}, res)
 	assert.Equal(t, "working\nkilled mid-li\n", out.String())
+}
+
+func TestRunPendingSaysWhy(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	s := f.slurm()
+	s.pendingFirst, s.pendingEvery = 50*time.Millisecond, 100*time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+	defer cancel()
+	res, err := s.Run(ctx, f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err)
+	assert.True(t, res.Stopped)
+	lines := regexp.MustCompile(`Slurm job 42 is PENDING for [0-9]+s \(reason: JobHeldUser\)\.`).FindAllString(f.logs.String(), -1)
+	assert.GreaterOrEqual(t, len(lines), 3, "a pending job is reported again and again: %s", f.logs.String())
+	assert.LessOrEqual(t, len(lines), 7, "but not at every poll: %s", f.logs.String())
 }
