@@ -213,19 +213,29 @@ func TestSweep(t *testing.T) {
 	dir := testenv.PrivateDir(t, u)
 	cfg := testenv.WriteConfig(t, dir, fmt.Sprintf("[general]\ndata_dir = %q\nexecutor = \"slurm\"\n", filepath.Join(dir, "data", "$USER")))
 
-	gone, live := batchJobID.Add(1), batchJobID.Add(1)
-	for _, id := range []int64{gone, live} {
+	gone, stale, live, other := batchJobID.Add(1), batchJobID.Add(1), batchJobID.Add(1), batchJobID.Add(1)
+	for _, id := range []int64{gone, stale, live, other} {
 		out, err := driverJob(t, u, cfg, dir, id)("prepare").CombinedOutput()
 		require.NoError(t, err, "%s", out)
 		require.Contains(t, string(out), "Submitted Slurm allocation")
 	}
 	t.Cleanup(func() {
-		for _, id := range []int64{gone, live} {
+		for _, id := range []int64{gone, stale, live, other} {
 			_ = exec.Command("scancel", "-n", fmt.Sprintf("ci-%d-alloc", id)).Run()
 		}
 	})
-	// The live job: a stage of it holds the job's lock (a long build).
-	stateDir := filepath.Join(dir, "data", u.Name, "state", "sweeper", "000", fmt.Sprint(live))
+	stateOf := func(id int64) string {
+		return filepath.Join(dir, "data", u.Name, "state", "sweeper", "000", fmt.Sprint(id))
+	}
+	allocOf := func(id int64) string {
+		o, _ := exec.Command("squeue", "-h", "-n", fmt.Sprintf("ci-%d-alloc", id), "-o", "%i").Output()
+		return string(bytes.TrimSpace(o))
+	}
+	// stale: no stage of it for an hour.
+	old := time.Now().Add(-time.Hour)
+	require.NoError(t, os.Chtimes(filepath.Join(stateOf(stale), "slurm.lock"), old, old))
+	// live: a stage of it holds the job's lock (a long build).
+	stateDir := stateOf(live)
 	lockHolder := exec.Command("flock", "-s", filepath.Join(stateDir, "slurm.lock"), "sleep", "600")
 	lockHolder.SysProcAttr = &syscall.SysProcAttr{Credential: u.Credential()}
 	require.NoError(t, lockHolder.Start())
@@ -239,6 +249,17 @@ func TestSweep(t *testing.T) {
 	ownID := strings.TrimSpace(string(out))
 	t.Cleanup(func() { _ = exec.Command("scancel", ownID).Run() })
 
+	// Another job's cleanup ends its own allocation and sweeps with the
+	// default --stale (5m): only the stale one goes.
+	out, err = driverJob(t, u, cfg, dir, other)("cleanup").CombinedOutput()
+	require.NoError(t, err, "%s", out)
+	t.Logf("cleanup:\n%s", out)
+	assert.Regexp(t, fmt.Sprintf(`cancelled Slurm job [0-9]+ \((PENDING|RUNNING)\) of CI job %d \(project group/sweep, pipeline 77, runner sweeper\): no ci-exec stage of it for 1h`, stale), string(out))
+	assert.NotContains(t, string(out), fmt.Sprintf("CI job %d ", gone), "a CI job with a recent stage is not gone")
+	assert.Eventually(t, func() bool { return allocOf(stale) == "" && allocOf(other) == "" }, 30*time.Second, 200*time.Millisecond,
+		"the stale job's allocation and the cleaned-up job's own were cancelled")
+	assert.NotEmpty(t, allocOf(gone))
+
 	// Wait until flock holds the lock (its child runs).
 	require.Eventually(t, func() bool {
 		return exec.Command("flock", "-n", "-x", filepath.Join(stateDir, "slurm.lock"), "true").Run() != nil
@@ -251,19 +272,12 @@ func TestSweep(t *testing.T) {
 	t.Logf("sweep:\n%s", outB)
 	assert.Regexp(t, fmt.Sprintf(`cancelled Slurm job [0-9]+ \((PENDING|RUNNING)\) of CI job %d \(project group/sweep, pipeline 77, runner sweeper\): no ci-exec stage of it for`, gone), string(outB))
 	assert.NotContains(t, string(outB), fmt.Sprintf("CI job %d ", live))
-	assert.Eventually(t, func() bool {
-		o, _ := exec.Command("squeue", "-h", "-n", fmt.Sprintf("ci-%d-alloc", gone), "-o", "%i").Output()
-		return len(bytes.TrimSpace(o)) == 0
-	}, 30*time.Second, 200*time.Millisecond, "the gone job's allocation was cancelled")
-	o, _ := exec.Command("squeue", "-h", "-n", fmt.Sprintf("ci-%d-alloc", live), "-o", "%i").Output()
-	assert.NotEmpty(t, bytes.TrimSpace(o), "the live job's allocation is untouched")
+	assert.Eventually(t, func() bool { return allocOf(gone) == "" }, 30*time.Second, 200*time.Millisecond, "the gone job's allocation was cancelled")
+	assert.NotEmpty(t, allocOf(live), "the live job's allocation is untouched")
 	assert.NotEmpty(t, squeueState(ownID), "the user's own job is untouched")
 
 	// Its cleanup ends the live job's allocation.
 	out, err = driverJob(t, u, cfg, dir, live)("cleanup").CombinedOutput()
 	require.NoError(t, err, "%s", out)
-	assert.Eventually(t, func() bool {
-		o, _ := exec.Command("squeue", "-h", "-n", fmt.Sprintf("ci-%d-alloc", live), "-o", "%i").Output()
-		return len(bytes.TrimSpace(o)) == 0
-	}, 30*time.Second, 200*time.Millisecond, "cleanup ended the allocation")
+	assert.Eventually(t, func() bool { return allocOf(live) == "" }, 30*time.Second, 200*time.Millisecond, "cleanup ended the allocation")
 }
