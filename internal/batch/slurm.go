@@ -49,9 +49,16 @@ type Slurm struct {
 	Logf func(format string, args ...any)
 	// Reaper wraps the command in the batch script (see Reaper).
 	Reaper Reaper
+	// SubmitAttempts is how often sbatch is tried while it cannot reach
+	// the controller (0 or 1: once). A run stage has no retry of its own
+	// (the runner retries prepare, not run), and a controller restart or
+	// failover takes seconds.
+	SubmitAttempts int
 
 	// killWait is how long a killed job gets to leave (0: 10 s).
 	killWait time.Duration
+	// retryDelay is the wait between submission attempts (0: 5 s).
+	retryDelay time.Duration
 	// pendingFirst and pendingEvery time the pending lines (0: 5 s and
 	// pendingLogEvery; see watch.logPending).
 	pendingFirst, pendingEvery time.Duration
@@ -117,6 +124,8 @@ var (
 type SubmitError struct {
 	Msg  string
 	User bool
+	// down: the controller could not be reached (worth another try).
+	down bool
 }
 
 func (e *SubmitError) Error() string { return e.Msg }
@@ -456,8 +465,30 @@ func (w *watch) stop(ctx context.Context, res Result) Result {
 	return res
 }
 
-// submit runs sbatch --parsable with the batch script as its argument.
+// submit runs sbatch --parsable with the batch script as its argument,
+// up to SubmitAttempts times while the controller cannot be reached.
 func (s *Slurm) submit(ctx context.Context, j Job) (string, error) {
+	attempts := max(s.SubmitAttempts, 1)
+	for i := 1; ; i++ {
+		id, err := s.submitOnce(ctx, j)
+		var se *SubmitError
+		if !errors.As(err, &se) || !se.down || i >= attempts {
+			if se != nil && se.down && attempts > 1 {
+				se.Msg += fmt.Sprintf(" (%d attempts)", attempts)
+			}
+			return id, err
+		}
+		delay := cmp.Or(s.retryDelay, 5*time.Second)
+		s.Logf("Slurm's controller cannot be reached (%s); submitting again in %s.", se.Msg, delay)
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("sbatch %w: the stage was stopped while waiting to retry", errNoAnswer)
+		case <-time.After(delay):
+		}
+	}
+}
+
+func (s *Slurm) submitOnce(ctx context.Context, j Job) (string, error) {
 	args := append(SbatchArgs(j.Spec), j.Script)
 	out, err := s.call(ctx, submitLimit, submitEnv(j.Env, s.Env), j.Spec.Chdir, "sbatch", args...)
 	var ee *exitError
@@ -512,10 +543,15 @@ func classifySubmit(msg string) error {
 	if i := strings.LastIndex(msg, "\n"); i >= 0 {
 		last = strings.TrimSpace(msg[i+1:])
 	}
-	unavailable := []string{"Unable to contact slurm controller", "Socket timed out", "Connection refused",
+	down := []string{"Unable to contact slurm controller", "Socket timed out", "Connection refused",
 		"Slurm backup controller in standby mode", "Zero Bytes were transmitted", "Communication connection failure",
-		"Unable to allocate resources: Slurm temporarily unable", "executable file not found", "no such file or directory"}
-	for _, u := range unavailable {
+		"Unable to allocate resources: Slurm temporarily unable"}
+	for _, u := range down {
+		if strings.Contains(last, u) {
+			return &SubmitError{Msg: last, down: true}
+		}
+	}
+	for _, u := range []string{"executable file not found", "no such file or directory"} {
 		if strings.Contains(last, u) {
 			return &SubmitError{Msg: last}
 		}

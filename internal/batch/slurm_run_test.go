@@ -23,6 +23,8 @@ import (
 //
 //	sbatch.args     sbatch's arguments, one a line
 //	sbatch.stderr   if present: sbatch prints it to stderr and exits 1
+//	sbatch.failonce if present: the same, once (the file is removed)
+//	sbatch.count    one line per sbatch call
 //	sbatch.stdout   if present: sbatch prints it instead of "42"
 //	hold            if present: the job is never started (PENDING)
 //	state           scontrol's answer once the job ended or was cancelled
@@ -39,6 +41,8 @@ d=$(dirname "$0")
 printf '%s\n' "$@" > "$d/sbatch.args"
 env > "$d/sbatch.env"
 if [ -f "$d/sbatch.block" ]; then echo $$ > "$d/sbatch.pid.tmp"; mv "$d/sbatch.pid.tmp" "$d/sbatch.pid"; exec sleep 600; fi
+echo x >> "$d/sbatch.count"
+if [ -f "$d/sbatch.failonce" ]; then cat "$d/sbatch.failonce" >&2; rm -f "$d/sbatch.failonce"; exit 1; fi
 if [ -f "$d/sbatch.stderr" ]; then cat "$d/sbatch.stderr" >&2; exit 1; fi
 out= script=
 for a in "$@"; do
@@ -619,4 +623,41 @@ func TestRunPendingSaysWhy(t *testing.T) {
 	lines := regexp.MustCompile(`Slurm job 42 is PENDING for [0-9]+s \(reason: JobHeldUser\)\.`).FindAllString(f.logs.String(), -1)
 	assert.GreaterOrEqual(t, len(lines), 3, "a pending job is reported again and again: %s", f.logs.String())
 	assert.LessOrEqual(t, len(lines), 7, "but not at every poll: %s", f.logs.String())
+}
+
+func TestSubmitRetriesWhileTheControllerIsDown(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("sbatch.failonce", "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)\n")
+	s := f.slurm()
+	s.SubmitAttempts, s.retryDelay = 3, 10*time.Millisecond
+	res, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err)
+	assert.Equal(t, "COMPLETED", res.State)
+	assert.Len(t, f.lines("sbatch.count"), 2)
+	assert.Contains(t, f.logs.String(), "Slurm's controller cannot be reached (sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)); submitting again in 10ms.")
+}
+
+func TestSubmitGivesUp(t *testing.T) {
+	for name, c := range map[string]struct {
+		stderr   string
+		attempts int
+		user     bool
+		suffix   string
+	}{
+		"controller down": {"sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", 3, false, " (3 attempts)"},
+		"refused request": {"sbatch: error: Batch job submission failed: Invalid partition name specified", 1, true, ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := newFakeSlurm(t)
+			f.touch("sbatch.stderr", c.stderr+"\n")
+			s := f.slurm()
+			s.SubmitAttempts, s.retryDelay = 3, 10*time.Millisecond
+			_, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+			var se *SubmitError
+			require.ErrorAs(t, err, &se)
+			assert.Equal(t, c.user, se.User)
+			assert.Equal(t, c.stderr+c.suffix, se.Msg)
+			assert.Len(t, f.lines("sbatch.count"), c.attempts, "a refused request is not retried")
+		})
+	}
 }

@@ -99,6 +99,10 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		}
 	}
 	if submit {
+		// The runner retries a failed prepare, never a run stage: ride out
+		// a controller restart here (about 9 s per attempt while it is
+		// down, 5 s apart).
+		s.SubmitAttempts = 3
 		st.Log.Printf("Submitting %s to Slurm: sbatch %s", stage, strings.Join(batch.SbatchArgs(spec), " "))
 		res, err = s.Run(ctx, batch.Job{Spec: spec, Argv: argv, Env: plan.Env, Script: script, Out: out})
 	}
