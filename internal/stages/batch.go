@@ -91,8 +91,11 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 			// It ended by itself (idle_limit): nothing went wrong, the
 			// stage just needs a job of its own.
 			st.Log.Printf("%v; submitting %s as a Slurm job of its own.", err, stage)
+		case errors.As(err, &ended) && ended.State == "TIMEOUT":
+			return failure.Userf("Slurm allocation %s reached its time limit before %s began: its time counts from its start in prepare, while the sources, caches and artifacts were fetched; ask for more time with --time in %s",
+				ended.ID, stage, strings.Join(b.ArgumentsVariable, ", "))
 		case errors.As(err, &ended):
-			// Cancelled, timed out, failed node: classified by its state.
+			// Cancelled, failed node: classified by its state.
 			err, submit = nil, false
 		default:
 			submit = false
