@@ -69,6 +69,8 @@ type holdOnLine struct {
 	buf   bytes.Buffer
 	want  string
 	until func(log string) bool
+	// limit is how long to hold at most (0: 60 s).
+	limit time.Duration
 	held  bool
 	ok    bool
 }
@@ -79,7 +81,11 @@ func (h *holdOnLine) Write(p []byte) (int, error) {
 	h.buf.Write(p)
 	if !h.held && strings.Contains(h.buf.String(), h.want) {
 		h.held = true
-		deadline := time.Now().Add(60 * time.Second)
+		limit := h.limit
+		if limit == 0 {
+			limit = 60 * time.Second
+		}
+		deadline := time.Now().Add(limit)
 		for !h.until(h.buf.String()) && time.Now().Before(deadline) {
 			time.Sleep(100 * time.Millisecond)
 		}
@@ -280,4 +286,28 @@ func TestSweep(t *testing.T) {
 	out, err = driverJob(t, u, cfg, dir, live)("cleanup").CombinedOutput()
 	require.NoError(t, err, "%s", out)
 	assert.Eventually(t, func() bool { return allocOf(live) == "" }, 30*time.Second, 200*time.Millisecond, "cleanup ended the allocation")
+}
+
+// An allocation whose --time runs out while the runner is still on the
+// login node fails the job as the user's, and says where the time went.
+func TestAllocationTimeLimitBeforeBuild(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	c, _ := slurmRunner(t, u, "", "")
+	h := &holdOnLine{want: "Getting source from Git repository", until: func(log string) bool {
+		m := allocIDRE.FindStringSubmatch(log)
+		return m != nil && squeueState(m[1]) == ""
+	}}
+	h.limit = 3 * time.Minute
+	c.LiveLog = h
+	j := batchJob()
+	j.Timeout = 5 * time.Minute
+	// Slurm's smallest time limit is one minute, checked about every 30 s.
+	j.Variables = map[string]string{"SCHEDULER_PARAMETERS": "--time=1"}
+	j.Script = []string{"echo must-not-run"}
+	res := runJob(t, c, j)
+	require.True(t, h.ok, "the allocation reached its time limit")
+	assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
+	assert.Regexp(t, `Slurm allocation [0-9]+ reached its time limit before build_script began: its time counts from its start in prepare`, res.Log)
+	assert.NotContains(t, res.Log, "\nmust-not-run")
+	assertNoSlurmJob(t, j)
 }
