@@ -122,3 +122,78 @@ func TestAgentIdle(t *testing.T) {
 	assert.True(t, (&allocRun{dir: dir, nonce: "ccc"}).reclaim())
 	assert.NoFileExists(t, filepath.Join(dir, "next.ccc"))
 }
+
+// startAgent runs the allocation's agent in dir as Slurm would (here: a
+// plain child process), until the test ends.
+func startAgent(t *testing.T, dir string) {
+	t.Helper()
+	require.NoError(t, os.WriteFile(filepath.Join(dir, "agent.sh"), []byte(AgentScript(dir, "ci-7-alloc", time.Hour)), 0o700))
+	cmd := exec.Command("/bin/sh", filepath.Join(dir, "agent.sh"))
+	cmd.Env = []string{"PATH=/usr/bin:/bin", "SLURM_JOB_ID=42"}
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() {
+		_ = os.WriteFile(filepath.Join(dir, "release"), nil, 0o600)
+		_ = cmd.Wait()
+	})
+}
+
+func TestRunInAllocation(t *testing.T) {
+	f := newFakeSlurm(t) // scontrol: RUNNING
+	q := t.TempDir()
+	startAgent(t, q)
+	a := &Allocation{ID: "42", Name: "ci-7-alloc", Dir: q, Submitted: time.Now(), EnvKeys: []string{"PATH"}}
+	out := &syncBuffer{}
+	job := StageJob{Name: "ci-7-build_script", Argv: []string{"/bin/sh", "-c", `echo "in $SLURM_JOB_ID"; exit 5`},
+		Env: []string{"PATH=/usr/bin:/bin"}, Dir: f.work, Script: filepath.Join(f.work, "b.sbatch"), Output: filepath.Join(f.work, "b.out"), Out: out}
+	res, err := f.slurm().RunIn(runCtx(t, 20*time.Second), a, job)
+	require.NoError(t, err)
+	assert.Equal(t, "in 42\n", out.String(), "the output, without the end marker")
+	assert.True(t, res.Marker)
+	assert.Equal(t, 5, res.ExitCode)
+	assert.Equal(t, "FAILED", res.State)
+	assert.Equal(t, "42", res.JobID)
+	assert.Empty(t, f.lines("scancel.calls"), "the allocation runs on")
+
+	// The next stage in the same allocation.
+	out2 := &syncBuffer{}
+	job.Argv, job.Out = []string{"/bin/echo", "second"}, out2
+	res, err = f.slurm().RunIn(runCtx(t, 20*time.Second), a, job)
+	require.NoError(t, err)
+	assert.Equal(t, "second\n", out2.String())
+	assert.Equal(t, 0, res.ExitCode)
+	assert.Equal(t, "COMPLETED", res.State)
+}
+
+func TestRunInScriptWithoutMarker(t *testing.T) {
+	f := newFakeSlurm(t)
+	q := t.TempDir()
+	startAgent(t, q)
+	a := &Allocation{ID: "42", Dir: q, Submitted: time.Now()}
+	// The stage's output file cannot be opened: the script ends at once,
+	// without its marker; the agent's status says so.
+	job := StageJob{Name: "s", Argv: []string{"/bin/true"}, Dir: f.work, Script: filepath.Join(f.work, "b.sbatch"),
+		Output: filepath.Join(f.work, "no-such-dir", "b.out"), Out: &syncBuffer{}}
+	res, err := f.slurm().RunIn(runCtx(t, 20*time.Second), a, job)
+	require.NoError(t, err)
+	assert.False(t, res.Marker)
+	assert.Equal(t, "FAILED", res.State)
+	assert.NotZero(t, res.ExitCode)
+}
+
+func TestRunInEndedAllocation(t *testing.T) {
+	f := newFakeSlurm(t)
+	q := t.TempDir()
+	// No agent: it has ended after idle_limit.
+	f.touch("state", "JobId=42 JobName=x UserId=ci(1000) JobState=COMPLETED Reason=None Dependency=(null) ExitCode=0:0\n")
+	require.NoError(t, os.WriteFile(filepath.Join(q, "idle"), nil, 0o600))
+	a := &Allocation{ID: "42", Dir: q, Submitted: time.Now()}
+	job := StageJob{Name: "s", Argv: []string{"/bin/true"}, Dir: f.work, Script: filepath.Join(f.work, "b.sbatch"),
+		Output: filepath.Join(f.work, "b.out"), Out: &syncBuffer{}}
+	_, err := f.slurm().RunIn(runCtx(t, 20*time.Second), a, job)
+	var ended *AllocationEndedError
+	require.ErrorAs(t, err, &ended)
+	assert.True(t, ended.Idle)
+	assert.Equal(t, "COMPLETED", ended.State)
+	left, _ := filepath.Glob(filepath.Join(q, "next.*"))
+	assert.Empty(t, left, "the stage took its script back")
+}
