@@ -46,8 +46,10 @@ func TestAllocationSteps(t *testing.T) {
 	c, _ := slurmRunner(t, u, "", "")
 	j := batchJob()
 	j.Steps = []runnerdouble.Step{
-		{Name: "script", Script: []string{`echo "stage=build job=$SLURM_JOB_ID"`}},
+		{Name: "script", Script: []string{`echo "stage=build job=$SLURM_JOB_ID"`,
+			`scontrol show job -o "$SLURM_JOB_ID" | grep -o 'Comment=ci-exec job=[0-9]* pipeline=[0-9]* project=[^ ]* runner=[^ ]*'`}},
 		{Name: "release", Script: []string{`echo "stage=release job=$SLURM_JOB_ID"`}},
+		{Name: "deploy", Script: []string{`echo "stage=deploy job=$SLURM_JOB_ID"`}},
 		{Name: "after_script", Script: []string{`echo "after job=[${SLURM_JOB_ID:-}]"`}},
 	}
 	res := runJob(t, c, j)
@@ -55,6 +57,9 @@ func TestAllocationSteps(t *testing.T) {
 	id := allocationID(t, res.Log)
 	assert.Contains(t, res.Log, "stage=build job="+id+"\n")
 	assert.Contains(t, res.Log, "stage=release job="+id+"\n", "step_release ran in the same Slurm job")
+	assert.Contains(t, res.Log, "stage=deploy job="+id+"\n", "and step_deploy")
+	assert.Contains(t, res.Log, fmt.Sprintf("Comment=ci-exec job=%d pipeline=1 project=demo-group/demo runner=t3stt0k3n\n", j.ID),
+		"scontrol show job carries the CI job's identity")
 	assert.Contains(t, res.Log, "after job=[]\n", "after_script runs on the login node")
 	assert.Contains(t, res.Log, fmt.Sprintf("Ended Slurm allocation %s: no user-script stage is left.", id))
 	assert.NotContains(t, res.Log, "Submitting build_script", "no per-stage submission")
