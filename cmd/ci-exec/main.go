@@ -32,6 +32,9 @@ Commands (called by gitlab-runner's custom executor):
   reap [--grace D] -- ARGV...
                          run ARGV and end what it leaves running (the batch
                          script's wrapper on a compute node)
+  sweep [--stale D] [--runner TOKEN] [--dry-run]
+                         cancel this user's Slurm jobs whose CI job is gone
+                         (for a cron job or a systemd timer)
   version                print the version
 
 Commands for people (ci-exec help COMMAND for each one's flags and examples):
@@ -104,6 +107,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return doctor.Main(ctx, rest[1:], *cfgPath, stdout, stderr)
 	case "help", "--help", "-h":
 		return help(rest[1:], stdout, stderr)
+	case "sweep":
+		return sweep(ctx, inv, rest[1:], stderr)
 	case "version", "--version":
 		fmt.Fprintf(stdout, "%s %s\n", stages.DriverName, stages.DriverVersion())
 		return 0

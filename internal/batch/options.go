@@ -320,6 +320,9 @@ type SubmitSpec struct {
 	AdminOptions []string
 	// UserArgs come from the arguments variables (checked by UserArgs).
 	UserArgs []string
+	// Comment is the CI job's identity (Identity.Comment), so that
+	// ci-exec finds its jobs again ("" = none).
+	Comment string
 }
 
 // SbatchArgs builds sbatch's options (without the program and the batch
@@ -334,11 +337,15 @@ type SubmitSpec struct {
 //  3. the user's arguments, which may override the admin's defaults unless
 //     the admin denies those options;
 //  4. the options ci-exec owns (see ownedOptions), last so nothing can
-//     override them.
+//     override them; --comment too: it is how `ci-exec sweep` and cleanup
+//     recognise the job (a user's --comment is overridden).
 func SbatchArgs(s SubmitSpec) []string {
 	args := []string{"--no-requeue", "--export=ALL"}
 	args = append(args, s.AdminOptions...)
 	args = append(args, s.UserArgs...)
+	if s.Comment != "" {
+		args = append(args, "--comment="+s.Comment)
+	}
 	return append(args,
 		"--job-name="+s.JobName,
 		"--output="+s.Output,

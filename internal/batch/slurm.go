@@ -32,10 +32,6 @@ type Slurm struct {
 	Poll time.Duration
 	// PendingLimit cancels a job pending longer (0 = no limit).
 	PendingLimit time.Duration
-	// PendingLog is how often a pending job's state and reason go to the
-	// job log (0: after 5 s, then every 30 s), so a long queue wait is
-	// never a silent log.
-	PendingLog time.Duration
 	// UnknownLimit is how long the job may be unknown to Slurm before it is
 	// given up as vanished.
 	UnknownLimit time.Duration
@@ -53,9 +49,19 @@ type Slurm struct {
 	Logf func(format string, args ...any)
 	// Reaper wraps the command in the batch script (see Reaper).
 	Reaper Reaper
+	// SubmitAttempts is how often sbatch is tried while it cannot reach
+	// the controller (0 or 1: once). A run stage has no retry of its own
+	// (the runner retries prepare, not run), and a controller restart or
+	// failover takes seconds.
+	SubmitAttempts int
 
 	// killWait is how long a killed job gets to leave (0: 10 s).
 	killWait time.Duration
+	// retryDelay is the wait between submission attempts (0: 5 s).
+	retryDelay time.Duration
+	// pendingFirst and pendingEvery time the pending lines (0: 5 s and
+	// pendingLogEvery; see watch.logPending).
+	pendingFirst, pendingEvery time.Duration
 }
 
 // Job is one submission.
@@ -118,6 +124,8 @@ var (
 type SubmitError struct {
 	Msg  string
 	User bool
+	// down: the controller could not be reached (worth another try).
+	down bool
 }
 
 func (e *SubmitError) Error() string { return e.Msg }
@@ -144,6 +152,13 @@ func BatchScript(argv []string, nonce, jobName, startFile string, reaper Reaper)
 	var b strings.Builder
 	b.WriteString("#!/bin/sh\n# ci-exec batch script for " + jobName + "\n")
 	b.WriteString(reaper.prologue())
+	writeCommand(&b, argv, startFile, reaper)
+	writeMarker(&b, nonce)
+	return b.String()
+}
+
+// writeCommand writes the command line and sets rc and started.
+func writeCommand(b *strings.Builder, argv []string, startFile string, reaper Reaper) {
 	b.WriteString(reaper.prefix())
 	for i, a := range argv {
 		if i > 0 {
@@ -154,8 +169,11 @@ func BatchScript(argv []string, nonce, jobName, startFile string, reaper Reaper)
 	sf := shellQuote(startFile)
 	b.WriteString(" </dev/null 3>" + sf + "\nrc=$?\n")
 	b.WriteString("started=0\n[ -s " + sf + " ] && started=1\n")
-	fmt.Fprintf(&b, "printf '\\n%s %s rc=%%d started=%%d\\n' \"$rc\" \"$started\"\nexit \"$rc\"\n", markerPrefix, nonce)
-	return b.String()
+}
+
+// writeMarker writes the end marker line and the script's exit.
+func writeMarker(b *strings.Builder, nonce string) {
+	fmt.Fprintf(b, "printf '\\n%s %s rc=%%d started=%%d\\n' \"$rc\" \"$started\"\nexit \"$rc\"\n", markerPrefix, nonce)
 }
 
 // shellQuote single-quotes s for a POSIX shell.
@@ -258,20 +276,27 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 	}
 	res.JobID = id
 	s.Logf("Submitted Slurm job %s (%s); output is streamed below.", id, j.Spec.JobName)
+	w := &watch{s: s, id: id, tail: newFollower(j.Spec.Output, j.Out, nonce), start: time.Now()}
+	return w.follow(ctx, res)
+}
 
-	tail := &follower{path: j.Spec.Output, out: j.Out, marker: markerPrefix + " " + nonce + " rc="}
-	w := watch{s: s, id: id, tail: tail, start: time.Now()}
+func newFollower(path string, out io.Writer, nonce string) *follower {
+	return &follower{path: path, out: out, marker: markerPrefix + " " + nonce + " rc="}
+}
+
+// follow polls the output file and the job until the stage is over.
+func (w *watch) follow(ctx context.Context, res Result) (Result, error) {
 	// The output file is read often (cheap, and the end marker makes the
 	// end visible at once); Slurm is asked every Poll, and often again
 	// once the marker has shown up, to see the job leave.
-	fast := min(tailInterval, s.Poll)
+	fast := min(tailInterval, w.s.Poll)
 	tick := time.NewTicker(fast)
 	defer tick.Stop()
 	var nextState time.Time
 	for {
-		tail.poll()
-		if now := time.Now(); tail.done || !now.Before(nextState) {
-			nextState = now.Add(s.Poll)
+		w.tail.poll()
+		if now := time.Now(); w.tail.done || !now.Before(nextState) {
+			nextState = now.Add(w.s.Poll)
 			if end, err := w.check(ctx, &res); end {
 				return res, err
 			}
@@ -287,35 +312,26 @@ func (s *Slurm) Run(ctx context.Context, j Job) (Result, error) {
 // tailInterval is how often the output file is read.
 const tailInterval = 50 * time.Millisecond
 
+// pendingLogEvery is how often a pending job's state, reason and pending
+// time are logged, so that a user sees a queue rather than a hang.
+const pendingLogEvery = 30 * time.Second
+
 // watch is the state of following one job.
 type watch struct {
 	s     *Slurm
 	id    string
 	tail  *follower
 	start time.Time
+	// alloc is set when the stage runs in the CI job's allocation rather
+	// than as a job of its own.
+	alloc *allocRun
+	// pendingFrom is when the job was submitted, if known (an allocation
+	// submitted in prepare): the pending limit counts from there.
+	pendingFrom time.Time
 
-	pendingSince, unknownSince time.Time
-	// pendingLogged is when the pending state was last logged, and with
-	// which reason.
-	pendingLogged time.Time
+	pendingSince, unknownSince, pendingLogged time.Time
+	// pendingReason is the reason last logged: a new one is logged at once.
 	pendingReason string
-}
-
-// pendingDue reports whether a pending job's state is due in the log:
-// first after 5 s (or PendingLog when shorter), then every PendingLog
-// (30 s by default) or when Slurm's reason changes.
-func (w *watch) pendingDue(now time.Time, reason string) bool {
-	every, first := w.s.PendingLog, 5*time.Second
-	if every <= 0 {
-		every = 30 * time.Second
-	}
-	if every < first {
-		first = every
-	}
-	if w.pendingLogged.IsZero() {
-		return now.Sub(w.start) >= first
-	}
-	return now.Sub(w.pendingLogged) >= every || reason != w.pendingReason
 }
 
 // fromMarker copies what the end marker reported into res.
@@ -328,6 +344,16 @@ func (f *follower) fromMarker(res *Result) {
 // check asks Slurm about the job once; end is true when Run is over.
 func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 	s, id, tail := w.s, w.id, w.tail
+	if w.alloc != nil && tail.done {
+		// The allocation runs on after the stage: the marker is the
+		// stage's end, and Slurm need not be asked.
+		res.State = "COMPLETED"
+		if tail.rc != 0 {
+			res.State = "FAILED"
+		}
+		tail.fromMarker(res)
+		return true, nil
+	}
 	st, err := s.state(ctx, id)
 	now := time.Now()
 	switch {
@@ -352,11 +378,24 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 			// Slurm may only have lost sight of the job (a controller
 			// restart or failover, scontrol failing): make sure it does not
 			// run on unsupervised once the controller knows it again.
-			s.Logf("Slurm job %s is unknown to scontrol for %s; cancelling it (scancel) in case it still exists.", id, s.UnknownLimit)
+			if errors.Is(err, errUnknownJob) {
+				s.Logf("Slurm job %s has been unknown to Slurm for %s (batch.unknown_state_limit); cancelling it (scancel) in case it still exists.", id, s.UnknownLimit)
+			} else {
+				s.Logf("Slurm could not be asked about job %s for %s (batch.unknown_state_limit: %v); cancelling it (scancel) so that it does not run on unsupervised.", id, s.UnknownLimit, err)
+			}
 			s.cancel(ctx, id, nil)
-			return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
+			if errors.Is(err, errUnknownJob) {
+				return true, fmt.Errorf("%w: Slurm has not known job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
+			}
+			return true, fmt.Errorf("%w: Slurm could not be asked about job %s for %s (%v)", ErrVanished, id, s.UnknownLimit, err)
 		}
 	case isFinal(st.State):
+		if w.alloc != nil && !tail.done && w.alloc.reclaim() {
+			// The allocation ended before it took the stage: the stage
+			// never ran.
+			res.State, res.ExitCode, res.Signal = st.State, st.ExitCode, st.Signal
+			return true, &AllocationEndedError{ID: id, State: st.State, Idle: w.alloc.idle()}
+		}
 		tail.drain(2 * time.Second)
 		res.State = st.State
 		res.ExitCode, res.Signal = st.ExitCode, st.Signal
@@ -366,15 +405,24 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 		w.unknownSince = time.Time{}
 		if st.State != "PENDING" {
 			w.pendingSince = time.Time{}
+			if w.alloc != nil && !tail.done {
+				if rc, ok := w.alloc.ended(); ok {
+					// The allocation ran the stage's script, which ended
+					// without its marker (its output file could not be
+					// written, say).
+					tail.drain(2 * time.Second)
+					if !tail.done {
+						res.State, res.ExitCode = "FAILED", rc
+						return true, nil
+					}
+				}
+			}
 			return false, nil
 		}
 		if w.pendingSince.IsZero() {
-			w.pendingSince = now
+			w.pendingSince = cmp.Or(w.pendingFrom, now)
 		}
-		if w.pendingDue(now, st.Reason) {
-			s.Logf("Slurm job %s is pending for %s (reason: %s).", id, now.Sub(w.start).Round(time.Second), st.Reason)
-			w.pendingLogged, w.pendingReason = now, st.Reason
-		}
+		w.logPending(now, st.Reason)
 		if s.PendingLimit > 0 && now.Sub(w.pendingSince) > s.PendingLimit {
 			res.PendingReason = st.Reason
 			s.cancel(ctx, id, nil)
@@ -384,6 +432,22 @@ func (w *watch) check(ctx context.Context, res *Result) (end bool, err error) {
 		}
 	}
 	return false, nil
+}
+
+// logPending says that the job waits in the queue, and why: after 5 s,
+// then every pendingLogEvery.
+func (w *watch) logPending(now time.Time, reason string) {
+	first, every := cmp.Or(w.s.pendingFirst, 5*time.Second), cmp.Or(w.s.pendingEvery, pendingLogEvery)
+	switch {
+	case w.pendingLogged.IsZero():
+		if now.Sub(w.start) < first {
+			return
+		}
+	case now.Sub(w.pendingLogged) < every && reason == w.pendingReason:
+		return
+	}
+	w.pendingLogged, w.pendingReason = now, reason
+	w.s.Logf("Slurm job %s is PENDING for %s (reason: %s).", w.id, now.Sub(w.pendingSince).Round(time.Second), reason)
 }
 
 // stop scancels the job (pending or running: Slurm sends SIGTERM to all
@@ -408,8 +472,30 @@ func (w *watch) stop(ctx context.Context, res Result) Result {
 	return res
 }
 
-// submit runs sbatch --parsable with the batch script as its argument.
+// submit runs sbatch --parsable with the batch script as its argument,
+// up to SubmitAttempts times while the controller cannot be reached.
 func (s *Slurm) submit(ctx context.Context, j Job) (string, error) {
+	attempts := max(s.SubmitAttempts, 1)
+	for i := 1; ; i++ {
+		id, err := s.submitOnce(ctx, j)
+		var se *SubmitError
+		if !errors.As(err, &se) || !se.down || i >= attempts {
+			if se != nil && se.down && attempts > 1 {
+				se.Msg += fmt.Sprintf(" (%d attempts)", attempts)
+			}
+			return id, err
+		}
+		delay := cmp.Or(s.retryDelay, 5*time.Second)
+		s.Logf("Slurm's controller cannot be reached (%s); submitting again in %s.", se.Msg, delay)
+		select {
+		case <-ctx.Done():
+			return "", fmt.Errorf("sbatch %w: the stage was stopped while waiting to retry", errNoAnswer)
+		case <-time.After(delay):
+		}
+	}
+}
+
+func (s *Slurm) submitOnce(ctx context.Context, j Job) (string, error) {
 	args := append(SbatchArgs(j.Spec), j.Script)
 	out, err := s.call(ctx, submitLimit, submitEnv(j.Env, s.Env), j.Spec.Chdir, "sbatch", args...)
 	var ee *exitError
@@ -464,10 +550,15 @@ func classifySubmit(msg string) error {
 	if i := strings.LastIndex(msg, "\n"); i >= 0 {
 		last = strings.TrimSpace(msg[i+1:])
 	}
-	unavailable := []string{"Unable to contact slurm controller", "Socket timed out", "Connection refused",
+	down := []string{"Unable to contact slurm controller", "Socket timed out", "Connection refused",
 		"Slurm backup controller in standby mode", "Zero Bytes were transmitted", "Communication connection failure",
-		"Unable to allocate resources: Slurm temporarily unable", "executable file not found", "no such file or directory"}
-	for _, u := range unavailable {
+		"Unable to allocate resources: Slurm temporarily unable"}
+	for _, u := range down {
+		if strings.Contains(last, u) {
+			return &SubmitError{Msg: last, down: true}
+		}
+	}
+	for _, u := range []string{"executable file not found", "no such file or directory"} {
 		if strings.Contains(last, u) {
 			return &SubmitError{Msg: last}
 		}
@@ -510,7 +601,14 @@ func ParseJob(line string) (jobState, error) {
 // means Slurm answered and does not know it; any other error means the
 // answer is unknown.
 func (s *Slurm) state(ctx context.Context, id string) (jobState, error) {
-	out, err := s.call(ctx, askLimit, s.Env, "", "scontrol", "show", "job", "-o", id)
+	// scontrol waits for a controller that is down (18 s with Slurm's
+	// defaults); within a short unknown_state_limit it must not wait
+	// longer than that limit.
+	limit := askLimit
+	if s.UnknownLimit > 0 && s.UnknownLimit < limit {
+		limit = max(s.UnknownLimit, 2*time.Second)
+	}
+	out, err := s.call(ctx, limit, s.Env, "", "scontrol", "show", "job", "-o", id)
 	var ee *exitError
 	if errors.As(err, &ee) && strings.Contains(ee.Msg, "Invalid job id specified") {
 		return jobState{}, fmt.Errorf("%w (scontrol show job %s: %s)", errUnknownJob, id, ee.Msg)

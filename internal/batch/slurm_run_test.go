@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -22,6 +23,8 @@ import (
 //
 //	sbatch.args     sbatch's arguments, one a line
 //	sbatch.stderr   if present: sbatch prints it to stderr and exits 1
+//	sbatch.failonce if present: the same, once (the file is removed)
+//	sbatch.count    one line per sbatch call
 //	sbatch.stdout   if present: sbatch prints it instead of "42"
 //	hold            if present: the job is never started (PENDING)
 //	state           scontrol's answer once the job ended or was cancelled
@@ -38,6 +41,8 @@ d=$(dirname "$0")
 printf '%s\n' "$@" > "$d/sbatch.args"
 env > "$d/sbatch.env"
 if [ -f "$d/sbatch.block" ]; then echo $$ > "$d/sbatch.pid.tmp"; mv "$d/sbatch.pid.tmp" "$d/sbatch.pid"; exec sleep 600; fi
+echo x >> "$d/sbatch.count"
+if [ -f "$d/sbatch.failonce" ]; then cat "$d/sbatch.failonce" >&2; rm -f "$d/sbatch.failonce"; exit 1; fi
 if [ -f "$d/sbatch.stderr" ]; then cat "$d/sbatch.stderr" >&2; exit 1; fi
 out= script=
 for a in "$@"; do
@@ -550,38 +555,6 @@ func TestRunNoPendingLimit(t *testing.T) {
 	assert.Empty(t, res.PendingReason)
 }
 
-func TestRunPendingStateLogged(t *testing.T) {
-	// A long wait in the queue shows its state and reason again and
-	// again: here every 30 ms, the test ends the wait after the third line.
-	f := newFakeSlurm(t)
-	f.touch("hold", "")
-	s := f.slurm()
-	s.PendingLog = 30 * time.Millisecond
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
-	defer cancel()
-	var lines []string
-	var mu sync.Mutex
-	s.Logf = func(format string, args ...any) {
-		mu.Lock()
-		defer mu.Unlock()
-		if l := fmt.Sprintf(format, args...); strings.Contains(l, "is pending") {
-			lines = append(lines, l)
-		}
-		if len(lines) == 3 {
-			cancel()
-		}
-	}
-	res, err := s.Run(ctx, f.job(&syncBuffer{}, "true"))
-	require.NoError(t, err)
-	assert.True(t, res.Stopped)
-	mu.Lock()
-	defer mu.Unlock()
-	require.GreaterOrEqual(t, len(lines), 3)
-	for _, l := range lines[:3] {
-		assert.Regexp(t, `^Slurm job 42 is pending for [0-9.]+m?s \(reason: JobHeldUser\)\.$`, l)
-	}
-}
-
 func TestRunVanished(t *testing.T) {
 	f := newFakeSlurm(t)
 	f.touch("hold", "") // never runs, so no marker
@@ -635,4 +608,56 @@ func TestRunFinalWithoutMarker(t *testing.T) {
 	require.NoError(t, err)
 	assert.Equal(t, Result{JobID: "42", State: "TIMEOUT", ExitCode: 0, Signal: 15}, res)
 	assert.Equal(t, "working\nkilled mid-li\n", out.String())
+}
+
+func TestRunPendingSaysWhy(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("hold", "")
+	s := f.slurm()
+	s.pendingFirst, s.pendingEvery = 50*time.Millisecond, 100*time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 600*time.Millisecond)
+	defer cancel()
+	res, err := s.Run(ctx, f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err)
+	assert.True(t, res.Stopped)
+	lines := regexp.MustCompile(`Slurm job 42 is PENDING for [0-9]+s \(reason: JobHeldUser\)\.`).FindAllString(f.logs.String(), -1)
+	assert.GreaterOrEqual(t, len(lines), 3, "a pending job is reported again and again: %s", f.logs.String())
+	assert.LessOrEqual(t, len(lines), 7, "but not at every poll: %s", f.logs.String())
+}
+
+func TestSubmitRetriesWhileTheControllerIsDown(t *testing.T) {
+	f := newFakeSlurm(t)
+	f.touch("sbatch.failonce", "sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)\n")
+	s := f.slurm()
+	s.SubmitAttempts, s.retryDelay = 3, 10*time.Millisecond
+	res, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+	require.NoError(t, err)
+	assert.Equal(t, "COMPLETED", res.State)
+	assert.Len(t, f.lines("sbatch.count"), 2)
+	assert.Contains(t, f.logs.String(), "Slurm's controller cannot be reached (sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)); submitting again in 10ms.")
+}
+
+func TestSubmitGivesUp(t *testing.T) {
+	for name, c := range map[string]struct {
+		stderr   string
+		attempts int
+		user     bool
+		suffix   string
+	}{
+		"controller down": {"sbatch: error: Batch job submission failed: Unable to contact slurm controller (connect failure)", 3, false, " (3 attempts)"},
+		"refused request": {"sbatch: error: Batch job submission failed: Invalid partition name specified", 1, true, ""},
+	} {
+		t.Run(name, func(t *testing.T) {
+			f := newFakeSlurm(t)
+			f.touch("sbatch.stderr", c.stderr+"\n")
+			s := f.slurm()
+			s.SubmitAttempts, s.retryDelay = 3, 10*time.Millisecond
+			_, err := s.Run(runCtx(t, 20*time.Second), f.job(&syncBuffer{}, "true"))
+			var se *SubmitError
+			require.ErrorAs(t, err, &se)
+			assert.Equal(t, c.user, se.User)
+			assert.Equal(t, c.stderr+c.suffix, se.Msg)
+			assert.Len(t, f.lines("sbatch.count"), c.attempts, "a refused request is not retried")
+		})
+	}
 }

@@ -259,7 +259,22 @@ type Batch struct {
 	UnknownStateLimit Duration `toml:"unknown_state_limit"`
 	// Options are admin sbatch options added to every submission (trusted).
 	Options []string `toml:"options"`
+	// Allocate is when the job's Slurm job is submitted: AllocatePrepare
+	// (default: one allocation per CI job, submitted in prepare, every
+	// user-script stage runs in it) or AllocateStage (one batch job per
+	// user-script stage, submitted when the stage starts).
+	Allocate string `toml:"allocate"`
+	// IdleLimit ends an allocation that runs without a stage to run for
+	// this long (the runner crashed, or a long stage on the login node);
+	// a later stage is then submitted on its own.
+	IdleLimit Duration `toml:"idle_limit"`
 }
+
+// Values of batch.allocate.
+const (
+	AllocatePrepare = "prepare"
+	AllocateStage   = "stage"
+)
 
 // DefaultDeniedBatchFlags are sbatch flags a user may not set, because
 // ci-exec owns them (output, job name, waiting) or they would run the job as
@@ -275,6 +290,7 @@ const (
 	DefaultKillTimeout       = 30 * time.Second
 	DefaultPollInterval      = 250 * time.Millisecond
 	DefaultUnknownStateLimit = 60 * time.Second
+	DefaultIdleLimit         = 10 * time.Minute
 )
 
 // Duration is a TOML duration string such as "30s" or "2m".
@@ -400,6 +416,12 @@ func (c *Config) applyDefaults() {
 	}
 	if b.UnknownStateLimit.Duration == 0 {
 		b.UnknownStateLimit.Duration = DefaultUnknownStateLimit
+	}
+	if b.Allocate == "" {
+		b.Allocate = AllocatePrepare
+	}
+	if b.IdleLimit.Duration == 0 {
+		b.IdleLimit.Duration = DefaultIdleLimit
 	}
 }
 
@@ -543,8 +565,14 @@ func (c *Config) Validate() error {
 			add("batch flag lists: %q is not a flag (flags start with -)", f)
 		}
 	}
-	if b.PendingLimit.Duration < 0 || b.PollInterval.Duration < 0 || b.UnknownStateLimit.Duration < 0 {
+	if b.PendingLimit.Duration < 0 || b.PollInterval.Duration < 0 || b.UnknownStateLimit.Duration < 0 || b.IdleLimit.Duration < 0 {
 		add("batch durations must be positive")
+	}
+	if b.Allocate != AllocatePrepare && b.Allocate != AllocateStage {
+		add("batch.allocate must be %q or %q, got %q", AllocatePrepare, AllocateStage, b.Allocate)
+	}
+	if b.IdleLimit.Duration > 0 && b.IdleLimit.Duration < time.Second {
+		add("batch.idle_limit must be at least 1s (it is checked by a shell loop on the compute node), got %s", b.IdleLimit.Duration)
 	}
 	return oneLine(errs)
 }

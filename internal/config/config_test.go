@@ -25,6 +25,8 @@ func TestParseMinimal(t *testing.T) {
 	assert.Nil(t, cfg.Mechanism())
 	assert.False(t, cfg.IsBatch())
 	assert.Equal(t, []string{"SCHEDULER_PARAMETERS"}, cfg.Batch.ArgumentsVariable)
+	assert.Equal(t, AllocatePrepare, cfg.Batch.Allocate)
+	assert.Equal(t, DefaultIdleLimit, cfg.Batch.IdleLimit.Duration)
 	assert.Equal(t, PullAlways, g.Charliecloud.PullPolicy)
 	assert.Equal(t, PullAlways, g.Apptainer.RunnerPullPolicy)
 }
@@ -94,6 +96,8 @@ func TestParseErrors(t *testing.T) {
 		"bad env_vars":          {"[general]\ndata_dir = \"/x\"\nenv_vars = [\"NOVALUE\"]\n", []string{"env_vars"}},
 		"bad volume prefix":     {"[general]\ndata_dir = \"/x\"\n[general.charliecloud]\nvolume_prefixes = [\"/\"]\n", []string{"volume_prefixes[0]"}},
 		"bad batch flag":        {"[general]\ndata_dir = \"/x\"\n[batch]\ndenied_flags = [\"wrap\"]\n", []string{"not a flag"}},
+		"bad allocate":          {"[general]\ndata_dir = \"/x\"\n[batch]\nallocate = \"job\"\n", []string{`batch.allocate must be "prepare" or "stage", got "job"`}},
+		"short idle_limit":      {"[general]\ndata_dir = \"/x\"\n[batch]\nidle_limit = \"10ms\"\n", []string{"batch.idle_limit must be at least 1s"}},
 		"bad data_dir variable": {"[general]\ndata_dir = \"$SCRATCH/ci\"\n", []string{"only $HOME and $USER"}},
 		"several at once":       {"[general]\nexecutor = \"pbs\"\n", []string{"data_dir is required", "executor must be"}},
 	}

@@ -197,7 +197,9 @@ func (f *front) run(ctx context.Context) (Outcome, error) {
 	out, res, err := f.spawn(ctx, acct, id, state)
 	if res != nil {
 		f.rec.Image, f.rec.Digest, f.rec.Slurm = res.Image, res.Digest, res.Slurm
-		if f.Stage == StagePrepare && len(res.State) > 0 {
+		// Prepare writes the state; a run stage may update it (a Slurm
+		// allocation that ended). Cleanup's is dropped with the job.
+		if (f.Stage == StagePrepare || f.Stage == StageRun) && len(res.State) > 0 {
 			if err := f.root.write(f.id, stateFile, res.State); err != nil {
 				return out, failure.Systemf("keep the job's prepare state in auth.state_dir: %v", err)
 			}

@@ -56,7 +56,8 @@ type Result struct {
 	// ScriptCode is the exit code for the runner's BUILD_EXIT_CODE_FILE
 	// (which only the runner's account can write).
 	ScriptCode *int `json:"script_code,omitempty"`
-	// State is prepare's new state, kept by the front.
+	// State is the stage's new state (prepare; a run stage that ended a
+	// Slurm allocation), kept by the front.
 	State json.RawMessage `json:"state,omitempty"`
 	// Image, Digest and Slurm go into the audit trail.
 	Image  string `json:"image,omitempty"`

@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/batch"
+	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/policy"
@@ -43,8 +44,9 @@ func schedulerArgs(st *Stage) ([]string, error) {
 	return args, nil
 }
 
-// executeBatch runs plan as a Slurm batch job and classifies its end
-// (see classify and docs/slurm.md, "Exit classes").
+// executeBatch runs plan as a Slurm batch job, or in the job's allocation
+// when prepare submitted one, and classifies its end (see classify and
+// docs/slurm.md, "Exit classes").
 func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error {
 	userArgs, err := schedulerArgs(st)
 	if err != nil {
@@ -58,24 +60,9 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		Chdir:        plan.Dir,
 		AdminOptions: b.Options,
 		UserArgs:     userArgs,
+		Comment:      identity(st).Comment(),
 	}
-	s := &batch.Slurm{
-		Bin:          b.SchedulerBin,
-		Poll:         b.PollInterval.Duration,
-		PendingLimit: b.PendingLimit.Duration,
-		UnknownLimit: b.UnknownStateLimit.Duration,
-		Grace:        st.Cfg.General.KillTimeout.Duration,
-		Env:          slurmEnv(st),
-		User:         st.User.Name,
-		Logf:         st.Log.Printf,
-	}
-	// What the command leaves running on the node is ended by ci-exec
-	// itself there (docs/slurm.md, "What a job leaves behind").
-	if r, err := batch.SelfReaper(st.Cfg.General.KillTimeout.Duration); err == nil {
-		s.Reaper = r
-	} else {
-		st.Log.Warnf("%v: processes the stage leaves running on the compute node are not stopped when it ends", err)
-	}
+	s := newSlurm(st)
 	var out io.Writer = st.Inv.Stdout
 	tail := proc.NewTail(diagnoseTail)
 	if plan.StartSignal {
@@ -87,11 +74,43 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		// a shell missing on the node (127) is not the script's 127.
 		argv = outcome.StartCommand(argv)
 	}
-	st.Log.Printf("Submitting %s to Slurm: sbatch %s", stage, strings.Join(batch.SbatchArgs(spec), " "))
-	res, err := s.Run(ctx, batch.Job{Spec: spec, Argv: argv, Env: plan.Env,
-		Script: filepath.Join(st.Layout.ScriptsDir, name+".sbatch"), Out: out})
+	script := filepath.Join(st.Layout.ScriptsDir, name+".sbatch")
+	var res batch.Result
+	submit := true
+	if a := liveAllocation(st); a != nil {
+		res, err = s.RunIn(ctx, a, batch.StageJob{Name: spec.JobName, Argv: argv, Env: plan.Env, Dir: plan.Dir,
+			Script: script, Output: spec.Output, Out: out})
+		var ended *batch.AllocationEndedError
+		if errors.As(err, &ended) || res.Stopped || errors.Is(err, batch.ErrPendingLimit) || errors.Is(err, batch.ErrVanished) {
+			// It has ended, or was cancelled with the stage: no later stage
+			// may use it, and nothing is left to release.
+			markAllocationEnded(st)
+		}
+		switch {
+		case errors.As(err, &ended) && (ended.Idle || ended.State == "COMPLETED"):
+			// It ended by itself (idle_limit): nothing went wrong, the
+			// stage just needs a job of its own.
+			st.Log.Printf("%v; submitting %s as a Slurm job of its own.", err, stage)
+		case errors.As(err, &ended) && ended.State == "TIMEOUT":
+			return failure.Userf("Slurm allocation %s reached its time limit before %s began: its time counts from its start in prepare, while the sources, caches and artifacts were fetched; ask for more time with --time in %s",
+				ended.ID, stage, strings.Join(b.ArgumentsVariable, ", "))
+		case errors.As(err, &ended):
+			// Cancelled, failed node: classified by its state.
+			err, submit = nil, false
+		default:
+			submit = false
+		}
+	}
+	if submit {
+		// The runner retries a failed prepare, never a run stage: ride out
+		// a controller restart here (about 9 s per attempt while it is
+		// down, 5 s apart).
+		s.SubmitAttempts = 3
+		st.Log.Printf("Submitting %s to Slurm: sbatch %s", stage, strings.Join(batch.SbatchArgs(spec), " "))
+		res, err = s.Run(ctx, batch.Job{Spec: spec, Argv: argv, Env: plan.Env, Script: script, Out: out})
+	}
 	if c := st.Inv.Child; c != nil {
-		c.Result.Slurm = res.JobID // for the audit trail
+		c.Result.Slurm = cmp.Or(res.JobID, c.Result.Slurm) // for the audit trail
 	}
 	o := outcome.Outcome{
 		Where:         plan.Where,
@@ -114,12 +133,10 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 	if res.ExitCode != 0 {
 		o.Diagnosis = plan.Runtime.Diagnose(res.ExitCode, tail.String())
 	}
-	var subErr *batch.SubmitError
+	if err := submitFailure(st, err); err != nil {
+		return err
+	}
 	switch {
-	case errors.As(err, &subErr) && subErr.User:
-		return failure.Userf("Slurm refused the job: %s; check %s", subErr.Msg, strings.Join(b.ArgumentsVariable, ", "))
-	case errors.As(err, &subErr):
-		return failure.Systemf("could not submit to Slurm: %s", subErr.Msg)
 	case errors.Is(err, batch.ErrPendingLimit):
 		o.State, o.Detail = outcome.PendingLimit, fmt.Sprintf("batch.pending_limit (%s)", b.PendingLimit.Duration)
 	case errors.Is(err, batch.ErrVanished):
@@ -136,6 +153,43 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 	return classify(stage, o)
 }
 
+// submitFailure classifies sbatch refusing a job: the user's request
+// (a bad partition, impossible resources) or Slurm being unavailable. It
+// returns nil for any other error.
+func submitFailure(st *Stage, err error) error {
+	var subErr *batch.SubmitError
+	switch {
+	case errors.As(err, &subErr) && subErr.User:
+		return failure.Userf("Slurm refused the job: %s; check %s", subErr.Msg, strings.Join(st.Cfg.Batch.ArgumentsVariable, ", "))
+	case errors.As(err, &subErr):
+		return failure.Systemf("could not submit to Slurm: %s", subErr.Msg)
+	}
+	return nil
+}
+
+// newSlurm is the Slurm client for this job.
+func newSlurm(st *Stage) *batch.Slurm {
+	b := st.Cfg.Batch
+	s := &batch.Slurm{
+		Bin:          b.SchedulerBin,
+		Poll:         b.PollInterval.Duration,
+		PendingLimit: b.PendingLimit.Duration,
+		UnknownLimit: b.UnknownStateLimit.Duration,
+		Grace:        st.Cfg.General.KillTimeout.Duration,
+		Env:          slurmEnv(st),
+		User:         st.User.Name,
+		Logf:         st.Log.Printf,
+	}
+	// What the command leaves running on the node is ended by ci-exec
+	// itself there (docs/slurm.md, "What a job leaves behind").
+	if r, err := batch.SelfReaper(st.Cfg.General.KillTimeout.Duration); err == nil {
+		s.Reaper = r
+	} else {
+		st.Log.Warnf("%v: processes the stage leaves running on the compute node are not stopped when it ends", err)
+	}
+	return s
+}
+
 // slurmEnv is the environment of scontrol and scancel (and, for
 // SLURM_CONF, sbatch's): the job user's identity, a fixed PATH, and the
 // runner's SLURM_CONF when it has one, so that all three talk to the
@@ -148,19 +202,25 @@ func slurmEnv(st *Stage) []string {
 	return env
 }
 
-// prepareBatch checks what a batch job needs before anything is pulled.
-func prepareBatch(st *Stage) error {
+// prepareBatch checks what a batch job needs before anything is pulled,
+// and with batch.allocate = "prepare" submits the job's allocation, so
+// that its queue wait runs alongside the image pull and the runner's
+// clone, cache and artifact stages.
+func prepareBatch(ctx context.Context, st *Stage) (*batch.Allocation, error) {
 	if !st.Cfg.IsBatch() {
-		return nil
+		return nil, nil
 	}
-	if _, err := schedulerArgs(st); err != nil {
-		return err
+	userArgs, err := schedulerArgs(st)
+	if err != nil {
+		return nil, err
 	}
-	st.Log.Printf("User scripts run as Slurm batch jobs%s.", func() string {
-		if b := st.Cfg.Batch.SchedulerBin; b != "" {
-			return fmt.Sprintf(" (%s)", b)
-		}
-		return ""
-	}())
-	return nil
+	bin := ""
+	if b := st.Cfg.Batch.SchedulerBin; b != "" {
+		bin = fmt.Sprintf(" (%s)", b)
+	}
+	if st.Cfg.Batch.Allocate != config.AllocatePrepare {
+		st.Log.Printf("User scripts run as Slurm batch jobs%s, one per stage.", bin)
+		return nil, nil
+	}
+	return submitAllocation(ctx, st, userArgs)
 }

@@ -58,10 +58,11 @@ func batchJob() runnerdouble.Job {
 	return runnerdouble.Job{ID: batchJobID.Add(1)}
 }
 
-// assertNoSlurmJob fails if Slurm still lists a job of this CI job.
+// assertNoSlurmJob fails if Slurm still lists a job of this CI job (its
+// allocation or its build_script job).
 func assertNoSlurmJob(t *testing.T, j runnerdouble.Job) {
 	t.Helper()
-	name := fmt.Sprintf("ci-%d-build_script", j.ID)
+	name := fmt.Sprintf("ci-%d-build_script,ci-%d-alloc", j.ID, j.ID)
 	var out []byte
 	ok := assert.Eventually(t, func() bool {
 		out, _ = exec.Command("squeue", "-h", "-n", name, "-o", "%i %T").CombinedOutput()
@@ -69,7 +70,9 @@ func assertNoSlurmJob(t *testing.T, j runnerdouble.Job) {
 	}, 30*time.Second, 200*time.Millisecond)
 	if !ok {
 		t.Errorf("squeue still lists %s: %s", name, out)
-		_ = exec.Command("scancel", "-n", name).Run()
+		for _, n := range strings.Split(name, ",") {
+			_ = exec.Command("scancel", "-n", n).Run()
+		}
 	}
 }
 
@@ -85,7 +88,7 @@ func TestBatchJob(t *testing.T) {
 				res := runJob(t, c, j)
 				require.True(t, res.Succeeded(), res.Error)
 				assert.Contains(t, res.Log, "hello from the node")
-				assert.Regexp(t, fmt.Sprintf(`slurm job=[0-9]+ name=ci-%d-build_script uid=%d`, j.ID, u.UID), res.Log)
+				assert.Regexp(t, fmt.Sprintf(`slurm job=[0-9]+ name=ci-%d-alloc uid=%d`, j.ID, u.UID), res.Log, "the stage ran in the job's allocation")
 				assert.Contains(t, res.Log, "after slurm job=[]", "after_script runs on the login node, not in Slurm")
 				assert.NotContains(t, res.Log, "__CI_EXEC_BATCH_END__", "the end marker is not part of the job's output")
 				fi, err := os.Stat(filepath.Join(res.ProjectDir, "node.txt"))
@@ -279,7 +282,8 @@ func TestBatchInContainer(t *testing.T) {
 				assert.Contains(t, res.Log, "slurm job=\n", "apptainer --cleanenv keeps Slurm's variables out (docs/slurm.md)")
 			}
 			assert.Contains(t, res.Log, "after: ID=citiny")
-			assert.Contains(t, res.Log, "Submitted Slurm job")
+			assert.Contains(t, res.Log, "Submitted Slurm allocation")
+			assert.Contains(t, res.Log, "in Slurm allocation", "the stage ran in the allocation")
 			fi, err := os.Stat(filepath.Join(res.ProjectDir, "node.txt"))
 			require.NoError(t, err)
 			assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid)

@@ -11,6 +11,10 @@ import (
 // credentials, per-job images) unless retain_logs is set. Builds and cache
 // dirs stay: the runner reuses them for the next job.
 func runCleanup(ctx context.Context, st *Stage) {
+	if st.Cfg.IsBatch() {
+		releaseAllocation(ctx, st, "cleanup")
+		sweepGone(ctx, st)
+	}
 	releaseImages(ctx, st)
 	if st.Cfg.General.RetainLogs {
 		redactRetainedDir(st)

@@ -141,7 +141,7 @@ func TestBatchLeftoversAreStopped(t *testing.T) {
 			j, marker := leftoverJob(batchJob())
 			res := runJob(t, c, j)
 			assertLeftoversStopped(t, res, marker)
-			assert.Contains(t, res.Log, "Submitted Slurm job")
+			assert.Contains(t, res.Log, "Submitted Slurm allocation")
 			assertNoSlurmJob(t, j)
 		})
 	}

@@ -76,7 +76,7 @@ func TestBatchScriptPrintingRuntimeErrorsFailsAsScript(t *testing.T) {
 					res := runJob(t, e.runner, j)
 					assert.Equal(t, runnerdouble.ReasonScriptFailure, res.FailureReason)
 					assert.Equal(t, tc.code, res.ExitCode, "the script's own exit code")
-					assert.Contains(t, res.Log, "Submitted Slurm job")
+					assert.Contains(t, res.Log, "Submitted Slurm allocation")
 					assert.NotContains(t, res.Log, "could not run the build_script stage")
 					assertNoSlurmJob(t, j)
 				})

@@ -27,8 +27,21 @@ func runPrepare(ctx context.Context, st *Stage) error {
 	if err := st.Layout.Create(); err != nil {
 		return failure.AsSystem(err)
 	}
-	if err := prepareBatch(st); err != nil {
+	defer holdJobLock(st)()
+	alloc, err := prepareBatch(ctx, st)
+	if err != nil {
 		return err
 	}
-	return prepareMechanism(ctx, st)
+	// A failure from here on leaves the allocation in the state, and the
+	// cleanup stage (which the runner always runs) ends it.
+	if err := prepareMechanism(ctx, st); err != nil {
+		return err
+	}
+	if alloc != nil {
+		// The mechanism's prepare wrote the state afresh.
+		if err := saveAllocation(st, alloc); err != nil {
+			return failure.AsSystem(err)
+		}
+	}
+	return nil
 }

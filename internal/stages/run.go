@@ -37,6 +37,14 @@ func runStage(ctx context.Context, st *Stage, scriptPath, stage string) error {
 	if err := st.Layout.Create(); err != nil {
 		return failure.AsSystem(err)
 	}
+	defer holdJobLock(st)()
+	allocationBefore(ctx, st, stage)
+	err := runStageScript(ctx, st, scriptPath, stage)
+	allocationAfter(ctx, st, stage, err)
+	return err
+}
+
+func runStageScript(ctx context.Context, st *Stage, scriptPath, stage string) error {
 	script, err := copyScript(ctx, st, scriptPath, stage)
 	if err != nil {
 		return err

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 
 	"github.com/ci-exec/ci-exec/internal/atomicfile"
+	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 )
 
@@ -33,6 +34,9 @@ type State struct {
 	Job *mechanism.Image `json:"job,omitempty"`
 	// Runner is runner_image; nil when the runner's stages run on the host.
 	Runner *mechanism.Image `json:"runner,omitempty"`
+	// Allocation is the job's Slurm allocation (batch.allocate =
+	// "prepare"); nil otherwise.
+	Allocation *batch.Allocation `json:"allocation,omitempty"`
 }
 
 // saveState keeps prepare's state: atomically, mode 0600, in the job's
@@ -67,10 +71,15 @@ func (st *Stage) loadState() (*State, error) {
 	var r io.Reader
 	where := filepath.Join(st.Layout.StateDir, StateFile)
 	if c := st.Inv.Child; c != nil {
-		if len(c.Handoff.State) == 0 {
+		// What this stage saved last, else what the front handed over.
+		b := c.Result.State
+		if len(b) == 0 {
+			b = c.Handoff.State
+		}
+		if len(b) == 0 {
 			return nil, ErrNoState
 		}
-		r, where = bytes.NewReader(c.Handoff.State), "from the privileged stage"
+		r, where = bytes.NewReader(b), "from the privileged stage"
 	} else {
 		f, err := os.Open(where)
 		if errors.Is(err, os.ErrNotExist) {
