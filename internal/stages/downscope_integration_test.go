@@ -545,3 +545,32 @@ func TestDownscopedWithCapabilities(t *testing.T) {
 	assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)
 	assert.Contains(t, res.Log, "has capabilities but other users may run it")
 }
+
+// TestDownscopedPrepareRetry: the runner cleans up after a failed prepare
+// (which removes the job's recorded identity) and tries again from its
+// config stage, which verifies the token again; the retry succeeds.
+func TestDownscopedPrepareRetry(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	rt := charliecloudFixture
+	testenv.RequireBinary(t, rt.program)
+	flaky := testenv.PrivateDir(t, u)
+	script := filepath.Join(flaky, "prep.sh")
+	require.NoError(t, os.WriteFile(script, []byte("#!/bin/sh\n[ -e "+flaky+"/failed-once ] && exit 0\ntouch "+flaky+"/failed-once\necho 'prep: transient failure' >&2\nexit 1\n"), 0o755))
+	e := authRunner(t, &rt, "", "")
+	// prep_script goes into the runtime's table: rewrite the config.
+	cfgPath := e.runner.ConfigArgs[1]
+	b, err := os.ReadFile(cfgPath)
+	require.NoError(t, err)
+	doc := strings.Replace(string(b), "[general."+rt.name+"]\n", "[general."+rt.name+"]\nprep_script = "+strconv.Quote(script)+"\n", 1)
+	require.NoError(t, os.WriteFile(cfgPath, []byte(doc), 0o600))
+
+	j := e.job(t, u.Name, nil)
+	tj := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+	j.Image, j.Registry, j.Token = tj.Image, tj.Registry, tj.Token
+	j.Script = []string{`echo "ran as $(id -un)"`}
+	res := runJob(t, e.runner, j)
+	require.True(t, res.Succeeded(), res.Error)
+	assert.Contains(t, res.Log, "prep: transient failure")
+	assert.Len(t, res.Calls(runnerdouble.KindPrepare), 2, "the first prepare failed, the retry succeeded")
+	assert.Contains(t, res.Log, "ran as "+u.Name)
+}
