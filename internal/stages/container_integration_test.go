@@ -85,10 +85,28 @@ var apptainerFixture = runtimeFixture{
 	buildLine:     "INFO:    Starting build...",
 }
 
+var podmanFixture = runtimeFixture{
+	name:    "podman",
+	program: "podman",
+	argsVar: "JACAMAR_CI_PODMAN_ARGS",
+	userVar: "PODMAN_REGISTRY_USERNAME",
+	passVar: "PODMAN_REGISTRY_PASSWORD",
+	deniedArgs: []string{"-v /etc:/mnt/0", "--volume=/:/mnt/1", "--privileged", "--mount=type=bind,src=/etc,dst=/x",
+		"--device=/dev/fuse", "--cap-add=SYS_ADMIN", "--security-opt=seccomp=unconfined", "--userns=host", "--pid=host",
+		"--network=none", "--env-host", "--env-file=/etc/passwd", "-u0", "--rootfs", "--entrypoint=/bin/sh"},
+	allowedEnvArg: "--env=CI_EXEC_ARG_TEST=from-user-args",
+	failingArg:    "--ulimit=nofile=bogus",
+	readOnlyBinds: true,
+	convertLog:    `podman, cache miss, pulled in [0-9.]+s, ready in`,
+	plainHTTP:     true,
+	pullSection:   "podman pull ",
+	buildLine:     "Copying blob ",
+}
+
 // runtimes are the mechanisms under test.
 func runtimes(t *testing.T) []runtimeFixture {
 	t.Helper()
-	return []runtimeFixture{charliecloudFixture, apptainerFixture}
+	return []runtimeFixture{charliecloudFixture, apptainerFixture, podmanFixture}
 }
 
 // forEachRuntimeAndUser runs f for every mechanism (that passes the

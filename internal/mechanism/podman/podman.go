@@ -26,6 +26,9 @@
 package podman
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
 	"path/filepath"
 	"time"
 
@@ -63,13 +66,24 @@ func New(cfg config.Mechanism, user config.UserInfo, hostEnv map[string]string, 
 	return r
 }
 
-// The user's Podman storage (under Storage, 0700): graph root, run root,
-// and the XDG dirs Podman would otherwise take from the user's home.
-func (r *Runtime) graphRoot() string  { return filepath.Join(r.Storage, "root") }
-func (r *Runtime) runRoot() string    { return filepath.Join(r.Storage, "run") }
-func (r *Runtime) xdgRuntime() string { return filepath.Join(r.Storage, "xdg-run") }
-func (r *Runtime) xdgConfig() string  { return filepath.Join(r.Storage, "config") }
-func (r *Runtime) xdgData() string    { return filepath.Join(r.Storage, "data") }
+// The user's Podman storage (under Storage, 0700): graph root and the XDG
+// dirs Podman would otherwise take from the user's home.
+func (r *Runtime) graphRoot() string { return filepath.Join(r.Storage, "root") }
+func (r *Runtime) xdgConfig() string { return filepath.Join(r.Storage, "config") }
+func (r *Runtime) xdgData() string   { return filepath.Join(r.Storage, "data") }
+
+// runDir holds podman's run root and XDG_RUNTIME_DIR (its locks, sockets,
+// the rootless pause process's pid file): Podman 4.3 refuses a run root
+// longer than 50 characters (its sockets' paths are short), so it is
+// /tmp/ci-exec-podman-UID-HASH, one per user and storage (a run root
+// belongs to one graph root), 0700 and checked to be the user's own. /tmp
+// is emptied at boot, which is what Podman expects of a run root.
+func (r *Runtime) runDir() string {
+	h := sha256.Sum256([]byte(r.Storage))
+	return fmt.Sprintf("/tmp/ci-exec-podman-%d-%s", r.uid, hex.EncodeToString(h[:4]))
+}
+func (r *Runtime) runRoot() string    { return filepath.Join(r.runDir(), "run") }
+func (r *Runtime) xdgRuntime() string { return filepath.Join(r.runDir(), "xdg") }
 
 // tmpDir is TMPDIR for pulls (layer downloads): under the admin's tmp_dir
 // (per user), else inside the storage.

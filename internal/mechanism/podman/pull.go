@@ -148,6 +148,9 @@ func (r *Runtime) prepareDirs() error {
 	if err := kit.EnsureUserDir(r.Storage); err != nil {
 		return fmt.Errorf("image storage: %w", err)
 	}
+	if err := kit.EnsureUserDir(r.runDir()); err != nil {
+		return fmt.Errorf("podman run dir: %w", err)
+	}
 	for _, d := range []string{r.graphRoot(), r.runRoot(), r.xdgRuntime(), r.xdgConfig(), r.xdgData()} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return fmt.Errorf("image storage: %w", err)
