@@ -11,6 +11,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/proc"
@@ -72,6 +73,9 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 	// What the command leaves running on the node is ended by ci-exec
 	// itself there (docs/slurm.md, "What a job leaves behind").
 	if r, err := batch.SelfReaper(st.Cfg.General.KillTimeout.Duration); err == nil {
+		if h, ok := plan.Runtime.(mechanism.Helpers); ok {
+			r.Helpers = h.HelperProcesses()
+		}
 		s.Reaper = r
 	} else {
 		st.Log.Warnf("%v: processes the stage leaves running on the compute node are not stopped when it ends", err)

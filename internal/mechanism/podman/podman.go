@@ -56,6 +56,18 @@ type Runtime struct {
 var _ mechanism.Runtime = (*Runtime)(nil)
 var _ mechanism.PrepEnver = (*Runtime)(nil)
 var _ mechanism.Evicter = (*Runtime)(nil)
+var _ mechanism.Helpers = (*Runtime)(nil)
+
+// HelperProcesses are Podman's own processes that outlive a podman
+// command by design: rootless Podman's pause process (catatonit -P, or
+// podman itself without catatonit) that holds the user namespace of the
+// user's containers, conmon, and the cleanup podman conmon starts when a
+// container exits. A stage ends them with what else is left (Podman starts
+// a new pause process next time; a concurrent job's container keeps its
+// own namespace alive), without naming them in the job log. Nothing of the
+// script can be among them: what it leaves in the container dies with the
+// container's PID namespace.
+func (r *Runtime) HelperProcesses() []string { return []string{"catatonit", "conmon", "podman"} }
 
 // New returns the runtime for the job user, who runs ci-exec (uid is the
 // process's own). hostEnv is the driver's own environment, consulted only
