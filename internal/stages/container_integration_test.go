@@ -20,6 +20,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
 	"github.com/ci-exec/ci-exec/internal/runnerdouble"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
@@ -165,6 +166,11 @@ func containerRunnerIn(t *testing.T, rt runtimeFixture, u testenv.User, general,
 	data := filepath.Join(dir, "data")
 	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\nkill_timeout = \"5s\"\n%s\n[general.%s]\nimage_storage_dir = %q\n%s\n%s\n",
 		data+"/$USER", rt.name, general, rt.name, storage, rt.table, table)
+	if rt.name == "podman" {
+		// Podman's run root for this storage lives in /tmp (see
+		// podman.RunDir).
+		t.Cleanup(func() { testenv.RemoveAll(podman.RunDir(filepath.Join(storage, u.Name+".podman"), u.UID)) })
+	}
 	path := testenv.WriteConfig(t, dir, cfg)
 	t.Logf("config:\n%s", cfg)
 	runner := runnerConfig(t, u, path, dir)

@@ -90,9 +90,13 @@ func (r *Runtime) xdgData() string   { return filepath.Join(r.Storage, "data") }
 // /tmp/ci-exec-podman-UID-HASH, one per user and storage (a run root
 // belongs to one graph root), 0700 and checked to be the user's own. /tmp
 // is emptied at boot, which is what Podman expects of a run root.
-func (r *Runtime) runDir() string {
-	h := sha256.Sum256([]byte(r.Storage))
-	return fmt.Sprintf("/tmp/ci-exec-podman-%d-%s", r.uid, hex.EncodeToString(h[:4]))
+func (r *Runtime) runDir() string { return RunDir(r.Storage, r.uid) }
+
+// RunDir is the run dir of the Podman storage in storage (the user's
+// <image_storage_dir>/<user>.podman) for uid.
+func RunDir(storage string, uid int) string {
+	h := sha256.Sum256([]byte(storage))
+	return fmt.Sprintf("/tmp/ci-exec-podman-%d-%s", uid, hex.EncodeToString(h[:4]))
 }
 func (r *Runtime) runRoot() string    { return filepath.Join(r.runDir(), "run") }
 func (r *Runtime) xdgRuntime() string { return filepath.Join(r.runDir(), "xdg") }
