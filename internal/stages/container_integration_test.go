@@ -716,6 +716,7 @@ func TestContainerCancelAndTimeout(t *testing.T) {
 			assert.Contains(t, res.Log, "after status=canceled")
 			assert.Contains(t, res.Log, "ID=citiny", "after_script of a cancelled job runs in the image")
 			noProcessWith(t, marker)
+			noPodmanLeft(t, e, rt, u)
 		})
 		t.Run("timeout", func(t *testing.T) {
 			marker := fmt.Sprintf("CI_EXEC_MARKER_%d", time.Now().UnixNano())
@@ -728,8 +729,28 @@ func TestContainerCancelAndTimeout(t *testing.T) {
 			assert.Equal(t, runnerdouble.ReasonJobExecutionTimeout, res.FailureReason)
 			assert.NotContains(t, res.Log, "after_script ran")
 			noProcessWith(t, marker)
+			noPodmanLeft(t, e, rt, u)
 		})
 	})
+}
+
+// noPodmanLeft checks, for podman, that the job left no container in the
+// user's Podman storage and no process of that storage (conmon, the
+// rootless pause process, a podman): each names the storage in its
+// command line or environment.
+func noPodmanLeft(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) {
+	t.Helper()
+	if rt.name != "podman" {
+		return
+	}
+	storage := filepath.Join(e.storage, u.Name+".podman")
+	noProcessWith(t, storage)
+	b, err := os.ReadFile(filepath.Join(storage, "root", "overlay-containers", "containers.json"))
+	if err == nil {
+		assert.JSONEq(t, "[]", string(b), "containers left in %s", storage)
+	} else {
+		assert.ErrorIs(t, err, fs.ErrNotExist)
+	}
 }
 
 func TestContainerPrepScript(t *testing.T) {
