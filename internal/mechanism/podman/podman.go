@@ -160,9 +160,10 @@ func (r *Runtime) RunFlags() policy.FlagTable { return runFlags }
 // init, a read-only image with tmpfs scratch, the container's hostname,
 // time zone and umask. None of them mounts host paths (--tmpfs mounts an
 // empty tmpfs), changes identity, namespaces, capabilities or devices,
-// reaches a registry, or picks another image.
+// reaches a registry, or picks another image. Not --annotation: the OCI
+// runtime reads some (run.oci.* in crun) as settings.
 func (r *Runtime) DefaultUserArgs() []string {
 	return []string{"--env", "--tmpfs", "--read-only", "--read-only-tmpfs", "--cpus", "--cpu-shares", "--memory",
 		"--memory-reservation", "--memory-swap", "--pids-limit", "--shm-size", "--tz", "--umask", "--hostname",
-		"--ulimit", "--stop-timeout", "--unsetenv", "--unsetenv-all", "--label", "--annotation"}
+		"--ulimit", "--stop-timeout", "--unsetenv", "--unsetenv-all", "--label"}
 }
