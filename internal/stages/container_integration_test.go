@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -168,8 +169,20 @@ func containerRunnerIn(t *testing.T, rt runtimeFixture, u testenv.User, general,
 		data+"/$USER", rt.name, general, rt.name, storage, rt.table, table)
 	if rt.name == "podman" {
 		// Podman's run root for this storage lives in /tmp (see
-		// podman.RunDir).
-		t.Cleanup(func() { testenv.RemoveAll(podman.RunDir(filepath.Join(storage, u.Name+".podman"), u.UID)) })
+		// podman.RunDir). A test that SIGKILLs ci-exec leaves the rootless
+		// pause process (in a session of its own) behind; the next job of
+		// the same storage would reuse it, but this storage has none.
+		t.Cleanup(func() {
+			run := podman.RunDir(filepath.Join(storage, u.Name+".podman"), u.UID)
+			if b, err := os.ReadFile(filepath.Join(run, "xdg", "libpod", "tmp", "pause.pid")); err == nil {
+				pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+				comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+				if err == nil && pid > 1 && strings.TrimSpace(string(comm)) == "catatonit" {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+			testenv.RemoveAll(run)
+		})
 	}
 	path := testenv.WriteConfig(t, dir, cfg)
 	t.Logf("config:\n%s", cfg)
