@@ -35,6 +35,14 @@
 #   - Single-node Slurm (munged, slurmctld, slurmd; partition "debug").
 #   - Apptainer 1.5.3 in /opt/apptainer (non-setuid), built from its Go module,
 #     plus a SIF of the tiny image.
+#   - Debian's Podman 4.3 (rootless: uidmap, slirp4netns, catatonit), with
+#     subuid/subgid ranges for root too, and a containers.conf drop-in
+#     (/etc/containers/containers.conf.d/50-ci-exec-test.conf) for what this
+#     kind of machine lacks: no systemd (cgroupfs, file events), hybrid
+#     cgroups (runc instead of crun), no CAP_SYS_RESOURCE for root (lower
+#     default ulimits). Checked: podman run --userns=keep-id as ciuser and
+#     as root (without keep-id, which rootful Podman 4.3 refuses) against
+#     the token and the anonymous registry.
 #
 # State lives in /var/lib/ci-exec-test (0755):
 #   env                        KEY=VALUE lines for the Go tests (no quotes,
@@ -108,6 +116,8 @@ PACKAGES=(
   pkg-config uidmap fakeroot cryptsetup tzdata dh-apparmor libsubid-dev fuse2fs
   fuse-overlayfs gocryptfs autoconf automake libtool libfuse3-dev zlib1g-dev
   liblzo2-dev liblz4-dev liblzma-dev libzstd-dev
+  # Podman 4.3 and what rootless Podman needs (uidmap, fuse-overlayfs above)
+  podman slirp4netns catatonit
 )
 
 # Go (for the Apptainer build) is looked up in the caller's PATH before PATH
@@ -271,21 +281,26 @@ ensure_user() {
     log "user $name created (uid $(id -u "$name"))"
   fi
   # useradd on Debian 12 adds subordinate ids; add them if missing anyway.
-  if ! grep -q "^$name:" /etc/subuid 2>/dev/null; then
-    start=$(next_sub_start /etc/subuid)
-    usermod --add-subuids "$start-$((start + 65535))" "$name"
-    log "user $name: subuid range $start+65536 added"
-  fi
-  if ! grep -q "^$name:" /etc/subgid 2>/dev/null; then
-    start=$(next_sub_start /etc/subgid)
-    usermod --add-subgids "$start-$((start + 65535))" "$name"
-    log "user $name: subgid range $start+65536 added"
-  fi
+  ensure_subids "$name"
+}
+
+# ensure_subids NAME: NAME has subuid and subgid ranges (root has none by
+# default; rootless tools in a user namespace need them).
+ensure_subids() {
+  local name=$1 f start
+  for f in subuid subgid; do
+    if ! grep -q "^$name:" "/etc/$f" 2>/dev/null; then
+      start=$(next_sub_start "/etc/$f")
+      usermod "--add-${f}s" "$start-$((start + 65535))" "$name"
+      log "user $name: $f range $start+65536 added"
+    fi
+  done
 }
 
 step_system() {
   ensure_user "$UNPRIV_USER" 1001
   ensure_user "$UNPRIV_USER2" 1002
+  ensure_subids root
   [ -c /dev/fuse ] || die "/dev/fuse missing (modprobe fuse?)"
   if [ "$(stat -c %a /dev/fuse)" = 666 ]; then
     log "/dev/fuse already 0666"
@@ -909,6 +924,100 @@ step_apptainer() {
   fi
 }
 
+# f2. Podman (Debian's 4.3)
+###############################################################################
+PODMAN_CONF=/etc/containers/containers.conf.d/50-ci-exec-test.conf
+
+# podman_conf: the drop-in this machine needs (empty when it needs none).
+podman_conf() {
+  local containers=() engine=()
+  # Root without CAP_SYS_RESOURCE (Firecracker VMs) cannot raise the
+  # nofile/nproc limits rootful Podman sets by default (1048576/4194304):
+  # every container would fail with "setrlimit ... operation not
+  # permitted". Lowering a hard limit needs no capability.
+  if [ "$(capsh --decode="$(awk '/^CapBnd:/ { print $2 }' /proc/self/status)" | grep -c cap_sys_resource)" = 0 ]; then
+    containers+=('default_ulimits = ["nofile=1024:8192", "nproc=8192:8192"]')
+  fi
+  # crun 1.8 refuses hybrid cgroup hierarchies (v1 controllers plus a
+  # cgroup2 mount); runc copes.
+  if [ "$(stat -fc %T /sys/fs/cgroup)" != cgroup2fs ] && [ -d /sys/fs/cgroup/unified ]; then
+    engine+=('runtime = "runc"')
+  fi
+  # Without systemd as PID 1 there is no systemd cgroup manager or journal.
+  if [ "$(cat /proc/1/comm)" != systemd ]; then
+    engine+=('cgroup_manager = "cgroupfs"' 'events_logger = "file"')
+  fi
+  [ ${#containers[@]} -gt 0 ] || [ ${#engine[@]} -gt 0 ] || return 0
+  echo "# Written by ci-exec scripts/test-env.sh for this machine's quirks."
+  if [ ${#containers[@]} -gt 0 ]; then printf '[containers]\n'; printf '%s\n' "${containers[@]}"; fi
+  if [ ${#engine[@]} -gt 0 ]; then printf '[engine]\n'; printf '%s\n' "${engine[@]}"; fi
+}
+
+# podman_drop TMP: remove podman_check's storage as root (rootless layers
+# belong to subordinate ids) after ending the rootless pause process that
+# keeps the check's user namespace and unmounting what rootful storage keeps
+# mounted (its overlay dir, on itself). No podman command: each would start
+# a new pause process.
+podman_drop() {
+  local tmp=$1 m
+  if [ -s "$tmp/xdg/libpod/tmp/pause.pid" ]; then
+    kill "$(cat "$tmp/xdg/libpod/tmp/pause.pid")" 2>/dev/null || true
+  fi
+  awk -v t="$tmp/" 'index($2, t) == 1 { print $2 }' /proc/self/mounts | sort -r | while read -r m; do
+    umount "$m" || umount -l "$m" || true
+  done
+  rm -rf "$tmp"
+}
+
+# podman_check USER REF [AUTHFILE]: USER runs REF with podman in throw-away
+# storage, keep-id for users (rootful Podman 4.3 refuses it), and a file it
+# writes to a bound dir belongs to USER.
+podman_check() {
+  local user=$1 ref=$2 auth=${3:-} tmp out args=() as=()
+  tmp=$(mktemp -d /tmp/ci-exec-podman-check.XXXXXX)
+  chmod 0700 "$tmp"
+  if [ "$user" != root ]; then
+    chown "$user:" "$tmp"
+    as=(runuser -u "$user" --)
+    args=(--userns=keep-id)
+  fi
+  if [ -n "$auth" ]; then
+    install -m 0600 -o "$user" "$auth" "$tmp/auth.json"
+    args+=(--authfile "$tmp/auth.json")
+  fi
+  # XDG_RUNTIME_DIR must exist, or rootless Podman falls back to
+  # /tmp/podman-run-UID (and keeps its pause process there).
+  mkdir -m 0700 "$tmp/work" "$tmp/xdg"
+  [ "$user" = root ] || chown "$user:" "$tmp/work" "$tmp/xdg"
+  if ! out=$(cd "$tmp" && env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME="$tmp" XDG_RUNTIME_DIR="$tmp/xdg" \
+    XDG_CONFIG_HOME="$tmp/config" XDG_DATA_HOME="$tmp/data" \
+    "${as[@]}" podman --root "$tmp/root" --runroot "$tmp/run" --storage-driver overlay --log-level error \
+    run --rm --network host "${args[@]}" --volume "$tmp/work:$tmp/work" "$ref" \
+    sh -c 'cat /etc/os-release && echo ok >"$1/out"' sh "$tmp/work" </dev/null 2>&1); then
+    printf '%s\n' "$out" >&2
+    podman_drop "$tmp"
+    return 1
+  fi
+  local owner
+  owner=$(stat -c %U "$tmp/work/out" 2>/dev/null || echo none)
+  podman_drop "$tmp"
+  grep -q '^ID=citiny$' <<<"$out" || { printf '%s\n' "$out" >&2; return 1; }
+  [ "$owner" = "$user" ] || { echo "a file written in the container belongs to $owner, not $user" >&2; return 1; }
+}
+
+step_podman() {
+  local conf
+  conf=$(podman_conf)
+  install -d -m 0755 /etc/containers/containers.conf.d
+  if [ -z "$conf" ]; then
+    if [ -e "$PODMAN_CONF" ]; then rm -f "$PODMAN_CONF" && log "podman: drop-in $PODMAN_CONF removed (not needed)"; fi
+  elif printf '%s\n' "$conf" | write_if_changed "$PODMAN_CONF" 0644; then
+    log "podman: drop-in $PODMAN_CONF written"
+  else
+    log "podman: drop-in $PODMAN_CONF unchanged"
+  fi
+}
+
 ###############################################################################
 # env file for the Go tests
 ###############################################################################
@@ -938,6 +1047,7 @@ CI_EXEC_TEST_UNPRIV_USER2=$UNPRIV_USER2
 CI_EXEC_TEST_SLURM_PARTITION=debug
 CI_EXEC_TEST_SLURM_NODE=$SLURM_HOST
 EOF
+    echo "CI_EXEC_TEST_PODMAN=$(command -v podman)"
     if apptainer_ok; then
       echo "CI_EXEC_TEST_APPTAINER=$APPTAINER"
       echo "CI_EXEC_TEST_SIF=$SIF"
@@ -979,6 +1089,11 @@ step_verify() {
   *) die "slurm node $SLURM_HOST is '${st:-unknown}'" ;;
   esac
 
+  podman_check root "$IMAGE" "$AUTHFILE" || die "podman run of $IMAGE as root failed"
+  podman_check "$UNPRIV_USER" "$IMAGE" "$AUTHFILE" || die "podman run --userns=keep-id of $IMAGE as $UNPRIV_USER failed"
+  podman_check "$UNPRIV_USER" "$IMAGE_ANON" || die "podman run --userns=keep-id of $IMAGE_ANON as $UNPRIV_USER failed"
+  log "check: $(podman --version) runs $IMAGE as root and $UNPRIV_USER (keep-id), $IMAGE_ANON anonymously"
+
   if apptainer_ok; then
     sif_check root || die "apptainer exec $SIF as root failed"
     sif_check "$UNPRIV_USER" || die "apptainer exec $SIF as $UNPRIV_USER failed"
@@ -1002,6 +1117,7 @@ step_images
 step_munge
 step_slurm
 step_apptainer
+step_podman
 write_env_file
 step_verify
 log "ready in $(elapsed "$T0") s (facts for the tests: $ENV_FILE)"

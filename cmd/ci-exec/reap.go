@@ -9,6 +9,7 @@ import (
 	"io/fs"
 	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"time"
 
@@ -28,6 +29,11 @@ func reap(ctx context.Context, args []string, stderr io.Writer) int {
 	flags := flag.NewFlagSet("ci-exec reap", flag.ContinueOnError)
 	flags.SetOutput(stderr)
 	grace := flags.Duration("grace", 10*time.Second, "time between SIGTERM and SIGKILL when the stage is cancelled")
+	var helpers []string
+	flags.Func("helper", "a runtime's own process name: ended, not named as the script's (repeatable)", func(s string) error {
+		helpers = append(helpers, s)
+		return nil
+	})
 	if err := flags.Parse(args); err != nil {
 		return 2
 	}
@@ -62,7 +68,12 @@ func reap(ctx context.Context, args []string, stderr io.Writer) int {
 	case err != nil:
 		fmt.Fprintf(stderr, "ci-exec reap: %v\n", err)
 	}
-	left := append(res.LeftBehind, proc.KillOrphans()...)
+	var left []string
+	for _, n := range append(res.LeftBehind, proc.KillOrphans()...) {
+		if !slices.Contains(helpers, n) {
+			left = append(left, n)
+		}
+	}
 	if len(left) > 0 {
 		log.Printf("%s", proc.Summary(left))
 	}

@@ -22,6 +22,9 @@ type Reaper struct {
 	// Grace is kill_timeout: how long a cancelled command gets between
 	// SIGTERM and SIGKILL.
 	Grace time.Duration
+	// Helpers are the runtime's own leftovers (mechanism.Helpers), ended
+	// without being named as the script's.
+	Helpers []string
 }
 
 // SelfReaper is this ci-exec as the batch script's reaper.
@@ -44,13 +47,17 @@ func (r Reaper) prologue() string {
 		return ""
 	}
 	q := shellQuote(r.Path)
+	var helpers strings.Builder
+	for _, h := range r.Helpers {
+		helpers.WriteString(" " + shellQuote("--helper="+h))
+	}
 	return fmt.Sprintf(`if [ -x %s ]; then
-  set -- %s reap --grace=%s --
+  set -- %s reap --grace=%s%s --
 else
   printf 'WARNING: ci-exec is not at %%s on %%s: processes the stage leaves running there are not stopped when it ends (install ci-exec at the same path on every compute node: docs/slurm.md)\n' %s "${SLURMD_NODENAME:-this node}" >&2
   set --
 fi
-`, q, q, r.Grace, q)
+`, q, q, r.Grace, helpers.String(), q)
 }
 
 // prefix starts the command line.

@@ -44,6 +44,7 @@ const (
 	MechanismNone         = ""
 	MechanismCharliecloud = "charliecloud"
 	MechanismApptainer    = "apptainer"
+	MechanismPodman       = "podman"
 )
 
 // Pull policies, as in the runner's docker executor.
@@ -74,7 +75,7 @@ type General struct {
 	// Executor is "shell" (default) or "slurm" (Jacamar's "sbatch" is read
 	// as "slurm").
 	Executor string `toml:"executor"`
-	// RunMechanism is "" (host), "charliecloud" or "apptainer".
+	// RunMechanism is "" (host), "charliecloud", "apptainer" or "podman".
 	RunMechanism string `toml:"run_mechanism"`
 	// ForceMechanism runs every job in a container, with DefaultImage when
 	// the job names none; without a DefaultImage such a job fails (as in
@@ -113,6 +114,9 @@ type General struct {
 	Charliecloud Mechanism `toml:"charliecloud"`
 	// Apptainer is the `[general.apptainer]` table: the same keys.
 	Apptainer Mechanism `toml:"apptainer"`
+	// Podman is the `[general.podman]` table: the same keys, plus
+	// Jacamar's runner_entry_point and user_entry_point.
+	Podman Mechanism `toml:"podman"`
 }
 
 // DefaultPassEnv is what reaches job scripts from the runner's environment
@@ -199,6 +203,16 @@ type Mechanism struct {
 	// MaxConcurrentBuilds caps a user's concurrent image pulls and
 	// conversions (default 2).
 	MaxConcurrentBuilds int `toml:"max_concurrent_builds"`
+
+	// Podman only (Jacamar's keys).
+
+	// RunnerEntryPoint and UserEntryPoint replace the image's ENTRYPOINT
+	// for runner_image and for the job's image (podman --entrypoint): an
+	// absolute program and its first arguments, which must run the stage
+	// command it is given as further arguments (exec "$@"). Empty: no
+	// entry point at all (the image's ENTRYPOINT is never run).
+	RunnerEntryPoint []string `toml:"runner_entry_point"`
+	UserEntryPoint   []string `toml:"user_entry_point"`
 }
 
 // ByteSize is a size such as "512M", "20G" or a number of bytes.
@@ -396,7 +410,7 @@ func (c *Config) applyDefaults() {
 	if g.PassEnv == nil {
 		g.PassEnv = append([]string(nil), DefaultPassEnv...)
 	}
-	for _, m := range []*Mechanism{&g.Charliecloud, &g.Apptainer} {
+	for _, m := range []*Mechanism{&g.Charliecloud, &g.Apptainer, &g.Podman} {
 		if m.PullPolicy == "" {
 			m.PullPolicy = PullAlways
 		}
@@ -468,7 +482,7 @@ func (c *Config) expand(u UserInfo) error {
 	}
 	g := &c.General
 	exp("general.data_dir", &g.DataDir)
-	for name, m := range map[string]*Mechanism{"charliecloud": &g.Charliecloud, "apptainer": &g.Apptainer} {
+	for name, m := range map[string]*Mechanism{"charliecloud": &g.Charliecloud, "apptainer": &g.Apptainer, "podman": &g.Podman} {
 		exp("general."+name+".image_storage_dir", &m.ImageStorageDir)
 		exp("general."+name+".cache_dir", &m.CacheDir)
 		exp("general."+name+".tmp_dir", &m.TmpDir)
@@ -516,9 +530,9 @@ func (c *Config) Validate() error {
 		add("general.executor must be %q or %q, got %q", ExecutorShell, ExecutorSlurm, g.Executor)
 	}
 	switch g.RunMechanism {
-	case MechanismNone, MechanismCharliecloud, MechanismApptainer:
+	case MechanismNone, MechanismCharliecloud, MechanismApptainer, MechanismPodman:
 	default:
-		add("general.run_mechanism must be \"\", %q or %q, got %q", MechanismCharliecloud, MechanismApptainer, g.RunMechanism)
+		add("general.run_mechanism must be \"\", %q, %q or %q, got %q", MechanismCharliecloud, MechanismApptainer, MechanismPodman, g.RunMechanism)
 	}
 	if g.ForceMechanism && g.RunMechanism == MechanismNone {
 		add("general.force_mechanism needs general.run_mechanism")
@@ -543,8 +557,18 @@ func (c *Config) Validate() error {
 	for _, mc := range []struct {
 		name string
 		m    *Mechanism
-	}{{"charliecloud", &g.Charliecloud}, {"apptainer", &g.Apptainer}} {
+	}{{"charliecloud", &g.Charliecloud}, {"apptainer", &g.Apptainer}, {"podman", &g.Podman}} {
 		mc.m.validate("general."+mc.name, add)
+		if mc.name != MechanismPodman {
+			for _, k := range []struct {
+				key string
+				v   []string
+			}{{"runner_entry_point", mc.m.RunnerEntryPoint}, {"user_entry_point", mc.m.UserEntryPoint}} {
+				if len(k.v) > 0 {
+					add("general.%s.%s is a Podman setting; remove it (it belongs in [general.podman])", mc.name, k.key)
+				}
+			}
+		}
 	}
 	c.validateAuth(add)
 	// force_mechanism without default_image is valid, as in Jacamar: jobs
@@ -629,6 +653,36 @@ func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
 			add("%s.insecure_registries: %q is not host[:port]", prefix, r)
 		}
 	}
+	for _, k := range []struct {
+		key string
+		v   []string
+	}{{"runner_entry_point", m.RunnerEntryPoint}, {"user_entry_point", m.UserEntryPoint}} {
+		if err := checkEntryPoint(k.v); err != nil {
+			add("%s.%s: %v", prefix, k.key, err)
+		}
+	}
+}
+
+// checkEntryPoint accepts an empty entry point, or an absolute program and
+// its arguments. Jacamar's `["/bin/bash", "-l", "-c"]` form would take
+// the stage's first word as a script text: ci-exec gives the entry point
+// the stage command as arguments, so it must run them ("exec \"$@\"").
+func checkEntryPoint(words []string) error {
+	if len(words) == 0 {
+		return nil
+	}
+	if !filepath.IsAbs(words[0]) {
+		return fmt.Errorf("the program must be an absolute path in the image, got %q", words[0])
+	}
+	for _, w := range words {
+		if strings.ContainsRune(w, 0) {
+			return fmt.Errorf("%q contains a NUL byte", w)
+		}
+	}
+	if last := words[len(words)-1]; last == "-c" || last == "--command" {
+		return fmt.Errorf("an entry point ending in %q (Jacamar's [\"/bin/bash\", \"-l\", \"-c\"]) would run the stage's first word as a script; give a program that runs its arguments, e.g. [\"/bin/bash\", \"-l\"] with a script that ends in exec \"$@\", or leave it empty", last)
+	}
+	return nil
 }
 
 // MatchAny reports whether name matches one of the shell globs (pass_env
@@ -650,6 +704,8 @@ func (c *Config) Mechanism() *Mechanism {
 		return &c.General.Charliecloud
 	case MechanismApptainer:
 		return &c.General.Apptainer
+	case MechanismPodman:
+		return &c.General.Podman
 	}
 	return nil
 }

@@ -139,6 +139,21 @@ func TestMechanismSelection(t *testing.T) {
 	assert.Equal(t, "x", cfg.Mechanism().DefaultImage)
 }
 
+func TestPodmanTable(t *testing.T) {
+	doc := "[general]\ndata_dir=\"/d\"\nrun_mechanism=\"podman\"\n[general.podman]\ndefault_image=\"x\"\n" +
+		"image_storage_dir=\"$HOME/img\"\nuser_entry_point=[\"/entry.sh\", \"--\"]\nrunner_entry_point=[\"/bin/env\"]\n"
+	cfg, err := Parse(doc, bob)
+	require.NoError(t, err)
+	m := cfg.Mechanism()
+	require.NotNil(t, m)
+	assert.Same(t, &cfg.General.Podman, m)
+	assert.Equal(t, "x", m.DefaultImage)
+	assert.Equal(t, bob.Home+"/img", m.ImageStorageDir)
+	assert.Equal(t, PullAlways, m.PullPolicy)
+	assert.Equal(t, []string{"/entry.sh", "--"}, m.UserEntryPoint)
+	assert.Equal(t, []string{"/bin/env"}, m.RunnerEntryPoint)
+}
+
 // FuzzParse checks that no input crashes the loader and that whatever it
 // accepts is valid and has its defaults applied.
 func FuzzParse(f *testing.F) {

@@ -16,7 +16,6 @@ import (
 // table itself, gitlab_server and jwt_env_variable are real keys (auth.go).
 var jacamarTables = []struct{ prefix, hint string }{
 	{"auth.logging", "ci-exec writes its audit trail with [auth] audit_log = \"syslog\" (the default) or the path of a JSON-lines file; remove [auth.logging]"},
-	{"general.podman", "ci-exec has no Podman run mechanism; remove [general.podman] and use run_mechanism = \"charliecloud\" or \"apptainer\" with its own table"},
 }
 
 var jacamarKeys = map[string]string{

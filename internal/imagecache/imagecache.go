@@ -61,6 +61,11 @@ type Limits struct {
 	// MaxBuilds caps concurrent builds (pulls and conversions) of this
 	// user's jobs (0: 2).
 	MaxBuilds int
+	// EntrySize, when set, is the size an entry stands for, counted against
+	// MaxBytes instead of its own size: a runtime whose images live in its
+	// own storage (Podman) publishes a small record per image that names
+	// the image and its size.
+	EntrySize func(path string) int64
 }
 
 // Store is one user's store.
@@ -528,7 +533,10 @@ func (s *Store) Evict(ctx context.Context, now time.Time) ([]Evicted, error) {
 			continue
 		}
 		size := fi.Size()
-		if fi.IsDir() {
+		switch {
+		case s.Limits.EntrySize != nil:
+			size = s.Limits.EntrySize(s.Path(e.Name()))
+		case fi.IsDir():
 			size = dirSize(s.Path(e.Name()))
 		}
 		all = append(all, entry{key: e.Name(), size: size, used: fi.ModTime()})

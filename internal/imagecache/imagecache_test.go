@@ -482,6 +482,20 @@ func TestEvict(t *testing.T) {
 		assert.Empty(t, out)
 		assert.FileExists(t, st.Path("old.sqfs"))
 	})
+	t.Run("by the size an entry stands for", func(t *testing.T) {
+		// Each 1 MiB entry stands for 3 MiB: new.sqfs and the one in use
+		// fit in 6 MiB.
+		st := setup(t, Limits{MaxBytes: 6 << 20, EntrySize: func(string) int64 { return 3 << 20 }})
+		out, err := st.Evict(context.Background(), now)
+		require.NoError(t, err)
+		keys := []string{}
+		for _, e := range out {
+			keys = append(keys, e.Key)
+			assert.Equal(t, int64(3<<20), e.Size)
+		}
+		assert.Equal(t, []string{"old.sqfs", "mid.sqfs"}, keys)
+		assert.FileExists(t, st.Path("new.sqfs"))
+	})
 	t.Run("no limits, no eviction", func(t *testing.T) {
 		st := setup(t, Limits{})
 		out, err := st.Evict(context.Background(), now)

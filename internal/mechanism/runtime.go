@@ -79,6 +79,14 @@ type Evicter interface {
 	Evict(ctx context.Context) ([]imagecache.Evicted, error)
 }
 
+// Helpers is implemented by runtimes whose own helper processes outlive
+// each of their commands by design (rootless Podman's pause process, which
+// holds the user's namespace): the stage ends them like any leftover, but
+// does not name them in the job log as the script's.
+type Helpers interface {
+	HelperProcesses() []string
+}
+
 // PrepEnver is implemented by runtimes that give prep_script extra
 // variables (e.g. where the user's image storage is).
 type PrepEnver interface {

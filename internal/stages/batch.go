@@ -12,6 +12,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/batch"
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/proc"
@@ -63,6 +64,11 @@ func executeBatch(ctx context.Context, st *Stage, stage string, plan Plan) error
 		Comment:      identity(st).Comment(),
 	}
 	s := newSlurm(st)
+	if h, ok := plan.Runtime.(mechanism.Helpers); ok && s.Reaper.Path != "" {
+		// The runtime's own helpers (rootless Podman's pause process) are
+		// ended on the node without a job-log line.
+		s.Reaper.Helpers = h.HelperProcesses()
+	}
 	var out io.Writer = st.Inv.Stdout
 	tail := proc.NewTail(diagnoseTail)
 	if plan.StartSignal {

@@ -5,6 +5,7 @@ package stages_test
 // local registry of scripts/test-env.sh.
 
 import (
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -50,6 +51,22 @@ func storeEntries(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) []st
 		if !strings.HasSuffix(x.Name(), ".meta") {
 			out = append(out, x.Name())
 		}
+	}
+	return out
+}
+
+// podmanImages lists the image IDs in the user's Podman storage.
+func podmanImages(t *testing.T, e ctEnv, u testenv.User) []string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(e.storage, u.Name+".podman", "root", "overlay-images", "images.json"))
+	require.NoError(t, err)
+	var imgs []struct {
+		ID string `json:"id"`
+	}
+	require.NoError(t, json.Unmarshal(b, &imgs))
+	var out []string
+	for _, i := range imgs {
+		out = append(out, i.ID)
 	}
 	return out
 }
@@ -306,6 +323,12 @@ func TestCacheEvictionKeepsImagesInUse(t *testing.T) {
 		require.True(t, res.Succeeded(), res.Error)
 		assert.Contains(t, res.Log, "Evicted ")
 		assert.Equal(t, inUse, storeEntries(t, e, rt, u))
+		if rt.name == "podman" {
+			// The evicted record's image is gone from Podman's storage too.
+			rec, err := os.ReadFile(filepath.Join(e.storage, u.Name+".ci-exec", rt.name, "entries", inUse[0]))
+			require.NoError(t, err)
+			assert.Equal(t, []string{strings.Fields(string(rec))[0]}, podmanImages(t, e, u))
+		}
 	})
 }
 

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -20,6 +21,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
 	"github.com/ci-exec/ci-exec/internal/runnerdouble"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
@@ -85,10 +87,28 @@ var apptainerFixture = runtimeFixture{
 	buildLine:     "INFO:    Starting build...",
 }
 
+var podmanFixture = runtimeFixture{
+	name:    "podman",
+	program: "podman",
+	argsVar: "JACAMAR_CI_PODMAN_ARGS",
+	userVar: "PODMAN_REGISTRY_USERNAME",
+	passVar: "PODMAN_REGISTRY_PASSWORD",
+	deniedArgs: []string{"-v /etc:/mnt/0", "--volume=/:/mnt/1", "--privileged", "--mount=type=bind,src=/etc,dst=/x",
+		"--device=/dev/fuse", "--cap-add=SYS_ADMIN", "--security-opt=seccomp=unconfined", "--userns=host", "--pid=host",
+		"--network=none", "--env-host", "--env-file=/etc/passwd", "-u0", "--rootfs", "--entrypoint=/bin/sh"},
+	allowedEnvArg: "--env=CI_EXEC_ARG_TEST=from-user-args",
+	failingArg:    "--ulimit=nofile=bogus",
+	readOnlyBinds: true,
+	convertLog:    `podman, cache miss, pulled in [0-9.]+s, ready in`,
+	plainHTTP:     true,
+	pullSection:   "podman pull ",
+	buildLine:     "Copying blob ",
+}
+
 // runtimes are the mechanisms under test.
 func runtimes(t *testing.T) []runtimeFixture {
 	t.Helper()
-	return []runtimeFixture{charliecloudFixture, apptainerFixture}
+	return []runtimeFixture{charliecloudFixture, apptainerFixture, podmanFixture}
 }
 
 // forEachRuntimeAndUser runs f for every mechanism (that passes the
@@ -147,6 +167,23 @@ func containerRunnerIn(t *testing.T, rt runtimeFixture, u testenv.User, general,
 	data := filepath.Join(dir, "data")
 	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\nkill_timeout = \"5s\"\n%s\n[general.%s]\nimage_storage_dir = %q\n%s\n%s\n",
 		data+"/$USER", rt.name, general, rt.name, storage, rt.table, table)
+	if rt.name == "podman" {
+		// Podman's run root for this storage lives in /tmp (see
+		// podman.RunDir). A test that SIGKILLs ci-exec leaves the rootless
+		// pause process (in a session of its own) behind; the next job of
+		// the same storage would reuse it, but this storage has none.
+		t.Cleanup(func() {
+			run := podman.RunDir(filepath.Join(storage, u.Name+".podman"), u.UID)
+			if b, err := os.ReadFile(filepath.Join(run, "xdg", "libpod", "tmp", "pause.pid")); err == nil {
+				pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
+				comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
+				if err == nil && pid > 1 && strings.TrimSpace(string(comm)) == "catatonit" {
+					_ = syscall.Kill(pid, syscall.SIGKILL)
+				}
+			}
+			testenv.RemoveAll(run)
+		})
+	}
 	path := testenv.WriteConfig(t, dir, cfg)
 	t.Logf("config:\n%s", cfg)
 	runner := runnerConfig(t, u, path, dir)
@@ -692,6 +729,7 @@ func TestContainerCancelAndTimeout(t *testing.T) {
 			assert.Contains(t, res.Log, "after status=canceled")
 			assert.Contains(t, res.Log, "ID=citiny", "after_script of a cancelled job runs in the image")
 			noProcessWith(t, marker)
+			noPodmanLeft(t, e, rt, u)
 		})
 		t.Run("timeout", func(t *testing.T) {
 			marker := fmt.Sprintf("CI_EXEC_MARKER_%d", time.Now().UnixNano())
@@ -704,8 +742,28 @@ func TestContainerCancelAndTimeout(t *testing.T) {
 			assert.Equal(t, runnerdouble.ReasonJobExecutionTimeout, res.FailureReason)
 			assert.NotContains(t, res.Log, "after_script ran")
 			noProcessWith(t, marker)
+			noPodmanLeft(t, e, rt, u)
 		})
 	})
+}
+
+// noPodmanLeft checks, for podman, that the job left no container in the
+// user's Podman storage and no process of that storage (conmon, the
+// rootless pause process, a podman): each names the storage in its
+// command line or environment.
+func noPodmanLeft(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) {
+	t.Helper()
+	if rt.name != "podman" {
+		return
+	}
+	storage := filepath.Join(e.storage, u.Name+".podman")
+	noProcessWith(t, storage)
+	b, err := os.ReadFile(filepath.Join(storage, "root", "overlay-containers", "containers.json"))
+	if err == nil {
+		assert.JSONEq(t, "[]", string(b), "containers left in %s", storage)
+	} else {
+		assert.ErrorIs(t, err, fs.ErrNotExist)
+	}
 }
 
 func TestContainerPrepScript(t *testing.T) {

@@ -6,9 +6,11 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/outcome"
 	"github.com/ci-exec/ci-exec/internal/proc"
 )
@@ -48,7 +50,7 @@ func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 		ExtraFiles: extra,
 	})
 	// proc.Run has ended what the script left running; say so, in one line.
-	if line := proc.Summary(res.LeftBehind); line != "" {
+	if line := proc.Summary(scriptLeftovers(plan.Runtime, res.LeftBehind)); line != "" {
 		st.Log.Printf("%s", line)
 	}
 	if len(res.Survivors) > 0 {
@@ -88,4 +90,21 @@ func execute(ctx context.Context, st *Stage, stage string, plan Plan) error {
 		o.Diagnosis = plan.Runtime.Diagnose(res.ExitCode, tail.String())
 	}
 	return classify(stage, o)
+}
+
+// scriptLeftovers are the leftovers that were the script's: not the
+// runtime's own helpers (mechanism.Helpers).
+func scriptLeftovers(rt mechanism.Runtime, names []string) []string {
+	h, ok := rt.(mechanism.Helpers)
+	if !ok {
+		return names
+	}
+	own := h.HelperProcesses()
+	var out []string
+	for _, n := range names {
+		if !slices.Contains(own, n) {
+			out = append(out, n)
+		}
+	}
+	return out
 }

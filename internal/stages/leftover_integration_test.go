@@ -104,7 +104,8 @@ func assertLeftoversStopped(t *testing.T, res *runnerdouble.Result, marker strin
 // ownPIDNamespace reports whether the job's container stages ran in a PID
 // namespace of their own (Apptainer's --pid).
 func ownPIDNamespace(res *runnerdouble.Result) bool {
-	return strings.Contains(res.Log, "apptainer exec ") && strings.Contains(res.Log, " --pid ")
+	return strings.Contains(res.Log, "apptainer exec ") && strings.Contains(res.Log, " --pid ") ||
+		strings.Contains(res.Log, "/podman --root ") // every podman container has its own
 }
 
 func TestHostLeftoversAreStopped(t *testing.T) {

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
+	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
 )
 
 // newRuntime returns the configured container runtime, or nil when jobs run
@@ -31,6 +33,8 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 		return charliecloud.New(mc, st.User, st.Job.Host, grace), nil
 	case config.MechanismApptainer:
 		return apptainer.New(mc, st.User, st.Job.Host, grace), nil
+	case config.MechanismPodman:
+		return podman.New(mc, st.User, st.Job.Host, grace, os.Getuid()), nil
 	}
 	return nil, failure.Systemf("general.run_mechanism %q is not supported by this build of ci-exec", st.Cfg.General.RunMechanism)
 }

@@ -164,12 +164,15 @@ func TestSecretsContainerHelperTokenNotOnArgv(t *testing.T) {
 			// The admin binds a gitlab-runner helper into the runner image
 			// (busybox only: the stages run with its sh) and puts it on PATH.
 			helper := testenv.FakeHelper(t)
-			pathOpt := "--set-env=PATH=/mnt:" + "/usr/local/bin:/usr/bin:/bin"
-			if rt.name == "apptainer" {
+			bindOpt, pathOpt := "--bind="+helper+":/mnt", "--set-env=PATH=/mnt:"+"/usr/local/bin:/usr/bin:/bin"
+			switch rt.name {
+			case "apptainer":
 				pathOpt = "--env=PREPEND_PATH=/mnt"
+			case "podman":
+				bindOpt, pathOpt = "--volume="+helper+":/mnt", "--env=PATH=/mnt:/usr/local/bin:/usr/bin:/bin"
 			}
 			e := containerRunner(t, rt, u, "retain_logs = true", fmt.Sprintf("runner_image = %q\nrunner_options = [%q, %q]",
-				image, "--bind="+helper+":/mnt", pathOpt))
+				image, bindOpt, pathOpt))
 			res1, res2 := runHelperJobs(t, e.runner, e.data, tokenJob(t, image), 9300)
 			assert.Contains(t, res1.Log, "Running upload_artifacts_on_success in "+image, "the uploader ran in the container")
 			assert.Contains(t, res2.Log, "Running download_artifacts in "+image)

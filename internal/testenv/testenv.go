@@ -226,10 +226,27 @@ func PrivateDir(t testing.TB, u User) string {
 	}
 	t.Cleanup(func() {
 		if !t.Failed() || os.Getenv("CI_EXEC_KEEP_TEST_DIRS") == "" {
-			_ = os.RemoveAll(dir)
+			RemoveAll(dir)
 		}
 	})
 	return dir
+}
+
+// RemoveAll removes dir after unmounting what is mounted under it
+// (rootful Podman keeps its storage's overlay dir mounted on itself).
+func RemoveAll(dir string) {
+	if b, err := os.ReadFile("/proc/self/mounts"); err == nil {
+		var under []string
+		for _, line := range strings.Split(string(b), "\n") {
+			if f := strings.Fields(line); len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
+				under = append(under, f[1])
+			}
+		}
+		for i := len(under) - 1; i >= 0; i-- {
+			_ = syscall.Unmount(under[i], syscall.MNT_DETACH)
+		}
+	}
+	_ = os.RemoveAll(dir)
 }
 
 var (

@@ -35,6 +35,9 @@ type Base struct {
 	Storage string
 	HostEnv map[string]string
 	Grace   time.Duration
+	// EntrySize, when set, is what a store entry counts against
+	// cache_max_size (see imagecache.Limits.EntrySize).
+	EntrySize func(path string) int64
 
 	probe *probeOnce
 	store *storeOnce
@@ -84,6 +87,7 @@ func (b *Base) Store() (*imagecache.Store, error) {
 		}
 		b.store.store, b.store.err = imagecache.Open(b.StoreRoot(), imagecache.Limits{
 			MaxBytes: b.Cfg.CacheMaxSize.Bytes, MaxAge: b.Cfg.CacheMaxAge.Duration, MaxBuilds: b.Cfg.MaxConcurrentBuilds,
+			EntrySize: b.EntrySize,
 		})
 	})
 	return b.store.store, b.store.err
