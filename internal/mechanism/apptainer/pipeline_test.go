@@ -16,6 +16,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 	"github.com/ci-exec/ci-exec/internal/policy"
 	"github.com/ci-exec/ci-exec/internal/testenv"
@@ -112,7 +113,7 @@ func TestPullAlways(t *testing.T) {
 
 	// The shell was looked for in the stored SIF, without credentials, and
 	// recorded with it.
-	assert.Equal(t, []string{"exec", "--cleanenv", stored, "/bin/sh", "-c", shellProbe}, f.Lines(t, "exec-argv"))
+	assert.Equal(t, []string{"exec", "--cleanenv", stored, "/bin/sh", "-c", kit.ShellProbe}, f.Lines(t, "exec-argv"))
 	assert.ElementsMatch(t, []string{"PATH=" + f.App + ":" + toolPath, "HOME=/home/ciuser", "USER=ciuser", "LOGNAME=ciuser", "LANG=C.UTF-8"},
 		f.RecordedEnv(t, "exec-env"))
 	assert.Equal(t, "/bin/bash", f.Store(t).Meta(sifKey(mechtest.Digest1), "shell"))

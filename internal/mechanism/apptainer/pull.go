@@ -134,48 +134,16 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	}
 	// The FATAL line decides: INFO and WARNING lines before it may contain
 	// the same words harmlessly ("gocryptfs not found").
-	kind := kit.PullOther
-	switch {
-	case strings.Contains(last, "authentication required") || strings.Contains(last, "unauthorized"):
-		kind = kit.PullAuthRefused
-	case strings.Contains(last, "manifest unknown") || strings.Contains(last, "name unknown") || strings.Contains(last, "not found"):
-		kind = kit.PullNotFound
-	case strings.Contains(last, "server gave HTTP response to HTTPS client"):
-		kind = kit.PullPlainHTTP
-	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
-		kind = kit.PullTLS
-	case strings.Contains(last, "connect: connection refused"):
-		// Apptainer is a separate program: its output is all there is to
-		// read. The address is Go's, "dial tcp H:P: connect: ...".
-		kind, last = kit.PullRefused, ""
-		if m := dialAddr().FindStringSubmatch(tail); m != nil {
-			last = m[1]
-		}
-	case strings.Contains(last, "no such host") ||
-		strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
-		kind = kit.PullUnreachable
-	case strings.Contains(last, "no space left on device"):
-		kind = kit.PullStorage
-	default:
-		last = "apptainer pull failed: " + last
-	}
+	kind, last := kit.GoPullFailure("apptainer", last, tail)
 	return kit.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
-
-// dialAddr finds the address in Go's "dial tcp H:P: connect: connection
-// refused".
-var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`dial tcp (\S+): connect: connection refused`) })
-
-// shellProbe prints the shell stage scripts should run with. It is a fixed
-// script: no user data is ever part of it.
-const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`
 
 // findShell picks the image's shell for stage scripts: bash when it has
 // one, else sh (the runner's scripts work in both). Apptainer cannot look
 // into a SIF without running it, so this runs the image's sh once.
 func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, sif string, req mechanism.PullRequest) (string, error) {
 	var out strings.Builder
-	argv := []string{info.Program("apptainer"), "exec", "--cleanenv", sif, "/bin/sh", "-c", shellProbe}
+	argv := []string{info.Program("apptainer"), "exec", "--cleanenv", sif, "/bin/sh", "-c", kit.ShellProbe}
 	res, err := kit.RunTool(ctx, kit.Tool{Argv: argv, Env: r.execEnv(nil), Dir: req.Dir, Output: &out, Grace: r.Grace})
 	if err != nil {
 		return "", failure.Systemf("apptainer: run %s: %v", req.Ref.Full, err)

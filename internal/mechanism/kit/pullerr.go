@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"regexp"
+	"strings"
+	"sync"
 
 	"github.com/distribution/reference"
 
@@ -175,3 +178,41 @@ func CacheState(res imagecache.Result) string {
 	}
 	return "miss"
 }
+
+// GoPullFailure classifies the error line last of a failed pull by a
+// program written in Go (Apptainer, Podman): their messages are Go's
+// net/http, crypto/x509 and registry-client ones. tail is the output
+// around it, where a refused connection's address is found. It returns
+// the class and the detail for PullError ("" when the class says it all,
+// the address for a refused connection, prog's own words otherwise).
+func GoPullFailure(prog, last, tail string) (PullFailure, string) {
+	switch {
+	case strings.Contains(last, "authentication required") || strings.Contains(last, "unauthorized") ||
+		strings.Contains(last, "requested access to the resource is denied"):
+		return PullAuthRefused, last
+	case strings.Contains(last, "manifest unknown") || strings.Contains(last, "name unknown") || strings.Contains(last, "not found"):
+		return PullNotFound, last
+	case strings.Contains(last, "server gave HTTP response to HTTPS client"):
+		return PullPlainHTTP, last
+	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
+		return PullTLS, last
+	case strings.Contains(last, "connect: connection refused"):
+		// The address is Go's, "dial tcp H:P: connect: ...".
+		if m := dialAddr().FindStringSubmatch(tail); m != nil {
+			return PullRefused, m[1]
+		}
+		return PullRefused, ""
+	case strings.Contains(last, "no such host") || strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
+		return PullUnreachable, last
+	case strings.Contains(last, "no space left on device"):
+		return PullStorage, last
+	}
+	return PullOther, prog + " pull failed: " + last
+}
+
+var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`dial tcp (\S+): connect: connection refused`) })
+
+// ShellProbe prints the shell stage scripts should run with: bash when the
+// image has one, else sh (the runner's scripts work in both). It is a fixed
+// script: no user data is ever part of it.
+const ShellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`

@@ -296,44 +296,16 @@ func classifyPull(ref string, cred auth.Credential, tail, storage string) error 
 	if last == "" {
 		last = kit.LastLine(tail)
 	}
-	kind := kit.PullOther
-	switch {
-	case strings.Contains(last, "authentication required") || strings.Contains(last, "unauthorized") ||
-		strings.Contains(last, "requested access to the resource is denied"):
-		kind = kit.PullAuthRefused
-	case strings.Contains(last, "manifest unknown") || strings.Contains(last, "name unknown") || strings.Contains(last, "not found"):
-		kind = kit.PullNotFound
-	case strings.Contains(last, "server gave HTTP response to HTTPS client"):
-		kind = kit.PullPlainHTTP
-	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
-		kind = kit.PullTLS
-	case strings.Contains(last, "connect: connection refused"):
-		kind, last = kit.PullRefused, ""
-		if m := dialAddr().FindStringSubmatch(tail); m != nil {
-			last = m[1]
-		}
-	case strings.Contains(last, "no such host") || strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
-		kind = kit.PullUnreachable
-	case strings.Contains(last, "no space left on device"):
-		kind = kit.PullStorage
-	default:
-		last = "podman pull failed: " + last
-	}
+	kind, last := kit.GoPullFailure("podman", last, tail)
 	return kit.PullError(kind, ref, cred, credentialVariables, storage, last)
 }
-
-var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`dial tcp (\S+): connect: connection refused`) })
-
-// shellProbe prints the shell stage scripts should run with. It is a fixed
-// script: no user data is ever part of it.
-const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`
 
 // findShell picks the image's shell for stage scripts: bash when it has
 // one, else sh. It runs the image's sh once, without network.
 func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, id string, req mechanism.PullRequest) (string, error) {
 	var out strings.Builder
 	argv := append(r.globalArgs(info), "run", "--rm", "--pull", "never", "--network", "none", "--log-driver", "none",
-		"--entrypoint", "/bin/sh", id, "-c", shellProbe)
+		"--entrypoint", "/bin/sh", id, "-c", kit.ShellProbe)
 	res, err := kit.RunTool(ctx, kit.Tool{Argv: argv, Env: r.baseEnv(), Dir: req.Dir, Output: &out, Grace: r.Grace})
 	if err != nil {
 		return "", failure.Systemf("podman: run %s: %v", req.Ref.Full, err)
