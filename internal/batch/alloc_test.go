@@ -79,8 +79,8 @@ func TestAgent(t *testing.T) {
 		job := StageJob{Name: "s", Argv: argv, Env: []string{"PATH=/usr/bin:/bin", "MINE=stage"}, Dir: dir,
 			Script: filepath.Join(dir, nonce+".sbatch"), Output: filepath.Join(dir, nonce+".out")}
 		script, _ := StageScript(job, nonce, []string{"PATH", "LEFTOVER"}, Reaper{})
-		require.NoError(t, os.WriteFile(filepath.Join(dir, "next."+nonce+".tmp"), []byte(script), 0o700))
-		require.NoError(t, os.Rename(filepath.Join(dir, "next."+nonce+".tmp"), filepath.Join(dir, "next."+nonce)))
+		require.NoError(t, os.WriteFile(filepath.Join(dir, ".next."+nonce+".tmp"), []byte(script), 0o700))
+		require.NoError(t, os.Rename(filepath.Join(dir, ".next."+nonce+".tmp"), filepath.Join(dir, "next."+nonce)))
 		r := &allocRun{dir: dir, nonce: nonce}
 		var rc int
 		require.Eventually(t, func() bool {
