@@ -278,7 +278,8 @@ func TestExecWithSlurm(t *testing.T) {
 	before := snapshot(t, p.tree)
 	out, _, code := p.execJob(t, "fail")
 	assert.Equal(t, 7, code, "the batch job's exit code passes through")
-	assert.Regexp(t, `\nSubmitted Slurm job [0-9]+ \(ci-[0-9]+-build_script\); output is streamed below\.\n`, out)
+	// One allocation per CI job (batch.allocate = "prepare", the default).
+	assert.Regexp(t, `\nRunning ci-[0-9]+-build_script in Slurm allocation [0-9]+ \(ci-[0-9]+-alloc\); output is streamed below\.\n`, out)
 	assertLines(t, out, "about to fail", "after_script with failed", "ERROR: Job failed: exit status 7")
 	p.assertNothingLeft(t, before)
 }
