@@ -154,6 +154,10 @@ type Mechanism struct {
 	// every prepare stage (jobs with and without an image, as Jacamar's
 	// prepare_exec), before any runtime command.
 	PrepScript string `toml:"prep_script"`
+	// PrepScriptSHA256 pins prep_script to this SHA-256 (64 hex digits):
+	// the file is opened once, hashed, and that same open file is run, so a
+	// changed or swapped script is never run (seed 002's signed hooks).
+	PrepScriptSHA256 string `toml:"prep_script_sha256"`
 	// DisableUserArgs ignores JACAMAR_CI_<RUNTIME>_ARGS.
 	DisableUserArgs bool `toml:"disable_user_args"`
 	// ImageStorageDir is the root of per-user image storage; "/<user>.ch"
@@ -387,6 +391,7 @@ func (c *Config) applyDefaults() {
 		if m.RunnerPullPolicy == "" {
 			m.RunnerPullPolicy = m.PullPolicy
 		}
+		m.PrepScriptSHA256 = strings.ToLower(m.PrepScriptSHA256)
 	}
 	b := &c.Batch
 	if len(b.ArgumentsVariable) == 0 {
@@ -557,6 +562,13 @@ func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
 	}
 	absOrEmpty("application_path", m.ApplicationPath)
 	absOrEmpty("prep_script", m.PrepScript)
+	switch {
+	case m.PrepScriptSHA256 == "":
+	case m.PrepScript == "":
+		add("%s.prep_script_sha256 is set but prep_script is not: set prep_script or remove the pin", prefix)
+	case !sha256Hex.MatchString(m.PrepScriptSHA256):
+		add("%s.prep_script_sha256 must be the script's 64 hex digit SHA-256 (sha256sum %s), got %q", prefix, m.PrepScript, m.PrepScriptSHA256)
+	}
 	absOrEmpty("image_storage_dir", m.ImageStorageDir)
 	absOrEmpty("cache_dir", m.CacheDir)
 	absOrEmpty("tmp_dir", m.TmpDir)

@@ -96,6 +96,8 @@ func TestParseErrors(t *testing.T) {
 		"bad batch flag":        {"[general]\ndata_dir = \"/x\"\n[batch]\ndenied_flags = [\"wrap\"]\n", []string{"not a flag"}},
 		"bad data_dir variable": {"[general]\ndata_dir = \"$SCRATCH/ci\"\n", []string{"only $HOME and $USER"}},
 		"several at once":       {"[general]\nexecutor = \"pbs\"\n", []string{"data_dir is required", "executor must be"}},
+		"pin without script":    {"[general]\ndata_dir = \"/x\"\n[general.apptainer]\nprep_script_sha256 = \"" + strings.Repeat("a", 64) + "\"\n", []string{"general.apptainer.prep_script_sha256 is set but prep_script is not"}},
+		"bad pin":               {"[general]\ndata_dir = \"/x\"\n[general.charliecloud]\nprep_script = \"/p.sh\"\nprep_script_sha256 = \"abc\"\n", []string{"general.charliecloud.prep_script_sha256 must be the script's 64 hex digit SHA-256 (sha256sum /p.sh)"}},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {

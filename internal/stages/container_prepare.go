@@ -5,6 +5,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -260,9 +262,21 @@ func (s containerSetup) runPrepScript(ctx context.Context, ref policy.Ref) error
 	if pe, ok := s.Runtime.(mechanism.PrepEnver); ok {
 		env = append(env, pe.PrepEnv()...)
 	}
+	cmd := proc.Cmd{Argv: []string{script}, Env: env, Dir: s.Layout.ScriptsDir, Grace: s.Grace}
+	if s.Cfg.PrepScriptSHA256 != "" {
+		f, err := s.openPinnedPrepScript()
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		// The child runs the file that was hashed: its descriptor 3, not
+		// the path, which may have been replaced since (as auth.runas).
+		cmd.Argv, cmd.ExtraFiles = []string{"/proc/self/fd/3"}, []*os.File{f}
+	}
 	end := s.Log.Section("prep_script", "Running the admin's prep_script "+script, false)
 	w := s.Log.Writer()
-	res, err := proc.Run(ctx, proc.Cmd{Argv: []string{script}, Env: env, Dir: s.Layout.ScriptsDir, Stdout: w, Stderr: w, Grace: s.Grace})
+	cmd.Stdout, cmd.Stderr = w, w
+	res, err := proc.Run(ctx, cmd)
 	w.Close()
 	end()
 	switch {
@@ -272,6 +286,36 @@ func (s containerSetup) runPrepScript(ctx context.Context, ref policy.Ref) error
 		return failure.Systemf("%s %s failed with exit code %d (see its output above); the runner will retry", s.key("prep_script"), script, res.ExitCode)
 	}
 	return nil
+}
+
+// openPinnedPrepScript opens prep_script once and checks the open file
+// against prep_script_sha256. A mismatch is a system failure naming both
+// hashes: the admin changed the script without updating the pin (or someone
+// else changed it), and a job must not run what nobody vetted.
+func (s containerSetup) openPinnedPrepScript() (*os.File, error) {
+	script := s.Cfg.PrepScript
+	f, err := os.Open(script)
+	if err != nil {
+		return nil, failure.Systemf("%s %s could not be opened: %v (the admin must make it a readable file)", s.key("prep_script"), script, err)
+	}
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("not a regular file (mode %s)", fi.Mode())
+	}
+	h := sha256.New()
+	if err == nil {
+		_, err = io.Copy(h, f)
+	}
+	if err != nil {
+		f.Close()
+		return nil, failure.Systemf("%s %s: %v", s.key("prep_script"), script, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != s.Cfg.PrepScriptSHA256 {
+		f.Close()
+		return nil, failure.Systemf("%s %s has SHA-256 %s, not the pinned %s %s: refusing to run it (the admin must update the pin if the change is theirs)",
+			s.key("prep_script"), script, got, s.key("prep_script_sha256"), s.Cfg.PrepScriptSHA256)
+	}
+	return f, nil
 }
 
 // Readiness is the job-log summary of how an image became ready: the
