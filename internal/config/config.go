@@ -61,6 +61,11 @@ type Config struct {
 	// Auth is the `[auth]` table: identity and the job's local account
 	// (see auth.go and docs/multi-tenant.md).
 	Auth Auth `toml:"auth"`
+	// Profiles, Limits, GPU and Services are the site tables (site.go).
+	Profiles map[string]Profile `toml:"profiles"`
+	Limits   Limits             `toml:"limits"`
+	GPU      GPU                `toml:"gpu"`
+	Services Services           `toml:"services"`
 
 	// Path is the file the configuration was read from (not a TOML key).
 	Path string `toml:"-"`
@@ -338,6 +343,7 @@ func Parse(doc string, u UserInfo) (*Config, error) {
 		return nil, unknownKeys(keys)
 	}
 	cfg.applyDefaults()
+	cfg.siteDefaults()
 	cfg.authDefaults(md.IsDefined("auth", "min_uid"))
 	if err := cfg.expand(u); err != nil {
 		return nil, err
@@ -530,6 +536,7 @@ func (c *Config) Validate() error {
 		mc.m.validate("general."+mc.name, add)
 	}
 	c.validateAuth(add)
+	c.validateSite(add)
 	// force_mechanism without default_image is valid, as in Jacamar: jobs
 	// that name no image fail in prepare (mechanism.Prepare), and none runs
 	// on the host.

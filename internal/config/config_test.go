@@ -96,6 +96,12 @@ func TestParseErrors(t *testing.T) {
 		"bad batch flag":        {"[general]\ndata_dir = \"/x\"\n[batch]\ndenied_flags = [\"wrap\"]\n", []string{"not a flag"}},
 		"bad data_dir variable": {"[general]\ndata_dir = \"$SCRATCH/ci\"\n", []string{"only $HOME and $USER"}},
 		"several at once":       {"[general]\nexecutor = \"pbs\"\n", []string{"data_dir is required", "executor must be"}},
+		"profile bad bind":      {"[general]\ndata_dir = \"/x\"\n[profiles.a]\nbinds = [\"opt:/opt\"]\n", []string{"profiles.a.binds[0]: \"opt:/opt\": both paths must be absolute"}},
+		"profile bad env":       {"[general]\ndata_dir = \"/x\"\n[profiles.a]\nenv = [\"NOVALUE\"]\n", []string{"profiles.a.env"}},
+		"profile bad runtime":   {"[general]\ndata_dir = \"/x\"\n[profiles.a]\noptions = { docker = [\"-x\"] }\n", []string{`profiles.a.options: "docker" is not a run mechanism`}},
+		"profile gpu disabled":  {"[general]\ndata_dir = \"/x\"\n[profiles.a]\ngpu = true\n", []string{"profiles.a.gpu = true needs [gpu] enabled = true"}},
+		"profile typo":          {"[general]\ndata_dir = \"/x\"\n[profiles.a]\nbind = []\n", []string{`unknown key "profiles.a.bind"`}},
+		"limit default above":   {"[general]\ndata_dir = \"/x\"\n[limits]\ndefault_cpus = 4\nmax_cpus = 2\n", []string{"limits.default_cpus (4) is above limits.max_cpus (2)"}},
 		"pin without script":    {"[general]\ndata_dir = \"/x\"\n[general.apptainer]\nprep_script_sha256 = \"" + strings.Repeat("a", 64) + "\"\n", []string{"general.apptainer.prep_script_sha256 is set but prep_script is not"}},
 		"bad pin":               {"[general]\ndata_dir = \"/x\"\n[general.charliecloud]\nprep_script = \"/p.sh\"\nprep_script_sha256 = \"abc\"\n", []string{"general.charliecloud.prep_script_sha256 must be the script's 64 hex digit SHA-256 (sha256sum /p.sh)"}},
 	}

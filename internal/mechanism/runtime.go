@@ -202,4 +202,40 @@ type RunSpec struct {
 	// running the stage script, behind the start signal
 	// (outcome.StartCommand).
 	Argv []string
+
+	// The fields below are issue 15's; a runtime that cannot do one says
+	// so in Info.Features (FeatureGPU, FeatureLimits, FeatureTmpSize) and
+	// the stages never set it for that runtime.
+
+	// GPU turns the runtime's GPU support on (Apptainer --nv).
+	GPU bool
+	// Limits are the job's CPU and memory limits, set only when Probe
+	// reported FeatureLimits; TmpSize is a private /tmp of that size, set
+	// only with FeatureTmpSize.
+	Limits Limits
+	// Service runs Argv as a background service rather than a stage: no
+	// start signal, and Argv empty means the image's own entrypoint and
+	// command (runtimes that cannot run those refuse an empty Argv).
+	Service bool
 }
+
+// Limits are resource limits for one container (0: none).
+type Limits struct {
+	CPUs        int   `json:"cpus,omitempty"`
+	MemoryBytes int64 `json:"memory,omitempty"`
+	TmpBytes    int64 `json:"tmp,omitempty"`
+}
+
+// Features a runtime's Probe may report beside its own.
+const (
+	// FeatureGPU: Command honours RunSpec.GPU.
+	FeatureGPU = "gpu"
+	// FeatureLimits: Command honours Limits.CPUs and MemoryBytes, and the
+	// host can enforce them (probed: cgroup v2 with the controllers
+	// delegated to the user).
+	FeatureLimits = "limits"
+	// FeatureTmpSize: Command honours Limits.TmpBytes.
+	FeatureTmpSize = "tmp-size"
+	// FeatureServices: Command honours RunSpec.Service.
+	FeatureServices = "services"
+)

@@ -44,6 +44,11 @@ type containerSetup struct {
 	Grace time.Duration
 	// saveState keeps prepare's result (Stage.saveState).
 	saveState func(*State) error
+	// Site is the job's profile, limits and GPU; siteErr why they cannot
+	// apply (an unknown profile, a request above a cap), returned by every
+	// stage but cleanup.
+	Site    jobSite
+	siteErr error
 }
 
 func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
@@ -66,6 +71,9 @@ func (s containerSetup) Placement(st *State) policy.PlacementPolicy {
 func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	rt := s.Runtime
 	st := &State{Mechanism: rt.Name()}
+	if s.siteErr != nil {
+		return nil, s.siteErr
+	}
 	given, admin := s.Job.Image(), false
 	if given == "" {
 		switch {
@@ -163,6 +171,10 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := s.applySite(&mechanism.RunSpec{}, info, true); err != nil {
+		return nil, err
+	}
+	vols = append(vols, s.Site.Binds...)
 
 	mounts := s.mountPoints(vols)
 	if st.Job, err = s.pull(ctx, ref, cred, s.Cfg.PullPolicy, "", mounts); err != nil {

@@ -21,6 +21,9 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 	}
 	grace := st.Cfg.General.KillTimeout.Duration
 	mc := *m
+	// A site profile's options for this runtime extend custom_options, so
+	// the runtime sees them as the admin's own (site.go).
+	mc.CustomOptions = profileOptions(st, mc.CustomOptions)
 	if st.Cfg.IsBatch() && mc.ImageStorageDir == "" {
 		// Compute nodes must read the converted images: by default they
 		// live in the data dir, which a batch executor needs shared anyway.
@@ -41,9 +44,14 @@ func setup(st *Stage) (*containerSetup, error) {
 	if rt == nil || err != nil {
 		return nil, err
 	}
+	site, siteErr := siteFor(st.Cfg, st.Job.Vars)
+	cfg := *st.Cfg.Mechanism()
+	cfg.CustomOptions = profileOptions(st, cfg.CustomOptions)
 	return &containerSetup{
 		Runtime:   rt,
-		Cfg:       *st.Cfg.Mechanism(),
+		Cfg:       cfg,
+		Site:      site,
+		siteErr:   siteErr,
 		Batch:     st.Cfg.IsBatch(),
 		Force:     st.Cfg.General.ForceMechanism,
 		Job:       st.Job,

@@ -27,6 +27,15 @@ func runPrepare(ctx context.Context, st *Stage) error {
 	if err := st.Layout.Create(); err != nil {
 		return failure.AsSystem(err)
 	}
+	// The site profile and limits are checked before anything else the
+	// job asks for (site.go).
+	js, err := siteFor(st.Cfg, st.Job.Vars)
+	if err != nil {
+		return err
+	}
+	for _, line := range js.Describe() {
+		st.Log.Printf("%s", line)
+	}
 	if err := prepareBatch(st); err != nil {
 		return err
 	}

@@ -44,6 +44,17 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 	if spec.Workdir != "" {
 		argv = append(argv, "--pwd="+spec.Workdir)
 	}
+	if spec.GPU {
+		// The host's NVIDIA driver libraries and devices (nvidia-container-cli
+		// or apptainer's own list in nvliblist.conf).
+		argv = append(argv, "--nv")
+	}
+	if spec.Limits.CPUs > 0 {
+		argv = append(argv, fmt.Sprintf("--cpus=%d", spec.Limits.CPUs))
+	}
+	if spec.Limits.MemoryBytes > 0 {
+		argv = append(argv, fmt.Sprintf("--memory=%d", spec.Limits.MemoryBytes))
+	}
 	argv = append(argv, spec.Image.RunOptions...)
 	argv = append(argv, spec.AdminOptions...)
 	argv = append(argv, spec.UserArgs...)

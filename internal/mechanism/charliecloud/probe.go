@@ -50,6 +50,11 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	// Without a writable overlay a bind's destination must exist in the
 	// image: the stages build the container's view on a skeleton.
 	info.FixedMountPoints = !info.Features[FeatureWriteFake]
+	// A service is a ch-run in the background (package stages). ch-run
+	// has no cgroup limits and no tmpfs size, and its GPU support is
+	// ch-fromhost into a writable image copy, which ci-exec does not make
+	// yet: those features stay off and the stages say so.
+	info.Features[mechanism.FeatureServices] = true
 	return info, nil
 }
 

@@ -1,0 +1,52 @@
+package stages_test
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/testenv"
+)
+
+// TestSiteProfileApplies: a job picks a profile with CI_EXEC_PROFILE; its
+// bind and variable are visible inside the container, and the log says
+// which profile applied. An unknown profile fails without retry and names
+// the profiles that exist; a memory request above the cap is refused with
+// the cap in the message.
+func TestSiteProfileApplies(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		dir := testenv.PrivateDir(t, u)
+		site := filepath.Join(dir, "site")
+		require.NoError(t, os.Mkdir(site, 0o755))
+		require.NoError(t, os.WriteFile(filepath.Join(site, "marker"), []byte("from-the-profile-bind\n"), 0o644))
+		table := fmt.Sprintf(`pull_policy = "if-not-present"
+[profiles.site]
+description = "the site's test setup"
+binds = ["%s:/opt/site"]
+env = ["SITE_VAR=from-the-profile"]
+[profiles.other]
+[limits]
+max_memory = "2G"`, site)
+		e := containerRunner(t, rt, u, "", table)
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Variables = map[string]string{"CI_EXEC_PROFILE": "site"}
+		j.Script = []string{`cat /opt/site/marker`, `echo "var=$SITE_VAR"`}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "Using the site profile site: the site's test setup")
+		assert.Contains(t, res.Log, "\nfrom-the-profile-bind\n")
+		assert.Contains(t, res.Log, "\nvar=from-the-profile\n")
+
+		j.Variables = map[string]string{"CI_EXEC_PROFILE": "nope"}
+		res = runJob(t, e.runner, j)
+		assertRefusedBeforePull(t, res, `CI_EXEC_PROFILE="nope" names no profile: this runner has other, site`)
+
+		j.Variables = map[string]string{"CI_EXEC_MEMORY": "3G"}
+		res = runJob(t, e.runner, j)
+		assertRefusedBeforePull(t, res, "CI_EXEC_MEMORY=3G is above this runner's limit of 2G (limits.max_memory)")
+	})
+}
