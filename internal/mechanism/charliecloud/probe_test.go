@@ -11,8 +11,8 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ci-exec/ci-exec/internal/config"
-	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
 
