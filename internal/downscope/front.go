@@ -331,6 +331,8 @@ func (f *front) spawn(ctx context.Context, acct *authz.Account, id *identity, st
 	if len(gids) == 0 {
 		gids = []uint32{uint32(acct.GID)}
 	}
+	var r read
+	haveResult := false
 	res, runErr := proc.Run(ctx, proc.Cmd{
 		Argv:   []string{exe, AsUserCommand},
 		Env:    childEnv(f.Environ, f.Cfg, acct),
@@ -343,10 +345,23 @@ func (f *front) spawn(ctx context.Context, acct *authz.Account, id *identity, st
 		Grace:      f.Cfg.General.KillTimeout.Duration + 10*time.Second,
 		ExtraFiles: files,
 		Credential: &syscall.Credential{Uid: uint32(acct.UID), Gid: uint32(acct.GID), Groups: gids},
+		// The child's result names the processes it started to outlive it
+		// (a job's services): they are not its leftovers.
+		Keep: func() []int {
+			rw.Close()
+			r, haveResult = <-got, true
+			var rs Result
+			if r.err == nil && len(r.b) <= maxResult && json.Unmarshal(r.b, &rs) == nil {
+				return rs.Keep
+			}
+			return nil
+		},
 	})
 	hr.Close()
 	rw.Close()
-	r := <-got
+	if !haveResult {
+		r = <-got
+	}
 	if runErr != nil {
 		var se *proc.StartError
 		if errors.As(runErr, &se) {

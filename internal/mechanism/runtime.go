@@ -213,10 +213,14 @@ type RunSpec struct {
 	// reported FeatureLimits; TmpSize is a private /tmp of that size, set
 	// only with FeatureTmpSize.
 	Limits Limits
-	// Service runs Argv as a background service rather than a stage: no
-	// start signal, and Argv empty means the image's own entrypoint and
-	// command (runtimes that cannot run those refuse an empty Argv).
-	Service bool
+	// Service runs Argv as a background service rather than a stage (no
+	// start signal). With ImageEntrypoint, Argv are arguments for the
+	// image's own entrypoint (empty: its own command too), as Docker runs
+	// a service without entrypoint:; a runtime that cannot read the
+	// image's entrypoint runs Argv as the command, and refuses an empty
+	// one.
+	Service         bool
+	ImageEntrypoint bool
 }
 
 // Limits are resource limits for one container (0: none).

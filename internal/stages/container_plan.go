@@ -100,6 +100,10 @@ func containerCommand(ctx context.Context, s containerSetup, st *State, stage, s
 	if spec.Binds, err = s.View(info, vols); err != nil {
 		return plan, failure.AsSystem(err)
 	}
+	if p == policy.InJobImage {
+		// The services' names, on the loopback address (services.go).
+		spec.Binds = append(spec.Binds, s.hostsBind(st, info)...)
+	}
 	argv, env, err := s.Runtime.Command(spec)
 	if err != nil {
 		return plan, failure.AsSystem(fmt.Errorf("build the %s command: %w", s.Runtime.Name(), err))

@@ -49,6 +49,10 @@ type containerSetup struct {
 	// stage but cleanup.
 	Site    jobSite
 	siteErr error
+	// Services is the [services] table; keep tells a downscoping front
+	// which processes (the job's services) must outlive the stage.
+	Services config.Services
+	keep     func(pid int)
 }
 
 func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
@@ -81,6 +85,9 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 			// prep_script runs in every prepare, as Jacamar's does in
 			// prepare_exec: the admin's hook for the user's directories and
 			// configuration does not depend on the job naming an image.
+			if _, _, err := s.jobServices(nil); err != nil {
+				return nil, err
+			}
 			if err := s.runPrepScript(ctx, policy.Ref{}); err != nil {
 				return nil, err
 			}
@@ -125,6 +132,10 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	}
 	if notice != "" {
 		s.Log.Warnf("%s", notice)
+	}
+	svcSpecs, svcRefs, err := s.jobServices(&ref)
+	if err != nil {
+		return nil, err
 	}
 	// The user's own registry variables are for the image they named; the
 	// admin's default image gets the job token (same registry) or nothing.
@@ -184,6 +195,15 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 		if st.Runner, err = s.pull(ctx, *runnerRef, runnerCred, s.Cfg.RunnerPullPolicy, "-runner", s.mountPoints(nil)); err != nil {
 			return nil, failure.AsSystem(fmt.Errorf("%s: %w", s.key("runner_image"), err))
 		}
+	}
+	if err := s.startServices(ctx, st, info, svcSpecs, svcRefs); err != nil {
+		// Nothing of a failed prepare stays running: the runner retries
+		// prepare after a system failure, and the retry must not meet
+		// this attempt's services on their ports.
+		s.stopServices(context.WithoutCancel(ctx), st)
+		st.Services = nil
+		_ = s.saveState(st)
+		return nil, err
 	}
 	if err := s.saveState(st); err != nil {
 		return nil, failure.AsSystem(err)

@@ -52,6 +52,12 @@ func setup(st *Stage) (*containerSetup, error) {
 		Cfg:       cfg,
 		Site:      site,
 		siteErr:   siteErr,
+		Services:  st.Cfg.Services,
+		keep: func(pid int) {
+			if c := st.Inv.Child; c != nil {
+				c.Result.Keep = append(c.Result.Keep, pid)
+			}
+		},
 		Batch:     st.Cfg.IsBatch(),
 		Force:     st.Cfg.General.ForceMechanism,
 		Job:       st.Job,
@@ -127,6 +133,8 @@ func releaseImages(ctx context.Context, st *Stage) {
 	if err != nil {
 		return
 	}
+	// Services first: they run from their images.
+	s.stopServices(ctx, state)
 	for _, img := range []*mechanism.Image{state.Job, state.Runner} {
 		if img == nil {
 			continue

@@ -42,6 +42,7 @@ func runStage(ctx context.Context, st *Stage, scriptPath, stage string) error {
 		return err
 	}
 	defer retireScript(st, stage, script)
+	defer showServicesOutput(st) // CI_DEBUG_SERVICES (services.go)
 	plan, err := planStage(ctx, st, stage, script)
 	if err != nil {
 		return err

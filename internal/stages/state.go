@@ -33,6 +33,8 @@ type State struct {
 	Job *mechanism.Image `json:"job,omitempty"`
 	// Runner is runner_image; nil when the runner's stages run on the host.
 	Runner *mechanism.Image `json:"runner,omitempty"`
+	// Services are the job's started services (services.go).
+	Services []ServiceState `json:"services,omitempty"`
 }
 
 // saveState keeps prepare's state: atomically, mode 0600, in the job's

@@ -1,0 +1,119 @@
+package stages_test
+
+import (
+	"fmt"
+	"net"
+	"strconv"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/assert"
+	"github.com/stretchr/testify/require"
+
+	"github.com/ci-exec/ci-exec/internal/runnerdouble"
+	"github.com/ci-exec/ci-exec/internal/testenv"
+)
+
+// freePort is a TCP port nothing listens on right now.
+func freePort(t *testing.T) int {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+// webService is the busybox test image serving its /etc with httpd on
+// port, as the job's service with alias web; marker is in its
+// environment, so its processes can be found.
+func webService(t *testing.T, port int, marker string) runnerdouble.Service {
+	p := strconv.Itoa(port)
+	return runnerdouble.Service{
+		Name:      testenv.Fact(t, "CI_EXEC_TEST_IMAGE"),
+		Alias:     "web",
+		Command:   []string{"httpd", "-f", "-v", "-p", p, "-h", "/etc"},
+		Variables: map[string]string{"HEALTHCHECK_TCP_PORT": p, "SERVICE_MARKER": marker},
+	}
+}
+
+// TestServices: a job's service (busybox httpd, alias web) is started in
+// prepare with the job's runtime, the job's script fetches
+// http://web:PORT/ from inside its own container, and no process of the
+// service is left after the job, after a cancel and after a timeout.
+func TestServices(t *testing.T) {
+	forEachRuntimeAndUser(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `pull_policy = "if-not-present"`)
+		job := func(marker string, port int) runnerdouble.Job {
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Services = []runnerdouble.Service{webService(t, port, marker)}
+			return j
+		}
+		t.Run("reachable", func(t *testing.T) {
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			port := freePort(t)
+			j := job(marker, port)
+			j.Variables = map[string]string{"CI_DEBUG_SERVICES": "true"}
+			j.Script = []string{fmt.Sprintf("wget -q -O - http://web:%d/os-release", port), fmt.Sprintf("wget -q -O - http://tiny:%d/os-release | grep VERSION_ID", port)}
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, fmt.Sprintf("Service web (%s) is listening on port %d; reach it as web, tiny.", j.Services[0].Name, port))
+			assert.Contains(t, res.Log, "\nID=citiny\n", "the job reached the service at its alias")
+			assert.Contains(t, res.Log, "\nVERSION_ID=1\n", "and at its image's name")
+			assert.Contains(t, res.Log, "[service:web] ", "CI_DEBUG_SERVICES puts the service's output in the job log")
+			noProcessWith(t, marker)
+		})
+		t.Run("cancel", func(t *testing.T) {
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			j := job(marker, freePort(t))
+			j.Script = []string{`echo job-is-running`, `sleep 1000`}
+			j.CancelOnLog = "job-is-running"
+			res := runJob(t, e.runner, j)
+			assert.Equal(t, runnerdouble.InternalReasonJobCanceled, res.InternalFailureReason)
+			noProcessWith(t, marker)
+		})
+		t.Run("timeout", func(t *testing.T) {
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			j := job(marker, freePort(t))
+			j.Timeout = 6 * time.Second
+			j.Script = []string{`sleep 1000`}
+			res := runJob(t, e.runner, j)
+			assert.Equal(t, runnerdouble.ReasonJobExecutionTimeout, res.FailureReason)
+			noProcessWith(t, marker)
+		})
+	})
+}
+
+// TestServiceFailures: a port another process holds (as another job's
+// service would) and a service that exits are clear build failures, and
+// nothing is left.
+func TestServiceFailures(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "pull_policy = \"if-not-present\"\n[services]\nwait_timeout = \"20s\"")
+		t.Run("port taken", func(t *testing.T) {
+			l, err := net.Listen("tcp", "127.0.0.1:0")
+			require.NoError(t, err)
+			defer l.Close()
+			port := l.Addr().(*net.TCPAddr).Port
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Services = []runnerdouble.Service{webService(t, port, marker)}
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, fmt.Sprintf("service web: port %d is already in use on this host by a process that is not this job's service", port))
+			assert.Empty(t, res.RunStages())
+			noProcessWith(t, marker)
+		})
+		t.Run("exits", func(t *testing.T) {
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			svc := webService(t, freePort(t), marker)
+			svc.Command = []string{"sh", "-c", "echo no-config-found >&2; exit 3"}
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Services = []runnerdouble.Service{svc}
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, "service web exited before it listened on port", "its last output: no-config-found")
+			assert.Empty(t, res.RunStages())
+			noProcessWith(t, marker)
+		})
+	})
+}
