@@ -48,11 +48,11 @@ func setup(st *Stage) (*containerSetup, error) {
 	cfg := *st.Cfg.Mechanism()
 	cfg.CustomOptions = profileOptions(st, cfg.CustomOptions)
 	return &containerSetup{
-		Runtime:   rt,
-		Cfg:       cfg,
-		Site:      site,
-		siteErr:   siteErr,
-		Services:  st.Cfg.Services,
+		Runtime:  rt,
+		Cfg:      cfg,
+		Site:     site,
+		siteErr:  siteErr,
+		Services: st.Cfg.Services,
 		keep: func(pid int) {
 			if c := st.Inv.Child; c != nil {
 				c.Result.Keep = append(c.Result.Keep, pid)
