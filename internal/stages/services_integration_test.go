@@ -117,3 +117,28 @@ func TestServiceFailures(t *testing.T) {
 		})
 	})
 }
+
+// TestServicesDownscoped: under a root runner that runs every stage as the
+// job's user, the service runs as that user, survives the privileged
+// front of prepare (which ends what a stage leaves behind, but not the
+// services the stage names) and is stopped by cleanup.
+func TestServicesDownscoped(t *testing.T) {
+	for _, rt := range runtimes(t) {
+		t.Run(rt.name, func(t *testing.T) {
+			testenv.RequireBinary(t, rt.program)
+			e := authRunner(t, &rt, "", "")
+			u := testenv.Unprivileged(t)
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			port := freePort(t)
+			tj := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j := e.job(t, u.Name, nil)
+			j.Image, j.Registry, j.Token = tj.Image, tj.Registry, tj.Token
+			j.Services = []runnerdouble.Service{webService(t, port, marker)}
+			j.Script = []string{fmt.Sprintf("wget -q -O - http://web:%d/os-release", port)}
+			res := runJob(t, e.runner, j)
+			require.True(t, res.Succeeded(), res.Error)
+			assert.Contains(t, res.Log, "\nID=citiny\n")
+			noProcessWith(t, marker)
+		})
+	}
+}
