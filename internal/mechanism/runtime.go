@@ -180,7 +180,12 @@ type PullRequest struct {
 	// SingleFile asks for the image as one file (batch executors, the
 	// admin's convert), unless the runtime's pull gives one anyway.
 	SingleFile bool
-	Log        *joblog.Logger
+	// GPU prepares the job's image for the host's GPUs where the runtime
+	// does that at pull time (Charliecloud: ch-fromhost --nvidia into the
+	// job's own copy); runtimes that do it at run time (RunSpec.GPU)
+	// ignore it.
+	GPU bool
+	Log *joblog.Logger
 }
 
 // RunSpec is one stage's container command, as plain data.

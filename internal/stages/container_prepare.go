@@ -224,6 +224,7 @@ func (s containerSetup) pull(ctx context.Context, ref policy.Ref, cred auth.Cred
 		MountPoints: mounts,
 		Dir:         s.Layout.StateDir,
 		SingleFile:  (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert,
+		GPU:         role == "" && s.Site.GPU, // the job's own image only
 		Log:         s.Log,
 	})
 	if err != nil {

@@ -237,7 +237,7 @@ func (s containerSetup) applySite(spec *mechanism.RunSpec, info mechanism.Info, 
 	spec.Env = js.profileEnv(spec.Env)
 	if js.GPU {
 		if !info.Features[mechanism.FeatureGPU] {
-			return failure.Systemf("the job asks for a GPU but %s has no GPU support in ci-exec; the admin must use a runtime that has (docs/admin-guide.md)", s.Runtime.Name())
+			return failure.Systemf("the job asks for a GPU but this host lacks what %s needs for GPUs (see ci-exec check and docs/admin-guide.md, GPUs)", s.Runtime.Name())
 		}
 		spec.GPU = true
 	}

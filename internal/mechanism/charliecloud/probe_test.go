@@ -115,7 +115,7 @@ func TestProbe(t *testing.T) {
 			}
 			require.NoError(t, err)
 			assert.Equal(t, tt.wantVer, info.Version)
-			assert.Equal(t, map[string]bool{FeatureWriteFake: tt.wantWF, mechanism.FeatureServices: true}, info.Features)
+			assert.Equal(t, map[string]bool{FeatureWriteFake: tt.wantWF, mechanism.FeatureServices: true, mechanism.FeatureGPU: false}, info.Features)
 			assert.False(t, info.ReadOnlyBinds)
 			var progs []string
 			for name, p := range info.Programs {
