@@ -9,6 +9,7 @@ import (
 	"github.com/stretchr/testify/assert"
 	"github.com/stretchr/testify/require"
 
+	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
@@ -44,6 +45,18 @@ max_memory = "2G"`, site)
 		j.Variables = map[string]string{"CI_EXEC_PROFILE": "nope"}
 		res = runJob(t, e.runner, j)
 		assertRefusedBeforePull(t, res, `CI_EXEC_PROFILE="nope" names no profile: this runner has other, site`)
+
+		// Within the cap: the job runs, under the limit where the runtime
+		// can enforce it on this host, else with a warning that says so.
+		j.Variables = map[string]string{"CI_EXEC_PROFILE": "site", "CI_EXEC_MEMORY": "1G", "CI_EXEC_CPUS": "1"}
+		res = runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "Resource limits: 1 CPUs, 1G memory")
+		if ok, _ := kit.CgroupLimits(u.UID); !ok || rt.name == "charliecloud" {
+			assert.Contains(t, res.Log, "WARNING: the CPU and memory limits cannot be enforced on this host")
+		} else {
+			assert.Contains(t, res.Log, "--memory=1073741824")
+		}
 
 		j.Variables = map[string]string{"CI_EXEC_MEMORY": "3G"}
 		res = runJob(t, e.runner, j)

@@ -8,6 +8,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/job"
 )
 
 const siteDoc = `
@@ -101,4 +102,20 @@ func TestSiteSchedulerOptions(t *testing.T) {
 	require.NoError(t, err)
 	_, enforced = js.schedulerOptions(cfg)
 	assert.Equal(t, []string{"--cpus-per-task=2", "--mem=1024M", "--gres=gpu:a100:1"}, enforced)
+}
+
+func TestSiteSchedulerArgsOrder(t *testing.T) {
+	cfg := siteConfig(t)
+	st := &Stage{Cfg: cfg, Job: &job.Job{Vars: map[string]string{varProfile: "mpich", varMemory: "2G"}}}
+	args, err := siteSchedulerArgs(st, []string{"--time=10", "--mem=100G"})
+	require.NoError(t, err)
+	assert.Equal(t, []string{"--partition=mpi", "--time=10", "--mem=100G", "--cpus-per-task=2", "--mem=2048M"}, args,
+		"the profile's parameters before the user's (which may override them), the limits after (which sbatch keeps)")
+
+	cfg.Profiles["bad"] = config.Profile{SchedulerParameters: []string{"--output=/tmp/x"}}
+	st.Job.Vars = map[string]string{varProfile: "bad"}
+	_, err = siteSchedulerArgs(st, nil)
+	require.Error(t, err)
+	assert.Equal(t, failure.System, failure.ClassOf(err), "the admin's profile is the admin's to fix")
+	assert.Contains(t, err.Error(), "profiles.bad.scheduler_parameters: --output is set by ci-exec itself")
 }
