@@ -63,3 +63,23 @@ max_memory = "2G"`, site)
 		assertRefusedBeforePull(t, res, "CI_EXEC_MEMORY=3G is above this runner's limit of 2G (limits.max_memory)")
 	})
 }
+
+// TestBatchSiteOptions: with the Slurm executor a profile's
+// scheduler_parameters and the job's limits reach sbatch (the limits after
+// the user's own parameters, so they hold), and the job sees them.
+func TestBatchSiteOptions(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	part := testenv.Fact(t, "CI_EXEC_TEST_SLURM_PARTITION")
+	c, _ := slurmRunner(t, u, "", fmt.Sprintf("[profiles.p]\nscheduler_parameters = [\"--partition=%s\"]\n[limits]\nmax_memory = \"1G\"\nmax_cpus = 1", part))
+	j := batchJob()
+	j.Variables = map[string]string{"CI_EXEC_PROFILE": "p", "CI_EXEC_MEMORY": "64M", "CI_EXEC_CPUS": "1", "SCHEDULER_PARAMETERS": "--mem=900M"}
+	j.Script = []string{`echo "slurm partition=$SLURM_JOB_PARTITION mem=$SLURM_MEM_PER_NODE cpus=$SLURM_CPUS_PER_TASK"`}
+	res := runJob(t, c, j)
+	require.True(t, res.Succeeded(), res.Error)
+	// The user's parameters between them are masked in the log (a
+	// variable's value), hence two checks.
+	assert.Contains(t, res.Log, fmt.Sprintf("sbatch --no-requeue --export=ALL --partition=%s ", part))
+	assert.Contains(t, res.Log, " --cpus-per-task=1 --mem=64M --job-name=")
+	assert.Contains(t, res.Log, fmt.Sprintf("slurm partition=%s mem=64 cpus=1", part), "sbatch kept the limit, not the user's --mem")
+	assertNoSlurmJob(t, j)
+}
