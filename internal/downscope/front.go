@@ -351,10 +351,17 @@ func (f *front) spawn(ctx context.Context, acct *authz.Account, id *identity, st
 			rw.Close()
 			r, haveResult = <-got, true
 			var rs Result
-			if r.err == nil && len(r.b) <= maxResult && json.Unmarshal(r.b, &rs) == nil {
-				return rs.Keep
+			if r.err != nil || len(r.b) > maxResult || json.Unmarshal(r.b, &rs) != nil {
+				return nil
 			}
-			return nil
+			// A parent that runs this front through proc.Run (ci-exec
+			// exec) must keep them too.
+			if kf := envValue(f.Environ, proc.KeepFileVariable); filepath.IsAbs(kf) {
+				for _, pid := range rs.Keep {
+					_ = proc.AppendKeepFile(kf, pid)
+				}
+			}
+			return rs.Keep
 		},
 	})
 	hr.Close()
@@ -426,4 +433,14 @@ func childEnv(environ []string, cfg *config.Config, a *authz.Account) []string {
 // tests and `ci-exec check`).
 func StateDirOf(cfg *config.Config, jobID int64) string {
 	return stateRoot(filepath.Clean(cfg.Auth.StateDir)).jobDir(jobID)
+}
+
+// envValue is KEY's value in a KEY=VALUE list ("" when absent).
+func envValue(env []string, key string) string {
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key {
+			return v
+		}
+	}
+	return ""
 }

@@ -493,3 +493,39 @@ func keptSet() map[int]bool {
 	}
 	return out
 }
+
+// KeepFileVariable names, in a stage's environment, a file where the
+// stage appends the PIDs it keeps (one per line), for a parent that is a
+// subreaper itself and runs the stage through Run (ci-exec exec): its
+// Cmd.Keep reads them with ReadKeepFile. A downscoping front gets them in
+// the stage's result instead.
+const KeepFileVariable = "CI_EXEC_KEEP_FILE"
+
+// AppendKeepFile records pid in the keep file at path.
+func AppendKeepFile(path string, pid int) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(f, pid)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// ReadKeepFile returns the PIDs in the keep file at path (none when it is
+// missing or unreadable).
+func ReadKeepFile(path string) []int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, l := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(l); err == nil && pid > 1 {
+			out = append(out, pid)
+		}
+	}
+	return out
+}

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"path/filepath"
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
 	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
+	"github.com/ci-exec/ci-exec/internal/proc"
 )
 
 // newRuntime returns the configured container runtime, or nil when jobs run
@@ -55,7 +57,14 @@ func setup(st *Stage) (*containerSetup, error) {
 		Services: st.Cfg.Services,
 		keep: func(pid int) {
 			if c := st.Inv.Child; c != nil {
+				// The front records them for its own parent too.
 				c.Result.Keep = append(c.Result.Keep, pid)
+				return
+			}
+			if f := st.Job.Host[proc.KeepFileVariable]; filepath.IsAbs(f) {
+				if err := proc.AppendKeepFile(f, pid); err != nil {
+					st.Log.Warnf("services: could not record service process %d in %s: %v", pid, f, err)
+				}
 			}
 		},
 		Batch:     st.Cfg.IsBatch(),
