@@ -103,6 +103,45 @@ func TestServiceFailures(t *testing.T) {
 			assert.Empty(t, res.RunStages())
 			noProcessWith(t, marker)
 		})
+		t.Run("two jobs, one port", func(t *testing.T) {
+			port := freePort(t)
+			markerA := fmt.Sprintf("CI_EXEC_SVC_A_%d", time.Now().UnixNano())
+			cancelA := make(chan struct{})
+			a := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			a.Services = []runnerdouble.Service{webService(t, port, markerA)}
+			a.Script = []string{"sleep 1000"}
+			a.Cancel = cancelA
+			type out struct {
+				res *runnerdouble.Result
+				err error
+			}
+			done := make(chan out, 1)
+			go func() { r, err := runJobErr(t, e.runner, a); done <- out{r, err} }()
+			// Job A's service is up once something accepts on its port.
+			require.Eventually(t, func() bool {
+				c, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
+				if err == nil {
+					c.Close()
+				}
+				return err == nil
+			}, 60*time.Second, 50*time.Millisecond)
+
+			markerB := fmt.Sprintf("CI_EXEC_SVC_B_%d", time.Now().UnixNano())
+			b := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			// Another job of the runner: its own id and concurrency slot.
+			b.ID, b.ConcurrentID = 2, 1
+			b.Services = []runnerdouble.Service{webService(t, port, markerB)}
+			b.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, b)
+			assertUserFailure(t, res, fmt.Sprintf("service web: port %d is already in use on this host", port))
+			noProcessWith(t, markerB)
+
+			close(cancelA)
+			o := <-done
+			require.NoError(t, o.err)
+			assert.Equal(t, runnerdouble.InternalReasonJobCanceled, o.res.InternalFailureReason)
+			noProcessWith(t, markerA)
+		})
 		t.Run("exits", func(t *testing.T) {
 			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
 			svc := webService(t, freePort(t), marker)
