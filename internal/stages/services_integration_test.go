@@ -142,6 +142,20 @@ func TestServiceFailures(t *testing.T) {
 			assert.Equal(t, runnerdouble.InternalReasonJobCanceled, o.res.InternalFailureReason)
 			noProcessWith(t, markerA)
 		})
+		t.Run("never listens", func(t *testing.T) {
+			e := containerRunner(t, rt, u, "", "pull_policy = \"if-not-present\"\n[services]\nwait_timeout = \"2s\"")
+			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+			port := freePort(t)
+			svc := webService(t, port, marker)
+			svc.Command = []string{"sh", "-c", "echo starting-slowly; exec sleep 1000"}
+			j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+			j.Services = []runnerdouble.Service{svc}
+			j.Script = []string{"echo must-not-run"}
+			res := runJob(t, e.runner, j)
+			assertUserFailure(t, res, fmt.Sprintf("service web did not listen on port %d within 2s (services.wait_timeout); its last output: starting-slowly", port))
+			assert.Empty(t, res.RunStages())
+			noProcessWith(t, marker)
+		})
 		t.Run("exits", func(t *testing.T) {
 			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
 			svc := webService(t, freePort(t), marker)
