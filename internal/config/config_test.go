@@ -188,3 +188,15 @@ func TestByteSize(t *testing.T) {
 	_, err = Parse("[general]\ndata_dir = \"/d\"\n[general.apptainer]\nmax_concurrent_builds = -1\n", UserInfo{Name: "u", Home: "/h"})
 	assert.ErrorContains(t, err, "max_concurrent_builds must be positive")
 }
+
+func TestDiagnoseSiteTables(t *testing.T) {
+	doc := "[general]\ndata_dir = \"/x\"\n[profiles.a]\nbinds = [\"rel:/opt\"]\n[limits]\ndefault_cpus = 4\nmax_cpus = 2\n"
+	cfg, probs := Diagnose(doc, bob)
+	require.NotNil(t, cfg)
+	require.Len(t, probs, 2)
+	assert.Equal(t, "profiles.a.binds", probs[0].Key)
+	assert.Equal(t, 4, probs[0].Line)
+	assert.Equal(t, "limits.default_cpus", probs[1].Key)
+	assert.Equal(t, 6, probs[1].Line)
+	assert.Equal(t, DefaultServiceWait, cfg.Services.WaitTimeout.Duration, "defaults as Parse applies them")
+}
