@@ -85,19 +85,23 @@ func Parse(value string, ports [][]int) ([]Spec, error) {
 				return nil, fmt.Errorf("services[%d] (%s): alias %q is not a host name (letters, digits and '-'); change it", i, r.Name, a)
 			}
 		}
-		if h := imageHost(r.Name); hostname.MatchString(h) {
-			// As GitLab, a derived name that is no host name is dropped.
-			names = append(names, h)
-		}
-		if len(names) == 0 {
-			return nil, fmt.Errorf("services[%d] (%s) has no usable host name; give it an alias", i, r.Name)
-		}
 		for _, h := range names {
 			if j, dup := seen[h]; dup && j != i {
 				return nil, fmt.Errorf("services[%d] and services[%d] are both called %q; give one of them another alias", j, i, h)
 			}
 			seen[h] = i
 			s.Hosts = appendUnique(s.Hosts, h)
+		}
+		// The name derived from the image, unless it is no host name or an
+		// earlier service has it (two services of one image: the first).
+		if h := imageHost(r.Name); hostname.MatchString(h) {
+			if _, dup := seen[h]; !dup {
+				seen[h] = i
+				s.Hosts = append(s.Hosts, h)
+			}
+		}
+		if len(s.Hosts) == 0 {
+			return nil, fmt.Errorf("services[%d] (%s) has no host name of its own; give it an alias", i, r.Name)
 		}
 		if i < len(ports) {
 			s.Ports = append(s.Ports, ports[i]...)

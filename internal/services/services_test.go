@@ -28,15 +28,21 @@ func TestParse(t *testing.T) {
 	assert.Empty(t, specs[1].Ports)
 	assert.Equal(t, []string{"redis-server"}, specs[1].Argv())
 
+	two, err := Parse(`[{"name":"x/web","alias":"a"},{"name":"x/web","alias":"b"}]`, nil)
+	require.NoError(t, err)
+	assert.Equal(t, []string{"a", "web"}, two[0].Hosts)
+	assert.Equal(t, []string{"b"}, two[1].Hosts, "the derived name is the first service's")
+
 	none, err := Parse("", nil)
 	require.NoError(t, err)
 	assert.Empty(t, none)
 
 	for doc, want := range map[string]string{
-		`not json`:                            "is not the runner's list of services",
-		`[{"name":""}]`:                       "has no image name",
-		`[{"name":"a","alias":"bad_name"}]`:   `alias "bad_name" is not a host name`,
-		`[{"name":"x/web"},{"name":"y/web"}]`: `both called "web"`,
+		`not json`:                          "is not the runner's list of services",
+		`[{"name":""}]`:                     "has no image name",
+		`[{"name":"a","alias":"bad_name"}]`: `alias "bad_name" is not a host name`,
+		`[{"name":"x/web","alias":"a"},{"name":"y/b","alias":"a"}]`:  `both called "a"`,
+		`[{"name":"x/web"},{"name":"y/web"}]`:                        `services[1] (y/web) has no host name of its own`,
 		`[{"name":"a","variables":{"HEALTHCHECK_TCP_PORT":"http"}}]`: "is not a TCP port",
 	} {
 		_, err := Parse(doc, nil)

@@ -50,15 +50,22 @@ func TestServices(t *testing.T) {
 		}
 		t.Run("reachable", func(t *testing.T) {
 			marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
-			port := freePort(t)
+			port, port2 := freePort(t), freePort(t)
 			j := job(marker, port)
+			// A second service of the same image: started after the first,
+			// whose process the second's pull must leave alone.
+			web2 := webService(t, port2, marker)
+			web2.Alias = "web2"
+			j.Services = append(j.Services, web2)
 			j.Variables = map[string]string{"CI_DEBUG_SERVICES": "true"}
-			j.Script = []string{fmt.Sprintf("wget -q -O - http://web:%d/os-release", port), fmt.Sprintf("wget -q -O - http://tiny:%d/os-release | grep VERSION_ID", port)}
+			j.Script = []string{fmt.Sprintf("wget -q -O - http://web:%d/os-release", port), fmt.Sprintf("wget -q -O - http://tiny:%d/os-release | grep VERSION_ID", port),
+				fmt.Sprintf("wget -q -O - http://web2:%d/os-release | grep PRETTY_NAME", port2)}
 			res := runJob(t, e.runner, j)
 			require.True(t, res.Succeeded(), res.Error)
 			assert.Contains(t, res.Log, fmt.Sprintf("Service web (%s) is listening on port %d; reach it as web, tiny.", j.Services[0].Name, port))
 			assert.Contains(t, res.Log, "\nID=citiny\n", "the job reached the service at its alias")
 			assert.Contains(t, res.Log, "\nVERSION_ID=1\n", "and at its image's name")
+			assert.Contains(t, res.Log, "\nPRETTY_NAME=", "the second service too")
 			assert.Contains(t, res.Log, "[service:web] ", "CI_DEBUG_SERVICES puts the service's output in the job log")
 			noProcessWith(t, marker)
 		})
