@@ -51,8 +51,9 @@ type containerSetup struct {
 	siteErr error
 	// Services is the [services] table; keep tells a downscoping front
 	// which processes (the job's services) must outlive the stage.
-	Services config.Services
-	keep     func(pid int)
+	Services  config.Services
+	keep      func(pid int)
+	loadState func() (*State, error)
 }
 
 func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }

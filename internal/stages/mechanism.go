@@ -77,6 +77,7 @@ func setup(st *Stage) (*containerSetup, error) {
 		ScriptEnv: scriptEnv(st),
 		Grace:     st.Cfg.General.KillTimeout.Duration,
 		saveState: st.saveState,
+		loadState: st.loadState,
 	}, nil
 }
 

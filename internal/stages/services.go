@@ -93,6 +93,7 @@ func (s containerSetup) startServices(ctx context.Context, st *State, info mecha
 	if len(specs) == 0 {
 		return nil
 	}
+	s.stopEarlierAttempt(ctx)
 	if !info.Features[mechanism.FeatureServices] {
 		return failure.Userf("services: %s cannot run services in ci-exec yet; remove services: from the job", s.Runtime.Name())
 	}
@@ -150,6 +151,21 @@ func (s containerSetup) startServices(ctx context.Context, st *State, info mecha
 		return failure.AsSystem(fmt.Errorf("write the services' hosts file: %w", err))
 	}
 	return nil
+}
+
+// stopEarlierAttempt stops the services an earlier attempt of this
+// prepare left in the job's state (it was killed before it could stop
+// them itself; the runner retries prepare): they would hold the ports.
+func (s containerSetup) stopEarlierAttempt(ctx context.Context) {
+	if s.loadState == nil {
+		return
+	}
+	prev, err := s.loadState()
+	if err != nil || len(prev.Services) == 0 {
+		return
+	}
+	s.Log.Printf("Stopping the services of an earlier attempt of this prepare.")
+	s.stopServices(ctx, prev)
 }
 
 // waitService waits until run listens on its ports, within

@@ -1,9 +1,15 @@
 package stages_test
 
 import (
+	"bytes"
 	"fmt"
 	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"strconv"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -201,4 +207,46 @@ func TestServicesDownscoped(t *testing.T) {
 			noProcessWith(t, marker)
 		})
 	}
+}
+
+// TestServicesOfAKilledAttempt: a prepare killed after starting a service
+// (no chance to stop it) leaves it in the job's state; the retried prepare
+// stops it before starting its own, which would find the port taken.
+func TestServicesOfAKilledAttempt(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", `pull_policy = "if-not-present"`)
+		oldMarker := fmt.Sprintf("CI_EXEC_OLD_%d", time.Now().UnixNano())
+		old := exec.Command("sleep", "1000")
+		old.Env = []string{"OLD_MARKER=" + oldMarker}
+		old.SysProcAttr = &syscall.SysProcAttr{Setsid: true, Credential: u.Credential()}
+		require.NoError(t, old.Start())
+		go func() { _ = old.Wait() }() // reaped when cleanup ends it
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", old.Process.Pid))
+		require.NoError(t, err)
+		f := strings.Fields(string(b[bytes.LastIndexByte(b, ')')+1:]))
+		start := f[19]
+		stateDir := filepath.Dir(e.data)
+		require.NoError(t, os.MkdirAll(stateDir, 0o755))
+		require.NoError(t, os.Chown(stateDir, u.UID, u.GID))
+		for _, part := range []string{u.Name, "state", "t3stt0k3n", "000", "1"} {
+			stateDir = filepath.Join(stateDir, part)
+			require.NoError(t, os.MkdirAll(stateDir, 0o700))
+			require.NoError(t, os.Chown(stateDir, u.UID, u.GID))
+		}
+		state := fmt.Sprintf(`{"mechanism":%q,"services":[{"run":{"name":"old","hosts":["old"],"image":"x","pid":%d,"start_time":%s,"log":"/dev/null"},"image":{"ref":"x","handle":"/nonexistent","format":"x","shell":"/bin/sh","ready_time":0}}]}`,
+			rt.name, old.Process.Pid, start)
+		require.NoError(t, os.WriteFile(filepath.Join(stateDir, "state.json"), []byte(state), 0o600))
+		require.NoError(t, os.Chown(filepath.Join(stateDir, "state.json"), u.UID, u.GID))
+
+		marker := fmt.Sprintf("CI_EXEC_SVC_%d", time.Now().UnixNano())
+		port := freePort(t)
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Services = []runnerdouble.Service{webService(t, port, marker)}
+		j.Script = []string{fmt.Sprintf("wget -q -O - http://web:%d/os-release", port)}
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		assert.Contains(t, res.Log, "Stopping the services of an earlier attempt of this prepare.")
+		noProcessWith(t, oldMarker)
+		noProcessWith(t, marker)
+	})
 }
