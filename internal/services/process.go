@@ -80,6 +80,12 @@ func (r Running) Alive() bool {
 // processes are the service's processes still there: its session, and
 // any descendant of its leader that made a session of its own.
 func (r Running) processes() []int {
+	if st, ok := startTime(r.PID); ok && st != r.StartTime {
+		// The PID is another process's now, so the service's session is
+		// gone (its id could not be reused while a member lived): a
+		// session of that id is the newcomer's, never ours to end.
+		return nil
+	}
 	var out []int
 	kids := map[int][]int{}
 	sess := map[int]bool{}

@@ -125,3 +125,19 @@ func TestWaitTellsOthersApart(t *testing.T) {
 	assert.Equal(t, []string{"cannot-start"}, ex.LastLines(5))
 	assert.True(t, strings.HasSuffix(ex.Log, "log2"))
 }
+
+// TestStopSparesAReusedPID: a record whose PID now names another process
+// (the service ended long ago, the PID was handed out again) stops
+// nothing.
+func TestStopSparesAReusedPID(t *testing.T) {
+	bb := busybox(t)
+	dir := t.TempDir()
+	other, err := Start([]string{bb, "sleep", "1000"}, nil, dir, filepath.Join(dir, "log"))
+	require.NoError(t, err)
+	defer other.Stop(time.Second)
+	stale := other
+	stale.StartTime--
+	assert.False(t, stale.Alive())
+	assert.Empty(t, stale.Stop(time.Second))
+	assert.True(t, other.Alive(), "the newer process with that PID still runs")
+}
