@@ -36,6 +36,7 @@ func runPrepare(ctx context.Context, st *Stage) error {
 	for _, line := range js.Describe() {
 		st.Log.Printf("%s", line)
 	}
+	js.warnHostLimits(st)
 	if err := prepareBatch(st); err != nil {
 		return err
 	}

@@ -262,3 +262,17 @@ func (s containerSetup) applySite(spec *mechanism.RunSpec, info mechanism.Info, 
 	}
 	return nil
 }
+
+// warnHostLimits says that a job whose scripts run on the host of the
+// runner (no container, no scheduler) runs without its limits: ci-exec has
+// nothing to enforce them with there.
+func (js jobSite) warnHostLimits(st *Stage) {
+	l := js.Limits
+	if st.Cfg.IsBatch() || l.CPUs == 0 && l.MemoryBytes == 0 && l.TmpBytes == 0 {
+		return
+	}
+	onHost := st.Cfg.Mechanism() == nil || st.Job.Image() == "" && !st.Cfg.General.ForceMechanism
+	if onHost {
+		st.Log.Warnf("the job's resource limits cannot be enforced for a job that runs on the host without a container; it runs without them")
+	}
+}
