@@ -12,6 +12,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
 	"github.com/ci-exec/ci-exec/internal/proc"
+	"github.com/ci-exec/ci-exec/internal/services"
 )
 
 // newRuntime returns the configured container runtime, or nil when jobs run
@@ -89,6 +90,10 @@ func prepareMechanism(ctx context.Context, st *Stage) error {
 		return err
 	}
 	if s == nil {
+		if specs, err := services.Parse(st.Job.Vars[services.Variable], nil); err != nil || len(specs) > 0 {
+			// Never a job that silently runs without its services.
+			return failure.Userf("services: this runner runs jobs on the host, without a container runtime to run services with; remove services: from the job or use a runner with one")
+		}
 		st.Log.Printf("Jobs run on the host (no run_mechanism configured).")
 		return nil
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
+	"github.com/ci-exec/ci-exec/internal/runnerdouble"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
 
@@ -82,4 +83,20 @@ func TestBatchSiteOptions(t *testing.T) {
 	assert.Contains(t, res.Log, " --cpus-per-task=1 --mem=64M --job-name=")
 	assert.Contains(t, res.Log, fmt.Sprintf("slurm partition=%s mem=64 cpus=1", part), "sbatch kept the limit, not the user's --mem")
 	assertNoSlurmJob(t, j)
+}
+
+// TestSiteHostJob: a job on the host gets its profile's env, and is told
+// that its limits are not enforced there; services need a container.
+func TestSiteHostJob(t *testing.T) {
+	u := testenv.Unprivileged(t)
+	c, _ := hostRunner(t, u, "[profiles.p]\nenv = [\"SITE_VAR=on-the-host\"]\n[limits]\ndefault_cpus = 1\n")
+	j := runnerdouble.Job{Variables: map[string]string{"CI_EXEC_PROFILE": "p"}, Script: []string{`echo "var=$SITE_VAR"`}}
+	res := runJob(t, c, j)
+	require.True(t, res.Succeeded(), res.Error)
+	assert.Contains(t, res.Log, "\nvar=on-the-host\n")
+	assert.Contains(t, res.Log, "WARNING: the job's resource limits cannot be enforced for a job that runs on the host")
+
+	j.Services = []runnerdouble.Service{{Name: "docker.io/library/postgres:16"}}
+	res = runJob(t, c, j)
+	assertRefusedBeforePull(t, res, "services: this runner runs jobs on the host, without a container runtime")
 }
