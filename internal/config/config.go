@@ -62,6 +62,11 @@ type Config struct {
 	// Auth is the `[auth]` table: identity and the job's local account
 	// (see auth.go and docs/multi-tenant.md).
 	Auth Auth `toml:"auth"`
+	// Profiles, Limits, GPU and Services are the site tables (site.go).
+	Profiles map[string]Profile `toml:"profiles"`
+	Limits   Limits             `toml:"limits"`
+	GPU      GPU                `toml:"gpu"`
+	Services Services           `toml:"services"`
 
 	// Path is the file the configuration was read from (not a TOML key).
 	Path string `toml:"-"`
@@ -158,6 +163,10 @@ type Mechanism struct {
 	// every prepare stage (jobs with and without an image, as Jacamar's
 	// prepare_exec), before any runtime command.
 	PrepScript string `toml:"prep_script"`
+	// PrepScriptSHA256 pins prep_script to this SHA-256 (64 hex digits):
+	// the file is opened once, hashed, and that same open file is run, so a
+	// changed or swapped script is never run (seed 002's signed hooks).
+	PrepScriptSHA256 string `toml:"prep_script_sha256"`
 	// DisableUserArgs ignores JACAMAR_CI_<RUNTIME>_ARGS.
 	DisableUserArgs bool `toml:"disable_user_args"`
 	// ImageStorageDir is the root of per-user image storage; "/<user>.ch"
@@ -364,6 +373,7 @@ func Parse(doc string, u UserInfo) (*Config, error) {
 		return nil, unknownKeys(keys)
 	}
 	cfg.applyDefaults()
+	cfg.siteDefaults()
 	cfg.authDefaults(md.IsDefined("auth", "min_uid"))
 	if err := cfg.expand(u); err != nil {
 		return nil, err
@@ -417,6 +427,7 @@ func (c *Config) applyDefaults() {
 		if m.RunnerPullPolicy == "" {
 			m.RunnerPullPolicy = m.PullPolicy
 		}
+		m.PrepScriptSHA256 = strings.ToLower(m.PrepScriptSHA256)
 	}
 	b := &c.Batch
 	if len(b.ArgumentsVariable) == 0 {
@@ -571,6 +582,7 @@ func (c *Config) Validate() error {
 		}
 	}
 	c.validateAuth(add)
+	c.validateSite(add)
 	// force_mechanism without default_image is valid, as in Jacamar: jobs
 	// that name no image fail in prepare (mechanism.Prepare), and none runs
 	// on the host.
@@ -609,6 +621,13 @@ func (m *Mechanism) validate(prefix string, add func(string, ...any)) {
 	}
 	absOrEmpty("application_path", m.ApplicationPath)
 	absOrEmpty("prep_script", m.PrepScript)
+	switch {
+	case m.PrepScriptSHA256 == "":
+	case m.PrepScript == "":
+		add("%s.prep_script_sha256 is set but prep_script is not: set prep_script or remove the pin", prefix)
+	case !sha256Hex.MatchString(m.PrepScriptSHA256):
+		add("%s.prep_script_sha256 must be the script's 64 hex digit SHA-256 (sha256sum %s), got %q", prefix, m.PrepScript, m.PrepScriptSHA256)
+	}
 	absOrEmpty("image_storage_dir", m.ImageStorageDir)
 	absOrEmpty("cache_dir", m.CacheDir)
 	absOrEmpty("tmp_dir", m.TmpDir)

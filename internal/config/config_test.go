@@ -100,6 +100,14 @@ func TestParseErrors(t *testing.T) {
 		"short idle_limit":      {"[general]\ndata_dir = \"/x\"\n[batch]\nidle_limit = \"10ms\"\n", []string{"batch.idle_limit must be at least 1s"}},
 		"bad data_dir variable": {"[general]\ndata_dir = \"$SCRATCH/ci\"\n", []string{"only $HOME and $USER"}},
 		"several at once":       {"[general]\nexecutor = \"pbs\"\n", []string{"data_dir is required", "executor must be"}},
+		"profile bad bind":      {"[general]\ndata_dir = \"/x\"\n[profiles.a]\nbinds = [\"opt:/opt\"]\n", []string{"profiles.a.binds[0]: \"opt:/opt\": both paths must be absolute"}},
+		"profile bad env":       {"[general]\ndata_dir = \"/x\"\n[profiles.a]\nenv = [\"NOVALUE\"]\n", []string{"profiles.a.env"}},
+		"profile bad runtime":   {"[general]\ndata_dir = \"/x\"\n[profiles.a]\noptions = { docker = [\"-x\"] }\n", []string{`profiles.a.options: "docker" is not a run mechanism`}},
+		"profile gpu disabled":  {"[general]\ndata_dir = \"/x\"\n[profiles.a]\ngpu = true\n", []string{"profiles.a.gpu = true needs [gpu] enabled = true"}},
+		"profile typo":          {"[general]\ndata_dir = \"/x\"\n[profiles.a]\nbind = []\n", []string{`unknown key "profiles.a.bind"`}},
+		"limit default above":   {"[general]\ndata_dir = \"/x\"\n[limits]\ndefault_cpus = 4\nmax_cpus = 2\n", []string{"limits.default_cpus (4) is above limits.max_cpus (2)"}},
+		"pin without script":    {"[general]\ndata_dir = \"/x\"\n[general.apptainer]\nprep_script_sha256 = \"" + strings.Repeat("a", 64) + "\"\n", []string{"general.apptainer.prep_script_sha256 is set but prep_script is not"}},
+		"bad pin":               {"[general]\ndata_dir = \"/x\"\n[general.charliecloud]\nprep_script = \"/p.sh\"\nprep_script_sha256 = \"abc\"\n", []string{"general.charliecloud.prep_script_sha256 must be the script's 64 hex digit SHA-256 (sha256sum /p.sh)"}},
 	}
 	for name, c := range cases {
 		t.Run(name, func(t *testing.T) {
@@ -198,4 +206,16 @@ func TestByteSize(t *testing.T) {
 	assert.Equal(t, 3, cfg.General.Apptainer.MaxConcurrentBuilds)
 	_, err = Parse("[general]\ndata_dir = \"/d\"\n[general.apptainer]\nmax_concurrent_builds = -1\n", UserInfo{Name: "u", Home: "/h"})
 	assert.ErrorContains(t, err, "max_concurrent_builds must be positive")
+}
+
+func TestDiagnoseSiteTables(t *testing.T) {
+	doc := "[general]\ndata_dir = \"/x\"\n[profiles.a]\nbinds = [\"rel:/opt\"]\n[limits]\ndefault_cpus = 4\nmax_cpus = 2\n"
+	cfg, probs := Diagnose(doc, bob)
+	require.NotNil(t, cfg)
+	require.Len(t, probs, 2)
+	assert.Equal(t, "profiles.a.binds", probs[0].Key)
+	assert.Equal(t, 4, probs[0].Line)
+	assert.Equal(t, "limits.default_cpus", probs[1].Key)
+	assert.Equal(t, 6, probs[1].Line)
+	assert.Equal(t, DefaultServiceWait, cfg.Services.WaitTimeout.Duration, "defaults as Parse applies them")
 }

@@ -66,6 +66,7 @@ func Diagnose(doc string, u UserInfo) (*Config, []Problem) {
 		probs = append(probs, Problem{Key: k, Line: lines[k], Message: fmt.Sprintf("unknown key %q (%s)", k, h)})
 	}
 	cfg.applyDefaults()
+	cfg.siteDefaults()
 	cfg.authDefaults(md.IsDefined("auth", "min_uid"))
 	for _, err := range []error{cfg.expand(u), cfg.Validate()} {
 		for _, e := range splitErrors(err) {
@@ -90,7 +91,7 @@ func splitErrors(err error) []error {
 	return []error{err}
 }
 
-var messageKey = regexp.MustCompile(`\b((?:general|batch|auth)(?:\.[a-z_]+)+)`)
+var messageKey = regexp.MustCompile(`\b((?:general|batch|auth|limits|gpu|services)(?:\.[a-z_]+)+|profiles\.[A-Za-z0-9_.-]+)`)
 
 // keyIn finds the key a validation message names ("general.data_dir must
 // ..." → general.data_dir).

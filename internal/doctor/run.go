@@ -2,6 +2,7 @@ package doctor
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -101,6 +102,10 @@ func checkConfig(r *Report, path string, u config.UserInfo) (*config.Config, str
 			mech = "host"
 		}
 		r.ok("config", "%s is valid (executor %s, run_mechanism %s)", path, cfg.General.Executor, mech)
+		for _, name := range cfg.ProfileNames() {
+			// What jobs may put in CI_EXEC_PROFILE.
+			r.ok("profiles", "profile %s: %s", name, cmp.Or(cfg.Profiles[name].Description, "(no description)"))
+		}
 	}
 	return cfg, string(b)
 }

@@ -114,6 +114,38 @@ func checkRuntime(ctx context.Context, r *Report, cfg *config.Config, m config.M
 		fuse(r, name, len(missing) == 0)
 	}
 	cgroups(r, name)
+	siteChecks(r, cfg, name, info)
+}
+
+// siteChecks says whether the host has what [gpu] and [limits] need with
+// this runtime (issue 15).
+func siteChecks(r *Report, cfg *config.Config, name string, info mechanism.Info) {
+	if cfg.GPU.Enabled {
+		var missing []string
+		if !info.Features[mechanism.FeatureGPU] {
+			missing = append(missing, name+"'s GPU support (Charliecloud: ch-fromhost and nvidia-container-cli; Apptainer: --nv)")
+		}
+		if _, err := os.Stat("/dev/nvidia0"); err != nil {
+			missing = append(missing, "an NVIDIA device (/dev/nvidia0)")
+		}
+		if _, err := exec.LookPath("nvidia-container-cli"); err != nil && name == config.MechanismApptainer {
+			missing = append(missing, "nvidia-container-cli (apptainer --nv then binds the libraries listed in nvliblist.conf)")
+		}
+		if len(missing) == 0 {
+			r.ok(name, "GPUs: the NVIDIA device and %s's GPU support are there", name)
+		} else {
+			r.add(Check{Area: name, Status: Warn, Key: "gpu.enabled", Message: "GPUs: this host lacks " + strings.Join(missing, ", "),
+				Fix: "install NVIDIA's driver and libnvidia-container tools on GPU nodes, or enable [gpu] only on runners that have them; GPU jobs fail here"})
+		}
+	}
+	if cfg.Limits.Set() && !cfg.IsBatch() {
+		if info.Features[mechanism.FeatureLimits] {
+			r.ok(name, "limits: CPU and memory limits are enforced by %s", name)
+		} else {
+			r.add(Check{Area: name, Status: Warn, Key: "limits", Message: "limits: " + name + " cannot enforce CPU and memory limits on this host for this user",
+				Fix: "jobs run without them and say so in their log; use cgroup v2 with the cpu and memory controllers delegated to the job users (Apptainer), or the Slurm executor"})
+		}
+	}
 }
 
 // probeOther reports the version of a runtime that has a table but is not

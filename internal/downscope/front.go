@@ -342,6 +342,8 @@ func (f *front) spawn(ctx context.Context, acct *authz.Account, id *identity, st
 	if len(gids) == 0 {
 		gids = []uint32{uint32(acct.GID)}
 	}
+	var r read
+	haveResult := false
 	res, runErr := proc.Run(ctx, proc.Cmd{
 		Argv:   []string{exe, AsUserCommand},
 		Env:    childEnv(f.Environ, f.Cfg, acct),
@@ -354,10 +356,30 @@ func (f *front) spawn(ctx context.Context, acct *authz.Account, id *identity, st
 		Grace:      f.Cfg.General.KillTimeout.Duration + 10*time.Second,
 		ExtraFiles: files,
 		Credential: &syscall.Credential{Uid: uint32(acct.UID), Gid: uint32(acct.GID), Groups: gids},
+		// The child's result names the processes it started to outlive it
+		// (a job's services): they are not its leftovers.
+		Keep: func() []int {
+			rw.Close()
+			r, haveResult = <-got, true
+			var rs Result
+			if r.err != nil || len(r.b) > maxResult || json.Unmarshal(r.b, &rs) != nil {
+				return nil
+			}
+			// A parent that runs this front through proc.Run (ci-exec
+			// exec) must keep them too.
+			if kf := envValue(f.Environ, proc.KeepFileVariable); filepath.IsAbs(kf) {
+				for _, pid := range rs.Keep {
+					_ = proc.AppendKeepFile(kf, pid)
+				}
+			}
+			return rs.Keep
+		},
 	})
 	hr.Close()
 	rw.Close()
-	r := <-got
+	if !haveResult {
+		r = <-got
+	}
 	if runErr != nil {
 		var se *proc.StartError
 		if errors.As(runErr, &se) {
@@ -446,4 +468,14 @@ func Preflight(cfg *config.Config) []error {
 		}
 	}
 	return errs
+}
+
+// envValue is KEY's value in a KEY=VALUE list ("" when absent).
+func envValue(env []string, key string) string {
+	for _, kv := range env {
+		if k, v, ok := strings.Cut(kv, "="); ok && k == key {
+			return v
+		}
+	}
+	return ""
 }

@@ -63,6 +63,9 @@ type Result struct {
 	Image  string `json:"image,omitempty"`
 	Digest string `json:"digest,omitempty"`
 	Slurm  string `json:"slurm,omitempty"`
+	// Keep are the PIDs of processes the stage started to outlive it (a
+	// job's services, stopped by cleanup): the front does not end them.
+	Keep []int `json:"keep,omitempty"`
 }
 
 // Child is the as-user side of a handoff.

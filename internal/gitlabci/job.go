@@ -22,9 +22,12 @@ type Image struct {
 	Entrypoint []string
 }
 
-// Service is one services: entry (kept for when ci-exec runs services).
+// Service is one services: entry.
 type Service struct {
-	Name, Alias string
+	Name, Alias         string
+	Entrypoint, Command []string
+	// Variables are the service's own variables:, as written.
+	Variables []Variable
 }
 
 // Job is one job as a local run needs it.
@@ -166,9 +169,6 @@ func (c *Config) Job(name string) (*Job, error) {
 	}
 	if j.Services, err = services(m, name); err != nil {
 		return nil, err
-	}
-	if len(j.Services) > 0 {
-		note(m.PosOf("services"), "services: are not started (ci-exec runs no services yet); the job runs without them")
 	}
 	if v, ok := m.Get("timeout"); ok {
 		s, _ := scalarString(v)
@@ -392,6 +392,25 @@ func services(m *Map, job string) ([]Service, error) {
 		}
 		if a, ok := sm.Get("alias"); ok {
 			s.Alias, _ = scalarString(a)
+		}
+		for key, dst := range map[string]*[]string{"entrypoint": &s.Entrypoint, "command": &s.Command} {
+			if e, ok := sm.Get(key); ok {
+				l, ok := e.([]any)
+				if !ok {
+					return nil, fmt.Errorf("%s: %s: services: %s: takes a list of strings", sm.PosOf(key), job, key)
+				}
+				for _, x := range l {
+					str, _ := scalarString(x)
+					*dst = append(*dst, str)
+				}
+			}
+		}
+		if v, ok := sm.Get("variables"); ok {
+			vars, err := variables(v, sm.PosOf("variables"), job+": services: variables:")
+			if err != nil {
+				return nil, err
+			}
+			s.Variables = vars
 		}
 		out = append(out, s)
 	}

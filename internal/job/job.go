@@ -57,6 +57,13 @@ type Response struct {
 	Image     struct {
 		Name string `json:"name"`
 	} `json:"image"`
+	// Services are the job's `services:` as the payload has them: only
+	// their ports are read here (the rest comes in CI_JOB_SERVICES).
+	Services []struct {
+		Ports []struct {
+			Number int `json:"number"`
+		} `json:"ports"`
+	} `json:"services"`
 	// Dependencies are the jobs whose artifacts this one downloads; the
 	// runner passes each one's token to its artifacts-downloader.
 	Dependencies []Dependency `json:"dependencies"`
@@ -227,4 +234,20 @@ func (j *Job) Image() string {
 		return j.Response.Image.Name
 	}
 	return ""
+}
+
+// ServicePorts are the payload's ports of each service, in order.
+func (j *Job) ServicePorts() [][]int {
+	if j.Response == nil {
+		return nil
+	}
+	out := make([][]int, len(j.Response.Services))
+	for i, s := range j.Response.Services {
+		for _, p := range s.Ports {
+			if p.Number > 0 && p.Number < 65536 {
+				out[i] = append(out[i], p.Number)
+			}
+		}
+	}
+	return out
 }

@@ -309,9 +309,14 @@ func (r *run) call(ctx context.Context, args []string, withJobEnv bool, stdout, 
 	if stdout == nil {
 		stdout = stderr
 	}
+	// The job's services outlive prepare (they reparent to this process,
+	// a subreaper): the driver names them in the keep file, and they are
+	// not this call's leftovers; cleanup stops them.
+	keepFile := filepath.Join(r.tmp, "keep-pids")
 	res, err := proc.Run(ctx, proc.Cmd{
-		Argv: argv, Env: r.env(withJobEnv), Dir: r.tmp,
+		Argv: argv, Env: append(r.env(withJobEnv), proc.KeepFileVariable+"="+keepFile), Dir: r.tmp,
 		Stdout: stdout, Stderr: stderr, Grace: r.opt.Grace,
+		Keep: func() []int { return proc.ReadKeepFile(keepFile) },
 	})
 	if err != nil {
 		return fmt.Errorf("start %s: %w", r.opt.Driver, err)
@@ -435,15 +440,24 @@ func (r *run) servicesJSON() string {
 	if len(r.job.Services) == 0 {
 		return ""
 	}
+	// The runner's shape (executors/custom/custom.go jsonService).
 	type svc struct {
-		Name       string   `json:"name"`
-		Alias      string   `json:"alias"`
-		Entrypoint []string `json:"entrypoint"`
-		Command    []string `json:"command"`
+		Name       string            `json:"name"`
+		Alias      string            `json:"alias"`
+		Entrypoint []string          `json:"entrypoint"`
+		Command    []string          `json:"command"`
+		Variables  map[string]string `json:"variables,omitempty"`
 	}
 	var out []svc
 	for _, s := range r.job.Services {
-		out = append(out, svc{Name: s.Name, Alias: s.Alias})
+		v := svc{Name: s.Name, Alias: s.Alias, Entrypoint: s.Entrypoint, Command: s.Command}
+		for _, kv := range s.Variables {
+			if v.Variables == nil {
+				v.Variables = map[string]string{}
+			}
+			v.Variables[kv.Key] = kv.Value
+		}
+		out = append(out, v)
 	}
 	b, _ := json.Marshal(out)
 	return string(b)

@@ -188,7 +188,12 @@ type PullRequest struct {
 	// SingleFile asks for the image as one file (batch executors, the
 	// admin's convert), unless the runtime's pull gives one anyway.
 	SingleFile bool
-	Log        *joblog.Logger
+	// GPU prepares the job's image for the host's GPUs where the runtime
+	// does that at pull time (Charliecloud: ch-fromhost --nvidia into the
+	// job's own copy); runtimes that do it at run time (RunSpec.GPU)
+	// ignore it.
+	GPU bool
+	Log *joblog.Logger
 }
 
 // RunSpec is one stage's container command, as plain data.
@@ -210,4 +215,44 @@ type RunSpec struct {
 	// running the stage script, behind the start signal
 	// (outcome.StartCommand).
 	Argv []string
+
+	// The fields below are issue 15's; a runtime that cannot do one says
+	// so in Info.Features (FeatureGPU, FeatureLimits, FeatureTmpSize) and
+	// the stages never set it for that runtime.
+
+	// GPU turns the runtime's GPU support on (Apptainer --nv).
+	GPU bool
+	// Limits are the job's CPU and memory limits, set only when Probe
+	// reported FeatureLimits; TmpSize is a private /tmp of that size, set
+	// only with FeatureTmpSize.
+	Limits Limits
+	// Service runs Argv as a background service rather than a stage (no
+	// start signal). With ImageEntrypoint, Argv are arguments for the
+	// image's own entrypoint (empty: its own command too), as Docker runs
+	// a service without entrypoint:; a runtime that cannot read the
+	// image's entrypoint runs Argv as the command, and refuses an empty
+	// one.
+	Service         bool
+	ImageEntrypoint bool
 }
+
+// Limits are resource limits for one container (0: none).
+type Limits struct {
+	CPUs        int   `json:"cpus,omitempty"`
+	MemoryBytes int64 `json:"memory,omitempty"`
+	TmpBytes    int64 `json:"tmp,omitempty"`
+}
+
+// Features a runtime's Probe may report beside its own.
+const (
+	// FeatureGPU: Command honours RunSpec.GPU.
+	FeatureGPU = "gpu"
+	// FeatureLimits: Command honours Limits.CPUs and MemoryBytes, and the
+	// host can enforce them (probed: cgroup v2 with the controllers
+	// delegated to the user).
+	FeatureLimits = "limits"
+	// FeatureTmpSize: Command honours Limits.TmpBytes.
+	FeatureTmpSize = "tmp-size"
+	// FeatureServices: Command honours RunSpec.Service.
+	FeatureServices = "services"
+)

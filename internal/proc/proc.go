@@ -42,6 +42,11 @@ type Cmd struct {
 	// Credential, when set, is the uid, gid and groups the command runs
 	// as (a downscoping runner's stage; needs root or CAP_SETUID/SETGID).
 	Credential *syscall.Credential
+	// Keep, when set, is called once the command has exited and before
+	// what it left running is ended: the PIDs it returns (processes the
+	// command started on purpose to outlive it, such as a job's services)
+	// and their descendants are not leftovers (see Keep).
+	Keep func() []int
 }
 
 // Result is how the command ended.
@@ -223,6 +228,11 @@ func Run(ctx context.Context, c Cmd) (Result, error) {
 	close(done)
 	<-stopDone
 
+	if c.Keep != nil {
+		for _, p := range c.Keep() {
+			Keep(p)
+		}
+	}
 	stopMu.Lock()
 	killAt := time.Now().Add(min(c.Grace, LeftoverGrace))
 	if res.Stopped {

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"slices"
 	"strconv"
 	"strings"
@@ -215,12 +216,12 @@ func family(main int, full bool) map[int]procInfo {
 		if !hasChildren() {
 			return nil
 		}
-		return descendants(self, nil, full)
+		return descendants(self, keptSet(), full)
 	}
 	if !reg.mains[main] {
 		return nil
 	}
-	out := descendants(main, nil, full)
+	out := descendants(main, keptSet(), full)
 	if p, ok := readStat(main); ok {
 		out[main] = p
 	}
@@ -363,7 +364,15 @@ func KillOrphans() []string {
 			break
 		}
 		reg.Lock()
-		procs := descendants(self, reg.mains, full)
+		skip := keptSet()
+		if skip == nil {
+			skip = reg.mains
+		} else {
+			for p := range reg.mains {
+				skip[p] = true
+			}
+		}
+		procs := descendants(self, skip, full)
 		live := 0
 		for pid, p := range procs {
 			if p.dead() {
@@ -440,4 +449,83 @@ func printable(s string) string {
 		}
 		return r
 	}, s)
+}
+
+// kept are processes started on purpose to outlive the stage that started
+// them (a job's services, see package services): no Run ends them or
+// anything below them as leftovers.
+var kept = struct {
+	sync.Mutex
+	pids map[int]bool
+}{pids: map[int]bool{}}
+
+// StartKept starts cmd (os/exec) as a process that is not a leftover: it
+// and its descendants are never ended by a Run of this process. It holds
+// reg while it starts, as Run does, so a Run ending meanwhile cannot take
+// the new child for its own leftover.
+func StartKept(cmd *exec.Cmd) error {
+	reg.Lock()
+	defer reg.Unlock()
+	if err := cmd.Start(); err != nil {
+		return err
+	}
+	Keep(cmd.Process.Pid)
+	return nil
+}
+
+// Keep exempts pid (and what runs below it) from leftover ending in this
+// process: a downscoping front calls it with the PIDs its stage kept.
+func Keep(pid int) {
+	kept.Lock()
+	kept.pids[pid] = true
+	kept.Unlock()
+}
+
+func keptSet() map[int]bool {
+	kept.Lock()
+	defer kept.Unlock()
+	if len(kept.pids) == 0 {
+		return nil
+	}
+	out := make(map[int]bool, len(kept.pids))
+	for p := range kept.pids {
+		out[p] = true
+	}
+	return out
+}
+
+// KeepFileVariable names, in a stage's environment, a file where the
+// stage appends the PIDs it keeps (one per line), for a parent that is a
+// subreaper itself and runs the stage through Run (ci-exec exec): its
+// Cmd.Keep reads them with ReadKeepFile. A downscoping front gets them in
+// the stage's result instead.
+const KeepFileVariable = "CI_EXEC_KEEP_FILE"
+
+// AppendKeepFile records pid in the keep file at path.
+func AppendKeepFile(path string, pid int) error {
+	f, err := os.OpenFile(path, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(f, pid)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// ReadKeepFile returns the PIDs in the keep file at path (none when it is
+// missing or unreadable).
+func ReadKeepFile(path string) []int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil
+	}
+	var out []int
+	for _, l := range strings.Fields(string(b)) {
+		if pid, err := strconv.Atoi(l); err == nil && pid > 1 {
+			out = append(out, pid)
+		}
+	}
+	return out
 }

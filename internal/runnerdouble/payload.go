@@ -226,7 +226,7 @@ func (j Job) ResponseJSON() ([]byte, error) {
 		RunnerInfo:   payloadRunnerInfo{Timeout: tmo},
 		Variables:    j.PayloadVariables(),
 		Image:        payloadImage{Name: j.Image},
-		Services:     []any{},
+		Services:     j.payloadServices(),
 		Artifacts:    []any{},
 		Cache:        []any{},
 		Credentials:  []any{},
@@ -272,4 +272,58 @@ func withJobToken(repoURL, token string) string {
 	}
 	u.User = url.UserPassword("gitlab-ci-token", token)
 	return u.String()
+}
+
+// payloadServices is the payload's "services" (common/spec Image).
+func (j Job) payloadServices() []any {
+	out := []any{}
+	for _, s := range j.Services {
+		m := map[string]any{"name": s.Name}
+		if s.Alias != "" {
+			m["alias"] = s.Alias
+		}
+		if len(s.Entrypoint) > 0 {
+			m["entrypoint"] = s.Entrypoint
+		}
+		if len(s.Command) > 0 {
+			m["command"] = s.Command
+		}
+		var vars []Variable
+		for _, k := range sortedKeys(s.Variables) {
+			vars = append(vars, Variable{Key: k, Value: s.Variables[k]})
+		}
+		if len(vars) > 0 {
+			m["variables"] = vars
+		}
+		var ports []map[string]any
+		for _, p := range s.Ports {
+			ports = append(ports, map[string]any{"number": p})
+		}
+		if len(ports) > 0 {
+			m["ports"] = ports
+		}
+		out = append(out, m)
+	}
+	return out
+}
+
+// servicesEnv is CUSTOM_ENV_CI_JOB_SERVICES's value, as the runner's
+// getCIJobServicesEnv marshals it ("" for a job without services).
+func (j Job) servicesEnv() string {
+	if len(j.Services) == 0 {
+		return ""
+	}
+	type jsonService struct {
+		Name       string            `json:"name"`
+		Alias      string            `json:"alias"`
+		Entrypoint []string          `json:"entrypoint"`
+		Command    []string          `json:"command"`
+		Variables  map[string]string `json:"variables,omitempty"`
+	}
+	var out []jsonService
+	for _, s := range j.Services {
+		out = append(out, jsonService{Name: s.Name, Alias: s.Alias, Entrypoint: s.Entrypoint, Command: s.Command, Variables: s.Variables})
+	}
+	b, _ := json.Marshal(out)
+	return string(b)
 }

@@ -514,5 +514,5 @@ func (r *run) env(withJobEnv bool) []string {
 	for _, v := range r.variables() {
 		env = append(env, "CUSTOM_ENV_"+v.Key+"="+v.Value)
 	}
-	return append(env, "CUSTOM_ENV_CI_JOB_SERVICES=")
+	return append(env, "CUSTOM_ENV_CI_JOB_SERVICES="+r.job.servicesEnv())
 }

@@ -164,6 +164,21 @@ type Job struct {
 	// Cancel, when not nil, cancels the job (UI/API cancel semantics) when it
 	// is closed or receives a value.
 	Cancel <-chan struct{}
+	// Services are the job's services: the payload's "services" and
+	// CUSTOM_ENV_CI_JOB_SERVICES, as the runner builds them.
+	Services []Service
+}
+
+// Service is one of the job's `services:`.
+type Service struct {
+	Name       string
+	Alias      string
+	Entrypoint []string
+	Command    []string
+	// Variables are the service's own variables (already expanded).
+	Variables map[string]string
+	// Ports are the payload's ports (not in CI_JOB_SERVICES).
+	Ports []int
 }
 
 // Config describes the runner side: the driver and the [runners.custom] settings.

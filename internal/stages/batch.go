@@ -42,7 +42,8 @@ func schedulerArgs(st *Stage) ([]string, error) {
 	case err != nil:
 		return nil, failure.AsSystem(err)
 	}
-	return args, nil
+	// The site profile's parameters, limits and GPU (site.go).
+	return siteSchedulerArgs(st, args)
 }
 
 // executeBatch runs plan as a Slurm batch job, or in the job's allocation

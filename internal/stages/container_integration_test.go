@@ -7,6 +7,8 @@ package stages_test
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"io/fs"
 	"net"
@@ -791,6 +793,42 @@ func TestContainerPrepScript(t *testing.T) {
 		assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a broken prep_script is the admin's fault")
 		assert.Contains(t, res.Log, "broken-prep")
 		assert.Contains(t, res.Log, "failed with exit code 4")
+		assert.NotContains(t, res.Log, "Pulling ")
+	})
+}
+
+// TestContainerPrepScriptPinned: with prep_script_sha256 the script runs
+// when its hash matches, and a script whose hash differs is not run at all:
+// the job fails as a system failure with a line naming both hashes.
+func TestContainerPrepScriptPinned(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		dir := testenv.PrivateDir(t, u)
+		ran := filepath.Join(dir, "prep.ran")
+		script := filepath.Join(dir, "prep.sh")
+		body := []byte("#!/bin/sh\necho pinned-prep-ran > " + ran + "\n")
+		require.NoError(t, os.WriteFile(script, body, 0o755))
+		sum := sha256.Sum256(body)
+		pin := hex.EncodeToString(sum[:])
+		image := testenv.Fact(t, "CI_EXEC_TEST_IMAGE")
+		j := tokenJob(t, image)
+		j.Script = []string{"echo job-ran"}
+
+		e := containerRunner(t, rt, u, "", fmt.Sprintf("prep_script = %q\nprep_script_sha256 = %q\npull_policy = \"if-not-present\"", script, pin))
+		res := runJob(t, e.runner, j)
+		require.True(t, res.Succeeded(), res.Error)
+		b, err := os.ReadFile(ran)
+		require.NoError(t, err, "the pinned script matching its hash runs")
+		assert.Equal(t, "pinned-prep-ran\n", string(b))
+		require.NoError(t, os.Remove(ran))
+
+		// The admin (or anyone) changes the script without updating the pin.
+		changed := append(body, []byte("echo changed\n")...)
+		require.NoError(t, os.WriteFile(script, changed, 0o755))
+		got := sha256.Sum256(changed)
+		res = runJob(t, e.runner, j)
+		assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a script that is not the pinned one is the admin's fault")
+		assert.Contains(t, res.Log, "has SHA-256 "+hex.EncodeToString(got[:])+", not the pinned general."+rt.name+".prep_script_sha256 "+pin)
+		assert.NoFileExists(t, ran, "a script whose hash differs is never run")
 		assert.NotContains(t, res.Log, "Pulling ")
 	})
 }

@@ -78,9 +78,16 @@ func containerCommand(ctx context.Context, s containerSetup, st *State, stage, s
 	}
 	var vols []policy.Bind
 	if p == policy.InJobImage {
+		if s.siteErr != nil {
+			return plan, s.siteErr
+		}
 		if vols, err = s.UserVolumes(info); err != nil {
 			return plan, err
 		}
+		if err := s.applySite(&spec, info, false); err != nil {
+			return plan, err
+		}
+		vols = append(vols, s.Site.Binds...)
 		args, _, err := s.userArgsPolicy().UserArgs(s.Job.Vars)
 		if err != nil {
 			return plan, err
@@ -92,6 +99,10 @@ func containerCommand(ctx context.Context, s containerSetup, st *State, stage, s
 	}
 	if spec.Binds, err = s.View(info, vols); err != nil {
 		return plan, failure.AsSystem(err)
+	}
+	if p == policy.InJobImage {
+		// The services' names, on the loopback address (services.go).
+		spec.Binds = append(spec.Binds, s.hostsBind(st, info)...)
 	}
 	argv, env, err := s.Runtime.Command(spec)
 	if err != nil {

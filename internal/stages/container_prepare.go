@@ -5,6 +5,8 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"io"
+	"os"
 	"path/filepath"
 	"strconv"
 	"time"
@@ -42,6 +44,16 @@ type containerSetup struct {
 	Grace time.Duration
 	// saveState keeps prepare's result (Stage.saveState).
 	saveState func(*State) error
+	// Site is the job's profile, limits and GPU; siteErr why they cannot
+	// apply (an unknown profile, a request above a cap), returned by every
+	// stage but cleanup.
+	Site    jobSite
+	siteErr error
+	// Services is the [services] table; keep tells a downscoping front
+	// which processes (the job's services) must outlive the stage.
+	Services  config.Services
+	keep      func(pid int)
+	loadState func() (*State, error)
 }
 
 func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
@@ -64,6 +76,9 @@ func (s containerSetup) Placement(st *State) policy.PlacementPolicy {
 func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	rt := s.Runtime
 	st := &State{Mechanism: rt.Name()}
+	if s.siteErr != nil {
+		return nil, s.siteErr
+	}
 	given, admin := s.Job.Image(), false
 	if given == "" {
 		switch {
@@ -71,6 +86,9 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 			// prep_script runs in every prepare, as Jacamar's does in
 			// prepare_exec: the admin's hook for the user's directories and
 			// configuration does not depend on the job naming an image.
+			if _, _, err := s.jobServices(nil); err != nil {
+				return nil, err
+			}
 			if err := s.runPrepScript(ctx, policy.Ref{}); err != nil {
 				return nil, err
 			}
@@ -115,6 +133,10 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	}
 	if notice != "" {
 		s.Log.Warnf("%s", notice)
+	}
+	svcSpecs, svcRefs, err := s.jobServices(&ref)
+	if err != nil {
+		return nil, err
 	}
 	// The user's own registry variables are for the image they named; the
 	// admin's default image gets the job token (same registry) or nothing.
@@ -161,6 +183,10 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 	if err != nil {
 		return nil, err
 	}
+	if err := s.applySite(&mechanism.RunSpec{}, info, true); err != nil {
+		return nil, err
+	}
+	vols = append(vols, s.Site.Binds...)
 
 	mounts := s.mountPoints(vols)
 	if st.Job, err = s.pull(ctx, ref, cred, s.Cfg.PullPolicy, "", mounts); err != nil {
@@ -170,6 +196,15 @@ func prepareContainer(ctx context.Context, s containerSetup) (*State, error) {
 		if st.Runner, err = s.pull(ctx, *runnerRef, runnerCred, s.Cfg.RunnerPullPolicy, "-runner", s.mountPoints(nil)); err != nil {
 			return nil, failure.AsSystem(fmt.Errorf("%s: %w", s.key("runner_image"), err))
 		}
+	}
+	if err := s.startServices(ctx, st, info, svcSpecs, svcRefs); err != nil {
+		// Nothing of a failed prepare stays running: the runner retries
+		// prepare after a system failure, and the retry must not meet
+		// this attempt's services on their ports.
+		s.stopServices(context.WithoutCancel(ctx), st)
+		st.Services = nil
+		_ = s.saveState(st)
+		return nil, err
 	}
 	if err := s.saveState(st); err != nil {
 		return nil, failure.AsSystem(err)
@@ -190,6 +225,7 @@ func (s containerSetup) pull(ctx context.Context, ref policy.Ref, cred auth.Cred
 		MountPoints: mounts,
 		Dir:         s.Layout.StateDir,
 		SingleFile:  (s.Batch || s.Cfg.Convert) && !s.Cfg.DisableConvert,
+		GPU:         role == "" && s.Site.GPU, // the job's own image only
 		Log:         s.Log,
 	})
 	if err != nil {
@@ -260,9 +296,21 @@ func (s containerSetup) runPrepScript(ctx context.Context, ref policy.Ref) error
 	if pe, ok := s.Runtime.(mechanism.PrepEnver); ok {
 		env = append(env, pe.PrepEnv()...)
 	}
+	cmd := proc.Cmd{Argv: []string{script}, Env: env, Dir: s.Layout.ScriptsDir, Grace: s.Grace}
+	if s.Cfg.PrepScriptSHA256 != "" {
+		f, err := s.openPinnedPrepScript()
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		// The child runs the file that was hashed: its descriptor 3, not
+		// the path, which may have been replaced since (as auth.runas).
+		cmd.Argv, cmd.ExtraFiles = []string{"/proc/self/fd/3"}, []*os.File{f}
+	}
 	end := s.Log.Section("prep_script", "Running the admin's prep_script "+script, false)
 	w := s.Log.Writer()
-	res, err := proc.Run(ctx, proc.Cmd{Argv: []string{script}, Env: env, Dir: s.Layout.ScriptsDir, Stdout: w, Stderr: w, Grace: s.Grace})
+	cmd.Stdout, cmd.Stderr = w, w
+	res, err := proc.Run(ctx, cmd)
 	w.Close()
 	end()
 	switch {
@@ -272,6 +320,36 @@ func (s containerSetup) runPrepScript(ctx context.Context, ref policy.Ref) error
 		return failure.Systemf("%s %s failed with exit code %d (see its output above); the runner will retry", s.key("prep_script"), script, res.ExitCode)
 	}
 	return nil
+}
+
+// openPinnedPrepScript opens prep_script once and checks the open file
+// against prep_script_sha256. A mismatch is a system failure naming both
+// hashes: the admin changed the script without updating the pin (or someone
+// else changed it), and a job must not run what nobody vetted.
+func (s containerSetup) openPinnedPrepScript() (*os.File, error) {
+	script := s.Cfg.PrepScript
+	f, err := os.Open(script)
+	if err != nil {
+		return nil, failure.Systemf("%s %s could not be opened: %v (the admin must make it a readable file)", s.key("prep_script"), script, err)
+	}
+	fi, err := f.Stat()
+	if err == nil && !fi.Mode().IsRegular() {
+		err = fmt.Errorf("not a regular file (mode %s)", fi.Mode())
+	}
+	h := sha256.New()
+	if err == nil {
+		_, err = io.Copy(h, f)
+	}
+	if err != nil {
+		f.Close()
+		return nil, failure.Systemf("%s %s: %v", s.key("prep_script"), script, err)
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != s.Cfg.PrepScriptSHA256 {
+		f.Close()
+		return nil, failure.Systemf("%s %s has SHA-256 %s, not the pinned %s %s: refusing to run it (the admin must update the pin if the change is theirs)",
+			s.key("prep_script"), script, got, s.key("prep_script_sha256"), s.Cfg.PrepScriptSHA256)
+	}
+	return f, nil
 }
 
 // Readiness is the job-log summary of how an image became ready: the

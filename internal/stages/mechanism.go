@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"path/filepath"
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
@@ -12,6 +13,8 @@ import (
 	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
 	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
+	"github.com/ci-exec/ci-exec/internal/proc"
+	"github.com/ci-exec/ci-exec/internal/services"
 )
 
 // newRuntime returns the configured container runtime, or nil when jobs run
@@ -23,6 +26,9 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 	}
 	grace := st.Cfg.General.KillTimeout.Duration
 	mc := *m
+	// A site profile's options for this runtime extend custom_options, so
+	// the runtime sees them as the admin's own (site.go).
+	mc.CustomOptions = profileOptions(st, mc.CustomOptions)
 	if st.Cfg.IsBatch() && mc.ImageStorageDir == "" {
 		// Compute nodes must read the converted images: by default they
 		// live in the data dir, which a batch executor needs shared anyway.
@@ -45,9 +51,27 @@ func setup(st *Stage) (*containerSetup, error) {
 	if rt == nil || err != nil {
 		return nil, err
 	}
+	site, siteErr := siteFor(st.Cfg, st.Job.Vars)
+	cfg := *st.Cfg.Mechanism()
+	cfg.CustomOptions = profileOptions(st, cfg.CustomOptions)
 	return &containerSetup{
-		Runtime:   rt,
-		Cfg:       *st.Cfg.Mechanism(),
+		Runtime:  rt,
+		Cfg:      cfg,
+		Site:     site,
+		siteErr:  siteErr,
+		Services: st.Cfg.Services,
+		keep: func(pid int) {
+			if c := st.Inv.Child; c != nil {
+				// The front records them for its own parent too.
+				c.Result.Keep = append(c.Result.Keep, pid)
+				return
+			}
+			if f := st.Job.Host[proc.KeepFileVariable]; filepath.IsAbs(f) {
+				if err := proc.AppendKeepFile(f, pid); err != nil {
+					st.Log.Warnf("services: could not record service process %d in %s: %v", pid, f, err)
+				}
+			}
+		},
 		Batch:     st.Cfg.IsBatch(),
 		Force:     st.Cfg.General.ForceMechanism,
 		Job:       st.Job,
@@ -58,6 +82,7 @@ func setup(st *Stage) (*containerSetup, error) {
 		ScriptEnv: scriptEnv(st),
 		Grace:     st.Cfg.General.KillTimeout.Duration,
 		saveState: st.saveState,
+		loadState: st.loadState,
 	}, nil
 }
 
@@ -69,6 +94,10 @@ func prepareMechanism(ctx context.Context, st *Stage) error {
 		return err
 	}
 	if s == nil {
+		if specs, err := services.Parse(st.Job.Vars[services.Variable], nil); err != nil || len(specs) > 0 {
+			// Never a job that silently runs without its services.
+			return failure.Userf("services: this runner runs jobs on the host, without a container runtime to run services with; remove services: from the job or use a runner with one")
+		}
 		st.Log.Printf("Jobs run on the host (no run_mechanism configured).")
 		return nil
 	}
@@ -123,6 +152,8 @@ func releaseImages(ctx context.Context, st *Stage) {
 	if err != nil {
 		return
 	}
+	// Services first: they run from their images.
+	s.stopServices(ctx, state)
 	for _, img := range []*mechanism.Image{state.Job, state.Runner} {
 		if img == nil {
 			continue

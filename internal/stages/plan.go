@@ -9,7 +9,14 @@ import (
 // the job's host environment, in the builds dir.
 func hostPlan(st *Stage, script string) (Plan, error) {
 	rt := host.New(st.Cfg.General.ShellPath, st.Cfg.General.LoginShell)
-	argv, env, err := rt.Command(mechanism.RunSpec{Argv: []string{script}, Env: scriptEnv(st)})
+	env := scriptEnv(st)
+	if js, err := siteFor(st.Cfg, st.Job.Vars); err != nil {
+		return Plan{}, err
+	} else {
+		// A profile's env reaches host jobs too; its binds cannot.
+		env = js.profileEnv(env)
+	}
+	argv, env, err := rt.Command(mechanism.RunSpec{Argv: []string{script}, Env: env})
 	if err != nil {
 		return Plan{}, err
 	}

@@ -28,6 +28,16 @@ func runPrepare(ctx context.Context, st *Stage) error {
 		return failure.AsSystem(err)
 	}
 	defer holdJobLock(st)()
+	// The site profile and limits are checked before anything else the
+	// job asks for (site.go).
+	js, err := siteFor(st.Cfg, st.Job.Vars)
+	if err != nil {
+		return err
+	}
+	for _, line := range js.Describe() {
+		st.Log.Printf("%s", line)
+	}
+	js.warnHostLimits(st)
 	alloc, err := prepareBatch(ctx, st)
 	if err != nil {
 		return err

@@ -50,6 +50,7 @@ func runStageScript(ctx context.Context, st *Stage, scriptPath, stage string) er
 		return err
 	}
 	defer retireScript(st, stage, script)
+	defer showServicesOutput(st) // CI_DEBUG_SERVICES (services.go)
 	plan, err := planStage(ctx, st, stage, script)
 	if err != nil {
 		return err

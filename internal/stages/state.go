@@ -37,6 +37,8 @@ type State struct {
 	// Allocation is the job's Slurm allocation (batch.allocate =
 	// "prepare"); nil otherwise.
 	Allocation *batch.Allocation `json:"allocation,omitempty"`
+	// Services are the job's started services (services.go).
+	Services []ServiceState `json:"services,omitempty"`
 }
 
 // saveState keeps prepare's state: atomically, mode 0600, in the job's

@@ -18,8 +18,19 @@ import (
 // container gets the variables in spec.Env as APPTAINERENV_ settings in
 // apptainer's own, explicit environment (never on the command line).
 func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
-	if err := kit.CheckSpec(spec); err != nil {
-		return nil, nil, err
+	sub := "exec"
+	switch {
+	case spec.Service && spec.ImageEntrypoint:
+		// The image's runscript is its ENTRYPOINT with the arguments (or
+		// its CMD without any), as Docker starts a service.
+		sub = "run"
+		if spec.Image.Handle == "" {
+			return nil, nil, fmt.Errorf("no image")
+		}
+	default:
+		if err := kit.CheckSpec(spec); err != nil {
+			return nil, nil, err
+		}
 	}
 	// --contain: no host $HOME, /tmp or /var/tmp (Apptainer binds them by
 	// default, and with them the runner account's files); the container
@@ -29,7 +40,7 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 	// could walk them), and whatever the stage leaves running dies with it.
 	// --no-privs: a root job's container root has no capabilities (by
 	// default Apptainer gives it all of root's); for other users a no-op.
-	argv = []string{spec.Info.Program("apptainer"), "exec", "--cleanenv", "--contain", "--pid", "--no-privs"}
+	argv = []string{spec.Info.Program("apptainer"), sub, "--cleanenv", "--contain", "--pid", "--no-privs"}
 	for _, b := range spec.Binds {
 		// --bind splits on "," and ":"; neither can be escaped.
 		if strings.ContainsAny(b.Src, ":,") || strings.ContainsAny(b.Dst, ":,") {
@@ -43,6 +54,17 @@ func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error
 	}
 	if spec.Workdir != "" {
 		argv = append(argv, "--pwd="+spec.Workdir)
+	}
+	if spec.GPU {
+		// The host's NVIDIA driver libraries and devices (nvidia-container-cli
+		// or apptainer's own list in nvliblist.conf).
+		argv = append(argv, "--nv")
+	}
+	if spec.Limits.CPUs > 0 {
+		argv = append(argv, fmt.Sprintf("--cpus=%d", spec.Limits.CPUs))
+	}
+	if spec.Limits.MemoryBytes > 0 {
+		argv = append(argv, fmt.Sprintf("--memory=%d", spec.Limits.MemoryBytes))
 	}
 	argv = append(argv, spec.Image.RunOptions...)
 	argv = append(argv, spec.AdminOptions...)

@@ -84,6 +84,33 @@ func TestCommandArgv(t *testing.T) {
 			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs", "--contain", "/builds/scripts/j42-abc.sif",
 				"/bin/sh", "-c", "--bind=/:/host"},
 		},
+		{
+			// No GPU on the machines this was written on: what a GPU job
+			// runs is checked here, argument by argument.
+			name: "GPU and limits (issue 15)",
+			spec: mechanism.RunSpec{Info: sysInfo, Image: sif, Binds: binds[:1], Workdir: "/builds/ci", Env: env, Argv: script,
+				AdminOptions: []string{"--no-home"}, GPU: true, Limits: mechanism.Limits{CPUs: 4, MemoryBytes: 2 << 30}},
+			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs", "--bind=/builds/ci:/builds/ci",
+				"--pwd=/builds/ci", "--nv", "--cpus=4", "--memory=2147483648", "--no-home",
+				"/builds/scripts/j42-abc.sif", "/bin/bash", "/builds/scripts/step_script"},
+		},
+		{
+			name: "service with its own command",
+			spec: mechanism.RunSpec{Info: sysInfo, Image: sif, Workdir: "/", Env: env, Service: true, Argv: []string{"httpd", "-f", "-p", "8080"}},
+			want: []string{"/usr/bin/apptainer", "exec", "--cleanenv", "--contain", "--pid", "--no-privs", "--pwd=/",
+				"/builds/scripts/j42-abc.sif", "httpd", "-f", "-p", "8080"},
+		},
+		{
+			name: "service with the image's entrypoint: its runscript",
+			spec: mechanism.RunSpec{Info: sysInfo, Image: sif, Workdir: "/", Env: env, Service: true, ImageEntrypoint: true, Argv: []string{"-c", "fsync=off"}},
+			want: []string{"/usr/bin/apptainer", "run", "--cleanenv", "--contain", "--pid", "--no-privs", "--pwd=/",
+				"/builds/scripts/j42-abc.sif", "-c", "fsync=off"},
+		},
+		{
+			name: "service with the image's entrypoint and command",
+			spec: mechanism.RunSpec{Info: sysInfo, Image: sif, Env: env, Service: true, ImageEntrypoint: true},
+			want: []string{"/usr/bin/apptainer", "run", "--cleanenv", "--contain", "--pid", "--no-privs", "/builds/scripts/j42-abc.sif"},
+		},
 	}
 	r := runtimeFor(config.Mechanism{}, hostileHostEnv)
 	for _, tt := range tests {

@@ -3,6 +3,8 @@ package apptainer
 import (
 	"context"
 	"fmt"
+	"maps"
+	"os"
 	"regexp"
 	"strings"
 	"sync"
@@ -21,12 +23,26 @@ const (
 	// FeatureUnderlay: exec --underlay (binds to paths missing in the
 	// image).
 	FeatureUnderlay = "underlay"
+	// featureMemoryFlag: exec has --cpus and --memory (whether the host
+	// can enforce them is mechanism.FeatureLimits, probed in every stage).
+	featureMemoryFlag = "memory-flag"
 )
 
 // Probe finds apptainer and asks it for its version and exec options, once
 // per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
-	return r.Probed(ctx, []string{"apptainer"}, nil, r.probe)
+	info, err := r.Probed(ctx, []string{"apptainer"}, nil, r.probe)
+	if err != nil {
+		return info, err
+	}
+	// Whether limits can be enforced is read afresh (two small files), not
+	// from the probe cache: that is the user's own file, and a job must not
+	// shed the admin's limits by editing it.
+	features := maps.Clone(info.Features)
+	limits, _ := kit.CgroupLimits(os.Getuid())
+	features[mechanism.FeatureLimits] = limits && features[featureMemoryFlag]
+	info.Features = features
+	return info, nil
 }
 
 func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Info, error) {
@@ -44,6 +60,12 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 		return info, failure.Systemf("apptainer: %s exec --help failed: %v: %s", bin, err, kit.OneLine(help))
 	}
 	info.Features[FeatureUnderlay] = strings.Contains(help, "--underlay")
+	// --nv needs nothing at probe time (no GPU here means apptainer warns
+	// and runs on); --cpus/--memory need cgroup v2 delegation, which is
+	// probed (docs/apptainer.md).
+	info.Features[mechanism.FeatureGPU] = strings.Contains(help, "--nv")
+	info.Features[mechanism.FeatureServices] = true
+	info.Features[featureMemoryFlag] = strings.Contains(help, "--memory")
 	return info, nil
 }
 

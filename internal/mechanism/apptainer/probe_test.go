@@ -12,6 +12,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
 
@@ -61,7 +62,8 @@ func TestProbe(t *testing.T) {
 			require.NoError(t, err)
 			assert.Equal(t, tt.wantVer, info.Version)
 			assert.Equal(t, map[string]string{"apptainer": filepath.Join(f.App, "apptainer")}, info.Programs)
-			assert.Equal(t, map[string]bool{FeatureUnderlay: tt.wantUnderl}, info.Features)
+			assert.Equal(t, tt.wantUnderl, info.Features[FeatureUnderlay])
+			assert.True(t, info.Features[mechanism.FeatureServices])
 			assert.True(t, info.ReadOnlyBinds)
 
 			// Cached: a broken apptainer afterwards changes nothing.

@@ -25,6 +25,10 @@ import (
 // image's ENV with --set-env and ch-run's CH_RUNNING).
 func (r *Runtime) Command(spec mechanism.RunSpec) (argv, env []string, err error) {
 	if err := kit.CheckSpec(spec); err != nil {
+		if spec.Service && spec.ImageEntrypoint && len(spec.Argv) == 0 {
+			// ch-run has no notion of an image's ENTRYPOINT or CMD.
+			return nil, nil, errors.New("ch-run cannot run an image's own entrypoint and command: the service needs an entrypoint or command")
+		}
 		return nil, nil, err
 	}
 	argv = []string{spec.Info.Program("ch-run")}

@@ -603,3 +603,44 @@ func TestConvertTmpDir(t *testing.T) {
 		f.AssertStoreClean(t)
 	})
 }
+
+// TestPullGPU: a GPU job gets an image directory of its own (never hard
+// links to the stored image, which ch-fromhost would change) and
+// ch-fromhost --nvidia runs on exactly that copy. No GPU is on the
+// machines this runs on: fakes stand in for ch-fromhost and
+// nvidia-container-cli, and the argv is what is checked.
+func TestPullGPU(t *testing.T) {
+	g := mechtest.StartRegistry(t, suite.Scheme)
+	f := newFake(t, config.Mechanism{}, nil)
+	f.Install(t, "ch-fromhost", "#!/bin/sh\nprintf '%s\\n' \"$@\" > @RECORD@/fromhost-argv\n")
+	f.Install(t, "nvidia-container-cli", "#!/bin/sh\nexit 0\n")
+	ref := g.Ref(t)
+	ctx := context.Background()
+	req := f.Request(ref, "j7-gpu", config.PullAlways, auth.Credential{}, io.Discard)
+	req.GPU = true
+	img, err := f.r.Pull(ctx, req)
+	require.NoError(t, err)
+	assert.Equal(t, FormatDir, img.Format, "a copy of its own")
+	assert.Equal(t, []string{"--nvidia", img.Handle}, f.Lines(t, "fromhost-argv"))
+	assert.Equal(t, []string{filepath.Join(f.App, "ch-fromhost"), "--nvidia", "/x"}, fromhostArgv(mechanism.Info{Programs: map[string]string{"ch-fromhost": filepath.Join(f.App, "ch-fromhost")}}, "/x"))
+	require.NoError(t, f.r.Release(ctx, img, f.Jobs))
+
+	req.SingleFile = true
+	_, err = f.r.Pull(ctx, req)
+	require.Error(t, err)
+	assert.Contains(t, err.Error(), "a GPU job needs its own image directory")
+}
+
+// TestPullGPUMissingTools: without nvidia-container-cli a GPU job fails
+// as a system failure that names what to install.
+func TestPullGPUMissingTools(t *testing.T) {
+	g := mechtest.StartRegistry(t, suite.Scheme)
+	f := newFake(t, config.Mechanism{}, nil)
+	f.Install(t, "ch-fromhost", "#!/bin/sh\nexit 0\n")
+	req := f.Request(g.Ref(t), "j8-gpu", config.PullAlways, auth.Credential{}, io.Discard)
+	req.GPU = true
+	_, err := f.r.Pull(context.Background(), req)
+	require.Error(t, err)
+	assert.Equal(t, failure.System, failure.ClassOf(err))
+	assert.Contains(t, err.Error(), "needs ch-fromhost and nvidia-container-cli")
+}

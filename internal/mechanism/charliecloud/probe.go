@@ -26,7 +26,8 @@ const probeTimeout = 30 * time.Second
 // version and options, once per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
 	// ch-convert is needed only for conversions; Pull says so.
-	return r.Probed(ctx, []string{"ch-run", "ch-image"}, []string{"ch-convert"}, r.probe)
+	// ch-fromhost and nvidia-container-cli only for GPU jobs (FeatureGPU).
+	return r.Probed(ctx, []string{"ch-run", "ch-image"}, []string{"ch-convert", "ch-fromhost", "nvidia-container-cli"}, r.probe)
 }
 
 func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Info, error) {
@@ -50,6 +51,14 @@ func (r *Runtime) probe(ctx context.Context, info mechanism.Info) (mechanism.Inf
 	// Without a writable overlay a bind's destination must exist in the
 	// image: the stages build the container's view on a skeleton.
 	info.FixedMountPoints = !info.Features[FeatureWriteFake]
+	// A service is a ch-run in the background (package stages). ch-run
+	// has no cgroup limits and no tmpfs size: those features stay off and
+	// the stages say so.
+	info.Features[mechanism.FeatureServices] = true
+	// GPU jobs get the host's NVIDIA libraries injected into their own
+	// image copy at prepare (ch-fromhost --nvidia asks
+	// nvidia-container-cli what to inject).
+	info.Features[mechanism.FeatureGPU] = info.Programs["ch-fromhost"] != "" && info.Programs["nvidia-container-cli"] != ""
 	return info, nil
 }
 

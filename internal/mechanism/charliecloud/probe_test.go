@@ -12,6 +12,7 @@ import (
 
 	"github.com/ci-exec/ci-exec/internal/config"
 	"github.com/ci-exec/ci-exec/internal/failure"
+	"github.com/ci-exec/ci-exec/internal/mechanism"
 	"github.com/ci-exec/ci-exec/internal/mechanism/mechtest"
 )
 
@@ -114,7 +115,7 @@ func TestProbe(t *testing.T) {
 			}
 			require.NoError(t, err)
 			assert.Equal(t, tt.wantVer, info.Version)
-			assert.Equal(t, map[string]bool{FeatureWriteFake: tt.wantWF}, info.Features)
+			assert.Equal(t, map[string]bool{FeatureWriteFake: tt.wantWF, mechanism.FeatureServices: true, mechanism.FeatureGPU: false}, info.Features)
 			assert.False(t, info.ReadOnlyBinds)
 			var progs []string
 			for name, p := range info.Programs {

@@ -166,7 +166,10 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	}
 	var copyDir string
 	makeCopy := linkTree
-	if r.mayWriteImage() {
+	// A GPU job's copy takes the host's libraries (ch-fromhost), which
+	// would overwrite files hard-linked to the stored image: it gets
+	// files of its own too.
+	if r.mayWriteImage() || req.GPU {
 		if err := kit.EnsureUserDir(r.jobsDir()); err != nil {
 			return failure.Systemf("charliecloud: job image copies: %v", err)
 		}
@@ -188,7 +191,11 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 			return kit.StoreError(err)
 		}
 		defer release()
-		req.Log.Printf("Copying the image for this job to %s: ch-run -w is allowed, so the job gets files of its own, not those of your stored image.", copyDir)
+		why := "ch-run -w is allowed"
+		if req.GPU {
+			why = "it gets the host's GPU libraries"
+		}
+		req.Log.Printf("Copying the image for this job to %s: %s, so the job gets files of its own, not those of your stored image.", copyDir, why)
 	}
 	lock, err := lockStorage(r.Storage, time.Now().Add(busyWait))
 	if err != nil {
@@ -199,9 +206,40 @@ func (r *Runtime) copyForJob(ctx context.Context, info mechanism.Info, st *image
 	if err == nil {
 		img.Shell, img.RunOptions, err = prepareTree(copyDir, req)
 	}
+	if err == nil && req.GPU {
+		err = r.injectGPU(ctx, info, req, copyDir)
+	}
 	if err != nil {
 		_ = removeTree(copyDir)
 		return kit.StoreError(err)
+	}
+	return nil
+}
+
+// fromhostArgv is the command that injects the host's NVIDIA libraries
+// and tools into an image directory (pure, golden-tested).
+func fromhostArgv(info mechanism.Info, dir string) []string {
+	return []string{info.Program("ch-fromhost"), "--nvidia", dir}
+}
+
+// injectGPU runs ch-fromhost --nvidia on the job's own image copy.
+func (r *Runtime) injectGPU(ctx context.Context, info mechanism.Info, req mechanism.PullRequest, dir string) error {
+	if !info.Features[mechanism.FeatureGPU] {
+		return failure.Systemf("charliecloud: this GPU job needs ch-fromhost and nvidia-container-cli (NVIDIA's libnvidia-container tools) on this host; install them or run GPU jobs elsewhere (ci-exec check reports what is missing)")
+	}
+	env := r.toolEnv(auth.Credential{}, false)
+	// ch-fromhost runs nvidia-container-cli and ldconfig from PATH.
+	env = append(env, "PATH="+filepath.Dir(info.Program("nvidia-container-cli"))+":"+r.ToolPath(toolPath))
+	end := req.Log.Section("ch_fromhost", "ch-fromhost --nvidia: the host's GPU libraries into the job's image", false)
+	defer end()
+	w := req.Log.Writer()
+	defer w.Close()
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: fromhostArgv(info, dir), Env: env, Dir: req.Dir, Output: w, Grace: r.Grace})
+	if err != nil {
+		return failure.Systemf("charliecloud: ch-fromhost --nvidia: %v", err)
+	}
+	if res.ExitCode != 0 {
+		return failure.Systemf("charliecloud: ch-fromhost --nvidia failed with exit code %d: %s", res.ExitCode, kit.LastLine(res.Tail))
 	}
 	return nil
 }
@@ -220,6 +258,10 @@ func squashKey(digest string, mounts []string) string {
 // job's mount points, converting it once per digest (pulling first if
 // needed), and gives the job a lease on it and a mount point of its own.
 func (r *Runtime) squashForJob(ctx context.Context, info mechanism.Info, st *imagecache.Store, req mechanism.PullRequest, img *mechanism.Image) error {
+	if req.GPU {
+		// A SquashFS entry is shared by the user's jobs and read-only.
+		return failure.Systemf("charliecloud: a GPU job needs its own image directory for ch-fromhost --nvidia, but this job's image is converted to SquashFS (batch executor or convert = true); run GPU jobs with Apptainer, or without conversion")
+	}
 	if _, ok := info.Programs["ch-convert"]; !ok {
 		return failure.Systemf("charliecloud: ch-convert not found in %s, but this job's image must be converted (batch executor or convert = true); install it or set disable_convert",
 			strings.Join(kit.ProgramDirs(r.Cfg.ApplicationPath), ":"))

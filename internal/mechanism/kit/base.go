@@ -108,7 +108,9 @@ func (b *Base) probeCached(ctx context.Context, required, optional []string, pro
 	if err != nil {
 		return mechanism.Info{}, err
 	}
-	key := programsKey(programs)
+	// The probe's own version is part of the key: a ci-exec that probes
+	// more (issue 15's features) must not read an older probe's answer.
+	key := probeVersion + programsKey(programs)
 	var cacheFile string
 	if st, err := b.Store(); err == nil {
 		cacheFile = filepath.Join(st.Root, "probe.json")
@@ -133,6 +135,9 @@ func (b *Base) probeCached(ctx context.Context, required, optional []string, pro
 	}
 	return info, nil
 }
+
+// probeVersion changes whenever a runtime's probe reports new things.
+const probeVersion = "2;"
 
 // programsKey identifies the installed programs: a changed binary (an
 // upgrade) means a new probe.
