@@ -731,6 +731,15 @@ func (c *Config) Mechanism() *Mechanism {
 	return nil
 }
 
+// MechanismTable is the key prefix of the run mechanism's table in error
+// messages: "general.podman", or "runtimes.NAME" for a template.
+func (c *Config) MechanismTable() string {
+	if n := c.General.TemplateName(); n != "" {
+		return "runtimes." + n
+	}
+	return "general." + c.General.RunMechanism
+}
+
 // Template returns the template run_mechanism names, or nil.
 func (c *Config) Template() *Template {
 	if n := c.General.TemplateName(); n != "" {

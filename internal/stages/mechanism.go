@@ -62,6 +62,7 @@ func setup(st *Stage) (*containerSetup, error) {
 		ScriptEnv: scriptEnv(st),
 		Grace:     st.Cfg.General.KillTimeout.Duration,
 		saveState: st.saveState,
+		Table:     st.Cfg.MechanismTable(),
 	}, nil
 }
 
