@@ -34,6 +34,9 @@ type Template struct {
 	Run      []string `toml:"run"`
 	Teardown []string `toml:"teardown"`
 	Remove   []string `toml:"remove"`
+	// FindShell runs {probe} (a fixed /bin/sh script) in the image once per
+	// digest: its answer (bash when the image has it) runs the stages.
+	FindShell []string `toml:"find_shell"`
 
 	// The fragments: what one list item expands to.
 	Bind     []string `toml:"bind"`
@@ -80,6 +83,7 @@ const (
 	actRun      = "run"
 	actTeardown = "teardown"
 	actRemove   = "remove"
+	actShell    = "find_shell"
 )
 
 // Scalar placeholders replace {name} anywhere in a word.
@@ -112,6 +116,8 @@ func TemplateLists(action string) []string {
 	switch action {
 	case actRun:
 		return []string{"binds", "env", "admin_options", "user_args", "command", "rootless"}
+	case actShell:
+		return []string{"probe", "rootless"}
 	case actPull, actCheck:
 		return []string{"auth", "insecure", "rootless"}
 	}
@@ -195,9 +201,8 @@ func (t *Template) validate(prefix string, batch bool, add func(string, ...any))
 			add("%s.%s is a Podman setting; put the entry point in the run template instead", prefix, k.key)
 		}
 	}
-	if t.Convert || t.DisableConvert || t.CacheDir != "" {
-		add("%s: convert, disable_convert and cache_dir mean nothing to a template; remove them (write an image file in pull with {image_file} instead)", prefix)
-	}
+	// convert, disable_convert and cache_dir change nothing, as for the
+	// built-in Podman: a template's image is what its pull makes.
 
 	// The actions the placement needs: every container stage runs with
 	// run, and needs an image that pull makes or check finds.
@@ -222,7 +227,7 @@ func (t *Template) validate(prefix string, batch bool, add func(string, ...any))
 		name string
 		argv []string
 	}{{actVersion, t.Version}, {actCheck, t.Check}, {actPull, t.Pull}, {actSetup, t.Setup},
-		{actRun, t.Run}, {actTeardown, t.Teardown}, {actRemove, t.Remove}}
+		{actRun, t.Run}, {actTeardown, t.Teardown}, {actRemove, t.Remove}, {actShell, t.FindShell}}
 	for _, a := range actions {
 		t.checkAction(prefix, a.name, a.argv, used, add)
 	}
@@ -245,8 +250,11 @@ func (t *Template) validate(prefix string, batch bool, add func(string, ...any))
 			}
 		}
 	}
-	if used["pull.image_file"] && used["check.image"] {
-		add("%s.check cannot use {image} when pull writes {image_file}: ci-exec checks the file itself", prefix)
+	if len(t.FindShell) > 0 && (!used["find_shell.probe"] || !used["find_shell.image"]) {
+		add("%s.find_shell must use {image} and {probe} (the fixed script that prints the image's shell)", prefix)
+	}
+	if len(t.FindShell) > 0 && t.Shell != "" {
+		add("%s: set shell or find_shell, not both", prefix)
 	}
 	if len(t.Pull) > 0 && !used["pull.ref"] && !used["pull.digest"] {
 		add("%s.pull must use {ref} or {digest}: ci-exec pulls exactly the resolved digest", prefix)

@@ -38,7 +38,7 @@ func TestTemplateShippedPodmanLoads(t *testing.T) {
 	tpl := cfg.Template()
 	require.NotNil(t, tpl)
 	assert.Same(t, &tpl.Mechanism, cfg.Mechanism())
-	assert.Equal(t, "/var/tmp", cfg.Mechanism().ImageStorageDir)
+	assert.Equal(t, "", cfg.Mechanism().ImageStorageDir, "the default, /var/tmp")
 	assert.Equal(t, PullAlways, cfg.Mechanism().PullPolicy)
 	assert.Equal(t, "JACAMAR_CI_PODMAN_ARGS", tpl.UserArgsVariable)
 	assert.Equal(t, "podman", cfg.General.TemplateName())

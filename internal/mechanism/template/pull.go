@@ -100,6 +100,15 @@ func (r *Runtime) Pull(ctx context.Context, req mechanism.PullRequest) (mechanis
 		_ = st.Release(res.Lease)
 		return img, failure.Systemf("%s: %v", r.Name(), err)
 	}
+	if len(r.t.FindShell) > 0 {
+		if img.Shell = st.Meta(k, "shell"); kit.CheckShell(img.Shell) != nil {
+			if img.Shell, err = r.findShell(ctx, info, img, req); err != nil {
+				_ = r.Release(ctx, img, req.Dir)
+				return img, err
+			}
+			_ = st.SetMeta(k, "shell", img.Shell)
+		}
+	}
 	if len(r.t.Setup) > 0 {
 		if err := r.action(ctx, info, "setup", r.t.Setup, img, req.Dir, req.Log.Writer()); err != nil {
 			_ = r.Release(ctx, img, req.Dir)
@@ -444,8 +453,10 @@ func (r *Runtime) CheckImage(img mechanism.Image, _ string) error {
 	switch {
 	case file && img.Format != FormatFile, !file && img.Format != FormatReference:
 		return fmt.Errorf("image format %q is not what %s makes", img.Format, r.Name())
-	case img.Shell != r.shell():
+	case len(r.t.FindShell) == 0 && img.Shell != r.shell():
 		return fmt.Errorf("image %s has shell %q, not the configured %q", img.Handle, img.Shell, r.shell())
+	case kit.CheckShell(img.Shell) != nil:
+		return kit.CheckShell(img.Shell)
 	case len(img.Private) > 0 || len(img.RunOptions) > 0:
 		return fmt.Errorf("image %s carries per-job paths or run options that Pull never sets", img.Handle)
 	case !strings.HasPrefix(img.Digest, "sha256:") || imagecache.CheckKey(storeKey(img.Digest, file)) != nil:
@@ -541,4 +552,45 @@ func (r *Runtime) records(dir string) map[string]string {
 		}
 	}
 	return out
+}
+
+// shellProbe prints the shell stage scripts should run with. It is a fixed
+// script: no user data is ever part of it.
+const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`
+
+// findShell runs find_shell once per digest: {probe} is /bin/sh running
+// shellProbe; the last line of its output that is a known shell wins.
+func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, img mechanism.Image, req mechanism.PullRequest) (string, error) {
+	key, err := jobKeyOf(img.Lease)
+	if err != nil {
+		return "", failure.Systemf("%s: %v", r.Name(), err)
+	}
+	argv, err := r.argv(info, r.t.FindShell, values{scalars: r.scalars(img, key), lists: map[string][]string{
+		"probe": {"/bin/sh", "-c", shellProbe}, "rootless": r.rootless()}})
+	if err != nil {
+		return "", failure.Systemf("%s: find_shell: %v", r.Name(), err)
+	}
+	env, err := r.baseEnv()
+	if err != nil {
+		return "", failure.Systemf("%s: %v", r.Name(), err)
+	}
+	var out strings.Builder
+	res, err := kit.RunTool(ctx, kit.Tool{Argv: argv, Env: env, Dir: req.Dir, Output: &out, Grace: r.Grace})
+	if err != nil {
+		return "", failure.Systemf("%s: find_shell for %s: %v", r.Name(), req.Ref.Full, err)
+	}
+	if shell := kit.LastLine(out.String(), "/"); res.ExitCode == 0 && kit.CheckShell(shell) == nil {
+		return shell, nil
+	}
+	line := ""
+	if r.t.ErrorPrefix != "" {
+		line = kit.LastLine(res.Tail, r.t.ErrorPrefix)
+	}
+	if strings.Contains(line, "/bin/sh") && (strings.Contains(line, "no such file") || strings.Contains(line, "not found")) {
+		return "", failure.Userf("image %s has no /bin/sh; use an image with a POSIX shell", req.Ref.Full)
+	}
+	if line == "" {
+		line = kit.LastLine(res.Tail)
+	}
+	return "", failure.Systemf("%s could not run image %s to find its shell (exit code %d): %s", r.Name(), req.Ref.Full, res.ExitCode, line)
 }

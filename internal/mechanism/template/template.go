@@ -192,7 +192,7 @@ func setEnv(env []string, k, v string) []string {
 // used as it is.
 func (r *Runtime) programs() (names, paths []string) {
 	seen := map[string]bool{}
-	for _, a := range [][]string{r.t.Version, r.t.Check, r.t.Pull, r.t.Setup, r.t.Run, r.t.Teardown, r.t.Remove} {
+	for _, a := range [][]string{r.t.Version, r.t.Check, r.t.Pull, r.t.Setup, r.t.Run, r.t.Teardown, r.t.Remove, r.t.FindShell} {
 		if len(a) == 0 || seen[a[0]] {
 			continue
 		}
@@ -268,7 +268,7 @@ func (r *Runtime) Diagnose(exitCode int, stderrTail string) string {
 	return ""
 }
 
-// shell is the image's shell for stage scripts.
+// shell is the image's shell for stage scripts without find_shell.
 func (r *Runtime) shell() string {
 	if r.t.Shell == "" {
 		return "/bin/sh"
