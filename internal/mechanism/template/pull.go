@@ -233,6 +233,9 @@ func (r *Runtime) fetch(ctx context.Context, info mechanism.Info, st *imagecache
 		}
 		return os.WriteFile(tmp, []byte(ref+"\n"), 0o600)
 	}
+	if !req.Credential.Anonymous() && len(r.t.Auth) == 0 && r.t.UsernameEnv == "" {
+		req.Log.Warnf("%s passes no registry credentials (runtimes.%s has no auth fragment or username_env): pulling %s anonymously", r.Name(), r.name, req.Ref.Full)
+	}
 	authFile, err := r.writeAuthFile(req)
 	if err != nil {
 		return failure.Systemf("%s: write the registry credentials for %s: %v", r.Name(), req.Ref.Full, err)
