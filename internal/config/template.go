@@ -91,7 +91,7 @@ var (
 	// commonScalars are known in every action and in command_env.
 	commonScalars = []string{"storage", "run_dir", "user", "uid", "home"}
 	// imageScalars are known where there is an image of the job.
-	imageScalars = []string{"ref", "registry", "repository", "digest", "image", "job_key", "state_dir"}
+	imageScalars = []string{"ref", "registry", "repository", "digest", "image", "job_key"}
 )
 
 // TemplateScalars returns the scalar placeholders of an action.
