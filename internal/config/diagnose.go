@@ -90,7 +90,7 @@ func splitErrors(err error) []error {
 	return []error{err}
 }
 
-var messageKey = regexp.MustCompile(`\b((?:general|batch|auth)(?:\.[a-z_]+)+)`)
+var messageKey = regexp.MustCompile(`\b((?:general|batch|auth)(?:\.[a-z_]+)+|runtimes(?:\.[a-z0-9_-]+)+)`)
 
 // keyIn finds the key a validation message names ("general.data_dir must
 // ..." → general.data_dir).

@@ -267,6 +267,18 @@ func (t *Template) validate(prefix string, batch bool, add func(string, ...any))
 			add("%s.user_flags must list the run flags users may pass, e.g. [\"-e/--env=\"] (or set disable_user_args = true)", prefix)
 		}
 	}
+	described := map[string]bool{}
+	for _, f := range t.UserFlags {
+		if m := flagSpec.FindStringSubmatch(f); m != nil {
+			described[m[2]] = true
+			described[strings.TrimSuffix(m[1], "/")] = true
+		}
+	}
+	for _, f := range t.AllowedUserArgs {
+		if strings.HasPrefix(f, "-") && !described[f] {
+			add("%s.allowed_user_args: %q is not in user_flags; describe its shape there first (e.g. \"%s=\")", prefix, f, f)
+		}
+	}
 	for _, f := range t.UserFlags {
 		if !flagSpec.MatchString(f) {
 			add("%s.user_flags: %q is not a flag spec (\"-e/--env=\" takes a value, \"--read-only\" is a switch, \"--opt[=]\" an optional value)", prefix, f)

@@ -82,6 +82,9 @@ func TestTemplateRefused(t *testing.T) {
 		{"user args dropped", "", replace("disable_user_args = true", `user_args_variable = "X_ARGS"
 user_flags = ["-e/--env="]`), "runtimes.t.run must use {user_args}"},
 		{"user args without variable", "", replace("disable_user_args = true", ""), "runtimes.t.user_args_variable must name the job variable"},
+		{"allowed flag not described", "", replace("disable_user_args = true", `user_args_variable = "X_ARGS"
+user_flags = ["-e/--env="]
+allowed_user_args = ["-e", "--volume"]`) + "", `runtimes.t.allowed_user_args: "--volume" is not in user_flags`},
 		{"bad flag spec", "", minimalTemplate + `user_flags = ["env"]`, `runtimes.t.user_flags: "env" is not a flag spec`},
 		{"list without fragment", "", replace(`bind = ["--bind={src}:{dst}"]`, ""), "runtimes.t.run uses {binds} but runtimes.t.bind is not defined"},
 		{"unused fragment", "", minimalTemplate + `rootless = ["--userns=keep-id"]`, "runtimes.t.rootless is defined but no action uses the list placeholder that expands it"},
@@ -119,5 +122,17 @@ user_flags = ["-e/--env="]`), "runtimes.t.run must use {user_args}"},
 			assert.Contains(t, err.Error(), tc.want)
 			assert.NotContains(t, err.Error(), "\n")
 		})
+	}
+}
+
+// TestTemplateDiagnoseLines: ci-exec check points at the template key's
+// line.
+func TestTemplateDiagnoseLines(t *testing.T) {
+	doc := templateDoc("", strings.Replace(minimalTemplate, `"{ref}"`, `"{reff}"`, 1))
+	_, probs := Diagnose(doc, bob)
+	require.Len(t, probs, 2, "%v", probs)
+	for _, p := range probs {
+		assert.Equal(t, "runtimes.t.pull", p.Key, p.Message)
+		assert.Equal(t, 7, p.Line, p.Message)
 	}
 }
