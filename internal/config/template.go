@@ -89,7 +89,7 @@ const (
 // Scalar placeholders replace {name} anywhere in a word.
 var (
 	// commonScalars are known in every action and in command_env.
-	commonScalars = []string{"storage", "run_dir", "user", "uid", "home"}
+	commonScalars = []string{"storage", "run_dir", "tmp_dir", "user", "uid", "home"}
 	// imageScalars are known where there is an image of the job.
 	imageScalars = []string{"ref", "registry", "repository", "digest", "image", "job_key"}
 )

@@ -73,7 +73,7 @@ func TestPodmanTemplateCommand(t *testing.T) {
 		"registry.example.org:5050/ci/busybox@" + digest, "/bin/sh", "-c", "start", "/bin/sh", "/d/ciuser/scripts/build_script"}, argv)
 	assert.Equal(t, []string{"PATH=" + r.ToolPath("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), "HOME=/home/ciuser",
 		"USER=ciuser", "LOGNAME=ciuser", "LANG=C.UTF-8",
-		"XDG_RUNTIME_DIR=" + run, "XDG_CONFIG_HOME=" + storage + "/config", "XDG_DATA_HOME=" + storage + "/data", "TMPDIR=" + run,
+		"XDG_RUNTIME_DIR=" + run, "XDG_CONFIG_HOME=" + storage + "/config", "XDG_DATA_HOME=" + storage + "/data", "TMPDIR=" + storage + "/tmp",
 		"SECRET_TOKEN=s3cr3t; rm -rf /"}, env)
 	for _, w := range argv {
 		assert.NotContains(t, w, "s3cr3t", "no container value on the command line unless the runtime's own environment sets its name")

@@ -398,8 +398,9 @@ func (r *Runtime) action(ctx context.Context, info mechanism.Info, name string, 
 	return nil
 }
 
-// prepareDirs makes the user's storage and run dir (0700, the user's
-// own); the template's own dirs under them are the runtime's business.
+// prepareDirs makes the user's storage, run dir and tmp dir (0700, the
+// user's own); the template's own dirs under them are the runtime's
+// business.
 func (r *Runtime) prepareDirs() error {
 	if err := kit.EnsureUserDir(r.Storage); err != nil {
 		return fmt.Errorf("image storage: %w", err)
@@ -407,14 +408,14 @@ func (r *Runtime) prepareDirs() error {
 	if err := kit.EnsureUserDir(r.runDir()); err != nil {
 		return fmt.Errorf("run dir: %w", err)
 	}
-	if r.TmpDirSet() {
-		return kit.EnsureUserDir(filepath.Join(r.Cfg.TmpDir, r.User.Name))
+	if r.Cfg.TmpDir == "" {
+		return os.MkdirAll(r.tmpDir(), 0o700)
+	}
+	if err := kit.EnsureUserDir(r.tmpDir()); err != nil {
+		return fmt.Errorf("runtimes.%s.tmp_dir: %w", r.name, err)
 	}
 	return nil
 }
-
-// TmpDirSet reports whether the admin set tmp_dir.
-func (r *Runtime) TmpDirSet() bool { return r.Cfg.TmpDir != "" }
 
 // discard is a WriteCloser that drops output (teardown at cleanup).
 type discard struct{}

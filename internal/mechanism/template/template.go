@@ -127,9 +127,18 @@ func RunDir(storage string, uid int) string {
 
 func (r *Runtime) runDir() string { return RunDir(r.Storage, r.uid) }
 
+// tmpDir is {tmp_dir}: <tmp_dir>/<user> when the admin set tmp_dir, else
+// inside the user's storage.
+func (r *Runtime) tmpDir() string {
+	if r.Cfg.TmpDir == "" {
+		return filepath.Join(r.Storage, "tmp")
+	}
+	return filepath.Join(r.Cfg.TmpDir, r.User.Name)
+}
+
 // common are the scalars every action knows.
 func (r *Runtime) common() map[string]string {
-	return map[string]string{"storage": r.Storage, "run_dir": r.runDir(), "user": r.User.Name,
+	return map[string]string{"storage": r.Storage, "run_dir": r.runDir(), "tmp_dir": r.tmpDir(), "user": r.User.Name,
 		"uid": fmt.Sprint(r.uid), "home": r.User.Home}
 }
 
