@@ -136,3 +136,33 @@ func TestTemplateDiagnoseLines(t *testing.T) {
 		assert.Equal(t, 7, p.Line, p.Message)
 	}
 }
+
+// TestTemplateDocExamplesLoad: every template in docs/templates.md (the
+// worked example and the untested sketches) passes validation, so an
+// admin who copies one starts from a configuration ci-exec accepts.
+func TestTemplateDocExamplesLoad(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join("..", "..", "docs", "templates.md"))
+	require.NoError(t, err)
+	blocks := strings.Split(string(b), "```toml\n")[1:]
+	shipped, err := Parse("[general]\ndata_dir = \"/d/$USER\"\nrun_mechanism = \"template:podman\"\n"+podmanTemplate(t), bob)
+	require.NoError(t, err)
+	n := 0
+	for _, blk := range blocks {
+		body, _, _ := strings.Cut(blk, "```")
+		header, _, ok := strings.Cut(body, "\n")
+		name, isTpl := strings.CutPrefix(header, "[runtimes.")
+		if !ok || !isTpl || !strings.Contains(body, "run =") {
+			continue
+		}
+		name = strings.TrimSuffix(name, "]")
+		t.Run(name, func(t *testing.T) {
+			cfg, err := Parse("[general]\ndata_dir = \"/d/$USER\"\nrun_mechanism = \"template:"+name+"\"\n"+body, bob)
+			require.NoError(t, err)
+			if name == "podman" {
+				assert.Equal(t, shipped.Template(), cfg.Template(), "the worked example is configs/templates/podman.toml")
+			}
+		})
+		n++
+	}
+	assert.Equal(t, 3, n, "the Podman example and the Enroot and Sarus sketches")
+}
