@@ -47,6 +47,10 @@ type Template struct {
 	Insecure []string `toml:"insecure"`
 	Rootless []string `toml:"rootless"`
 
+	// ImageEnv are container variables left to the image's own
+	// environment (its ENV), never set by ci-exec: PATH for runtimes that
+	// apply the image's ENV, as the built-in Podman does.
+	ImageEnv []string `toml:"image_env"`
 	// CommandEnv is KEY=VALUE settings of every action's environment
 	// (VALUE may use the common scalar placeholders).
 	CommandEnv []string `toml:"command_env"`
@@ -345,6 +349,11 @@ func (t *Template) validate(prefix string, batch bool, add func(string, ...any))
 			continue
 		}
 		t.checkWord(fmt.Sprintf("%s.command_env[%d]", prefix, i), v, commonScalars, nil, nil, add)
+	}
+	for _, n := range t.ImageEnv {
+		if !envName.MatchString(n) {
+			add("%s.image_env: %q is not a variable name", prefix, n)
+		}
 	}
 	for _, e := range []struct{ key, v string }{{"username_env", t.UsernameEnv}, {"password_env", t.PasswordEnv},
 		{"username_variable", t.UsernameVariable}, {"password_variable", t.PasswordVariable}} {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 
@@ -97,6 +98,9 @@ func (r *Runtime) execEnv(common map[string]string, containerEnv []string) (args
 		k, v, ok := strings.Cut(kv, "=")
 		if !ok || !envName().MatchString(k) {
 			return nil, nil, fmt.Errorf("cannot pass %q to the container: not NAME=VALUE", k)
+		}
+		if slices.Contains(r.t.ImageEnv, k) {
+			continue
 		}
 		var words []string
 		switch ov, mine := own[k]; {

@@ -68,7 +68,7 @@ func TestPodmanTemplateCommand(t *testing.T) {
 		"--network", "host", "--http-proxy=false", "--security-opt", "no-new-privileges", "--log-driver", "none",
 		"--init", "--preserve-fds", "1", "--userns", "keep-id", "--workdir", "/d/ciuser/builds/p",
 		"--volume", "/d/ciuser/builds:/d/ciuser/builds", "--volume", "/d/ciuser/scripts:/d/ciuser/scripts:ro", "--volume", "/scratch/a b:/data",
-		"--env", "HOME", "--env", "PATH=/usr/bin:/bin", "--env", "SECRET_TOKEN", "--env", "USER",
+		"--env", "HOME", "--env", "SECRET_TOKEN", "--env", "USER",
 		"--entrypoint", "", "--cpus=2", "--env=X=$(id)", "--read-only",
 		"registry.example.org:5050/ci/busybox@" + digest, "/bin/sh", "-c", "start", "/bin/sh", "/d/ciuser/scripts/build_script"}, argv)
 	assert.Equal(t, []string{"PATH=" + r.ToolPath("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"), "HOME=/home/ciuser",
@@ -88,7 +88,7 @@ func TestPodmanTemplateMatchesBuiltin(t *testing.T) {
 	tpl := New("podman", cfg.Template(), *cfg.Mechanism(), config.UserInfo{Name: jobUser, Home: jobHome}, nil, time.Second, 0)
 	builtin := podman.New(config.Mechanism{}, config.UserInfo{Name: jobUser, Home: jobHome}, nil, time.Second, 0)
 	spec := podmanSpec()
-	spec.Env = []string{"HOME=/home/ciuser", "USER=ciuser"}
+	spec.Env = []string{"HOME=/other", "PATH=/usr/bin", "USER=ciuser"}
 	spec.Info.Features = map[string]bool{podman.FeatureInit: true, podman.FeatureLogDriverNone: true}
 	got, _, err := tpl.Command(spec)
 	require.NoError(t, err)
@@ -131,8 +131,10 @@ func TestCommandRefusals(t *testing.T) {
 	// is an error, never a wrong value.
 	noValue := podmanRuntime(t, 1001, "")
 	noValue.t.EnvValue = nil
-	_, _, err = noValue.Command(podmanSpec())
-	assert.ErrorContains(t, err, "cannot pass PATH to the container: the runtime's own environment sets it to")
+	spec = podmanSpec()
+	spec.Env = []string{"HOME=/other"}
+	_, _, err = noValue.Command(spec)
+	assert.ErrorContains(t, err, "cannot pass HOME to the container: the runtime's own environment sets it to")
 
 	noRO := podmanRuntime(t, 1001, "")
 	noRO.t.BindRO = nil
