@@ -220,6 +220,14 @@ func (r *Runtime) programs() (names, paths []string) {
 // per process.
 func (r *Runtime) Probe(ctx context.Context) (mechanism.Info, error) {
 	names, _ := r.programs()
+	// The shared lookup would name a built-in's table; say which key of
+	// the template to fix.
+	for _, n := range names {
+		if _, err := kit.FindPrograms(r.Name(), r.Cfg.ApplicationPath, []string{n}, nil); err != nil {
+			return mechanism.Info{}, failure.Systemf("%s: %s not found in %s; install it or set runtimes.%s.application_path",
+				r.Name(), n, strings.Join(kit.ProgramDirs(r.Cfg.ApplicationPath), ":"), r.name)
+		}
+	}
 	return r.Probed(ctx, names, nil, r.probe)
 }
 
