@@ -67,6 +67,9 @@ type Config struct {
 	Limits   Limits             `toml:"limits"`
 	GPU      GPU                `toml:"gpu"`
 	Services Services           `toml:"services"`
+	// Runtimes are the admin's template runtimes ([runtimes.NAME],
+	// run_mechanism = "template:NAME"; see template.go).
+	Runtimes map[string]*Template `toml:"runtimes"`
 
 	// Path is the file the configuration was read from (not a TOML key).
 	Path string `toml:"-"`
@@ -420,7 +423,13 @@ func (c *Config) applyDefaults() {
 	if g.PassEnv == nil {
 		g.PassEnv = append([]string(nil), DefaultPassEnv...)
 	}
-	for _, m := range []*Mechanism{&g.Charliecloud, &g.Apptainer, &g.Podman} {
+	ms := []*Mechanism{&g.Charliecloud, &g.Apptainer, &g.Podman}
+	for _, t := range c.Runtimes {
+		if t != nil {
+			ms = append(ms, &t.Mechanism)
+		}
+	}
+	for _, m := range ms {
 		if m.PullPolicy == "" {
 			m.PullPolicy = PullAlways
 		}
@@ -493,12 +502,18 @@ func (c *Config) expand(u UserInfo) error {
 	}
 	g := &c.General
 	exp("general.data_dir", &g.DataDir)
-	for name, m := range map[string]*Mechanism{"charliecloud": &g.Charliecloud, "apptainer": &g.Apptainer, "podman": &g.Podman} {
-		exp("general."+name+".image_storage_dir", &m.ImageStorageDir)
-		exp("general."+name+".cache_dir", &m.CacheDir)
-		exp("general."+name+".tmp_dir", &m.TmpDir)
+	tables := map[string]*Mechanism{"general.charliecloud": &g.Charliecloud, "general.apptainer": &g.Apptainer, "general.podman": &g.Podman}
+	for n, t := range c.Runtimes {
+		if t != nil {
+			tables["runtimes."+n] = &t.Mechanism
+		}
+	}
+	for name, m := range tables {
+		exp(name+".image_storage_dir", &m.ImageStorageDir)
+		exp(name+".cache_dir", &m.CacheDir)
+		exp(name+".tmp_dir", &m.TmpDir)
 		for i := range m.VolumePrefixes {
-			exp(fmt.Sprintf("general.%s.volume_prefixes[%d]", name, i), &m.VolumePrefixes[i])
+			exp(fmt.Sprintf("%s.volume_prefixes[%d]", name, i), &m.VolumePrefixes[i])
 		}
 	}
 	return oneLine(errs)
@@ -543,8 +558,11 @@ func (c *Config) Validate() error {
 	switch g.RunMechanism {
 	case MechanismNone, MechanismCharliecloud, MechanismApptainer, MechanismPodman:
 	default:
-		add("general.run_mechanism must be \"\", %q, %q or %q, got %q", MechanismCharliecloud, MechanismApptainer, MechanismPodman, g.RunMechanism)
+		if g.TemplateName() == "" {
+			add("general.run_mechanism must be \"\", %q, %q, %q or \"template:NAME\" (a [runtimes.NAME] table), got %q", MechanismCharliecloud, MechanismApptainer, MechanismPodman, g.RunMechanism)
+		}
 	}
+	c.validateTemplates(add)
 	if g.ForceMechanism && g.RunMechanism == MechanismNone {
 		add("general.force_mechanism needs general.run_mechanism")
 	}
@@ -725,6 +743,26 @@ func (c *Config) Mechanism() *Mechanism {
 		return &c.General.Apptainer
 	case MechanismPodman:
 		return &c.General.Podman
+	}
+	if t := c.Template(); t != nil {
+		return &t.Mechanism
+	}
+	return nil
+}
+
+// MechanismTable is the key prefix of the run mechanism's table in error
+// messages: "general.podman", or "runtimes.NAME" for a template.
+func (c *Config) MechanismTable() string {
+	if n := c.General.TemplateName(); n != "" {
+		return "runtimes." + n
+	}
+	return "general." + c.General.RunMechanism
+}
+
+// Template returns the template run_mechanism names, or nil.
+func (c *Config) Template() *Template {
+	if n := c.General.TemplateName(); n != "" {
+		return c.Runtimes[n]
 	}
 	return nil
 }

@@ -91,7 +91,7 @@ func splitErrors(err error) []error {
 	return []error{err}
 }
 
-var messageKey = regexp.MustCompile(`\b((?:general|batch|auth|limits|gpu|services)(?:\.[a-z_]+)+|profiles\.[A-Za-z0-9_.-]+)`)
+var messageKey = regexp.MustCompile(`\b((?:general|batch|auth|limits|gpu|services)(?:\.[a-z_]+)+|profiles\.[A-Za-z0-9_.-]+|runtimes(?:\.[a-z0-9_-]+)+)`)
 
 // keyIn finds the key a validation message names ("general.data_dir must
 // ..." → general.data_dir).

@@ -170,7 +170,7 @@ func checkDataDir(r *Report, cfg *config.Config) {
 // the first user's job and shut everyone else out) and let the user
 // create or own their dir.
 func checkStorage(r *Report, cfg *config.Config, m config.Mechanism, u config.UserInfo) {
-	table := "general." + cfg.General.RunMechanism
+	table := cfg.MechanismTable()
 	key := table + ".image_storage_dir"
 	dir := m.ImageStorageDir
 	if dir == "" {
@@ -192,6 +192,9 @@ func checkStorage(r *Report, cfg *config.Config, m config.Mechanism, u config.Us
 	suffix := ".ch"
 	if cfg.General.RunMechanism == config.MechanismApptainer {
 		suffix = ".apptainer"
+	}
+	if n := cfg.General.TemplateName(); n != "" {
+		suffix = ".tpl-" + n
 	}
 	for _, sub := range []string{u.Name + suffix, u.Name + ".ci-exec"} {
 		p := filepath.Join(dir, sub)

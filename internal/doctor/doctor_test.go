@@ -302,3 +302,31 @@ func TestDownscopeDeployment(t *testing.T) {
 	assert.Equal(t, Fail, c.Status)
 	assert.True(t, r.Failed())
 }
+
+// TestTemplateRuntime: ci-exec check probes a template runtime as its
+// stages do (its programs, its version action), names its table
+// runtimes.NAME, and a template program that is missing fails with the
+// key to fix.
+func TestTemplateRuntime(t *testing.T) {
+	testenv.RequireBinary(t, "podman")
+	b, err := os.ReadFile(filepath.Join("..", "..", "configs", "templates", "podman.toml"))
+	require.NoError(t, err)
+	dir := t.TempDir()
+	storage := filepath.Join(dir, "no-such-dir")
+	doc := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = \"template:podman\"\n%s\nimage_storage_dir = %q\n",
+		filepath.Join(dir, "data"), string(b), storage)
+	r := Run(context.Background(), writeConfig(t, doc))
+	v := find(r, "template:podman", "podman version ")
+	require.NotNil(t, v, "%+v", r.Checks)
+	assert.Equal(t, OK, v.Status)
+	c := find(r, "storage", "does not exist")
+	require.NotNil(t, c, "%+v", r.Checks)
+	assert.Equal(t, "runtimes.podman.image_storage_dir", c.Key)
+
+	r = Run(context.Background(), writeConfig(t, strings.Replace(doc, "\nimage_storage_dir", "\napplication_path = \""+dir+"\"\nimage_storage_dir", 1)))
+	c = find(r, "template:podman", "podman not found")
+	require.NotNil(t, c, "%+v", r.Checks)
+	assert.Equal(t, Fail, c.Status)
+	assert.Equal(t, "runtimes.podman.application_path", c.Key)
+	assert.Contains(t, c.Message, "set runtimes.podman.application_path")
+}

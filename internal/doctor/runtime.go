@@ -21,13 +21,14 @@ import (
 	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
 	"github.com/ci-exec/ci-exec/internal/mechanism/kit"
+	"github.com/ci-exec/ci-exec/internal/mechanism/template"
 )
 
 // checkRuntime probes the runtime with its own Probe (what every stage
 // does) and then the system features that decide whether and how it runs.
 func checkRuntime(ctx context.Context, r *Report, cfg *config.Config, m config.Mechanism, u config.UserInfo) {
 	name := cfg.General.RunMechanism
-	table := "general." + name
+	table := cfg.MechanismTable()
 	if cfg.IsBatch() && m.ImageStorageDir == "" {
 		m.ImageStorageDir = cfg.General.DataDir
 	}
@@ -38,7 +39,12 @@ func checkRuntime(ctx context.Context, r *Report, cfg *config.Config, m config.M
 	case config.MechanismApptainer:
 		rt = apptainer.New(m, u, hostEnv(), cfg.General.KillTimeout.Duration)
 	default:
-		return
+		t := cfg.Template()
+		if t == nil {
+			return
+		}
+		// A template's programs and version action, as its stages see them.
+		rt = template.New(cfg.General.TemplateName(), t, m, u, hostEnv(), cfg.General.KillTimeout.Duration, os.Getuid())
 	}
 	pctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
@@ -297,7 +303,7 @@ func allowlistRegistries(m config.Mechanism) []string {
 // checkRegistries asks each registry the allowlist implies for /v2/: any
 // HTTP answer (200, 401) means a pull can reach it.
 func checkRegistries(ctx context.Context, r *Report, cfg *config.Config, m config.Mechanism) {
-	table := "general." + cfg.General.RunMechanism
+	table := cfg.MechanismTable()
 	regs := allowlistRegistries(m)
 	if len(m.ImageAllowlist) > 0 && len(regs) == 0 {
 		r.add(Check{Area: "registry", Status: Warn, Key: table + ".image_allowlist",

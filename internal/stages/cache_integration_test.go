@@ -46,7 +46,7 @@ func pullCount(rt runtimeFixture, log string) (pulls, converts int) {
 func storeEntries(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) []string {
 	t.Helper()
 	var out []string
-	ents, _ := os.ReadDir(filepath.Join(e.storage, u.Name+".ci-exec", rt.name, "entries"))
+	ents, _ := os.ReadDir(filepath.Join(e.storage, u.Name+".ci-exec", rt.storeName(), "entries"))
 	for _, x := range ents {
 		if !strings.HasSuffix(x.Name(), ".meta") {
 			out = append(out, x.Name())
@@ -56,9 +56,9 @@ func storeEntries(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) []st
 }
 
 // podmanImages lists the image IDs in the user's Podman storage.
-func podmanImages(t *testing.T, e ctEnv, u testenv.User) []string {
+func podmanImages(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) []string {
 	t.Helper()
-	b, err := os.ReadFile(filepath.Join(e.storage, u.Name+".podman", "root", "overlay-images", "images.json"))
+	b, err := os.ReadFile(filepath.Join(e.storage, u.Name+rt.podmanSuffix, "root", "overlay-images", "images.json"))
 	require.NoError(t, err)
 	var imgs []struct {
 		ID string `json:"id"`
@@ -239,7 +239,7 @@ func TestCacheKilledBuildThenRetry(t *testing.T) {
 		// The killed attempt died before its summary line; the retry found
 		// nothing usable and built the image.
 		assert.Equal(t, 1, strings.Count(res.Log, "cache miss"), "the killed build left nothing the retry would use")
-		left, _ := os.ReadDir(filepath.Join(e.storage, u.Name+".ci-exec", rt.name, "tmp"))
+		left, _ := os.ReadDir(filepath.Join(e.storage, u.Name+".ci-exec", rt.storeName(), "tmp"))
 		assert.Empty(t, left, "the retry removed the killed build's leftovers")
 		assert.Len(t, storeEntries(t, e, rt, u), 1)
 	})
@@ -257,7 +257,7 @@ func TestCacheTruncatedEntryHeals(t *testing.T) {
 		require.True(t, res.Succeeded(), res.Error)
 		entries := storeEntries(t, e, rt, u)
 		require.Len(t, entries, 1)
-		path := filepath.Join(e.storage, u.Name+".ci-exec", rt.name, "entries", entries[0])
+		path := filepath.Join(e.storage, u.Name+".ci-exec", rt.storeName(), "entries", entries[0])
 		fi, err := os.Stat(path)
 		require.NoError(t, err)
 		require.NoError(t, os.Truncate(path, fi.Size()/2))
@@ -323,11 +323,15 @@ func TestCacheEvictionKeepsImagesInUse(t *testing.T) {
 		require.True(t, res.Succeeded(), res.Error)
 		assert.Contains(t, res.Log, "Evicted ")
 		assert.Equal(t, inUse, storeEntries(t, e, rt, u))
-		if rt.name == "podman" {
+		switch rt.name {
+		case "podman":
 			// The evicted record's image is gone from Podman's storage too.
-			rec, err := os.ReadFile(filepath.Join(e.storage, u.Name+".ci-exec", rt.name, "entries", inUse[0]))
+			rec, err := os.ReadFile(filepath.Join(e.storage, u.Name+".ci-exec", rt.storeName(), "entries", inUse[0]))
 			require.NoError(t, err)
-			assert.Equal(t, []string{strings.Fields(string(rec))[0]}, podmanImages(t, e, u))
+			assert.Equal(t, []string{strings.Fields(string(rec))[0]}, podmanImages(t, e, rt, u))
+		case "podman-template":
+			// The template's remove action took the evicted image away.
+			assert.Len(t, podmanImages(t, e, rt, u), 1)
 		}
 	})
 }
@@ -343,13 +347,13 @@ func TestCacheStoreIsPrivate(t *testing.T) {
 		res := runJob(t, e.runner, j)
 		require.True(t, res.Succeeded(), res.Error)
 		top := filepath.Join(e.storage, u.Name+".ci-exec")
-		for _, d := range []string{top, filepath.Join(top, rt.name), filepath.Join(top, rt.name, "entries")} {
+		for _, d := range []string{top, filepath.Join(top, rt.storeName()), filepath.Join(top, rt.storeName(), "entries")} {
 			fi, err := os.Stat(d)
 			require.NoError(t, err)
 			assert.Equal(t, os.FileMode(0o700), fi.Mode().Perm(), d)
 			assert.Equal(t, uint32(u.UID), fi.Sys().(*syscall.Stat_t).Uid, d)
 		}
-		out, err := exec.Command("runuser", "-u", other.Name, "--", "ls", filepath.Join(top, rt.name, "entries")).CombinedOutput()
+		out, err := exec.Command("runuser", "-u", other.Name, "--", "ls", filepath.Join(top, rt.storeName(), "entries")).CombinedOutput()
 		assert.Error(t, err, "another user cannot look into the store: %s", out)
 
 		// Another user plants the victim's store in the shared parent:
@@ -358,7 +362,7 @@ func TestCacheStoreIsPrivate(t *testing.T) {
 		ve := containerRunner(t, rt, victim, "", cacheTable)
 		require.NoError(t, os.Chmod(ve.storage, 0o1777))
 		plantedStore := filepath.Join(ve.storage, victim.Name+".ci-exec")
-		require.NoError(t, os.MkdirAll(filepath.Join(plantedStore, rt.name, "entries"), 0o777))
+		require.NoError(t, os.MkdirAll(filepath.Join(plantedStore, rt.storeName(), "entries"), 0o777))
 		testenv.Chown(t, plantedStore, other)
 		res = runJob(t, ve.runner, j)
 		assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason)

@@ -24,6 +24,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
+	"github.com/ci-exec/ci-exec/internal/mechanism/template"
 	"github.com/ci-exec/ci-exec/internal/runnerdouble"
 	"github.com/ci-exec/ci-exec/internal/testenv"
 )
@@ -55,7 +56,34 @@ type runtimeFixture struct {
 	// pullSection starts the job-log section of one pull; buildLine is a
 	// line the runtime prints while building a store entry.
 	pullSection, buildLine string
+	// mech is the run_mechanism value (default name, which names the
+	// subtests); header starts the runtime's table (default
+	// [general.<name>]).
+	mech, header string
+	// podmanSuffix names the user's Podman storage (<user><suffix>) of a
+	// mechanism that runs Podman; podmanRunDir is its run dir.
+	podmanSuffix string
+	podmanRunDir func(storage string, uid int) string
 }
+
+// tableHeader is the line that starts the runtime's table.
+func (rt runtimeFixture) tableHeader() string {
+	if rt.header != "" {
+		return rt.header
+	}
+	return "[general." + rt.name + "]"
+}
+
+// mechanism is the run_mechanism value.
+func (rt runtimeFixture) mechanism() string {
+	if rt.mech != "" {
+		return rt.mech
+	}
+	return rt.name
+}
+
+// storeName is the runtime's dir in the user's image store.
+func (rt runtimeFixture) storeName() string { return strings.ReplaceAll(rt.mechanism(), ":", "-") }
 
 var charliecloudFixture = runtimeFixture{
 	name:          "charliecloud",
@@ -105,12 +133,31 @@ var podmanFixture = runtimeFixture{
 	plainHTTP:     true,
 	pullSection:   "podman pull ",
 	buildLine:     "Copying blob ",
+	podmanSuffix:  ".podman",
+	podmanRunDir:  podman.RunDir,
 }
+
+// podmanTemplateFixture is the shipped Podman template
+// (configs/templates/podman.toml), which mirrors the built-in: the same
+// tests, the same expectations.
+var podmanTemplateFixture = func() runtimeFixture {
+	rt := podmanFixture
+	rt.name, rt.mech, rt.header = "podman-template", "template:podman", "[runtimes.podman]"
+	b, err := os.ReadFile(filepath.Join("..", "..", "configs", "templates", "podman.toml"))
+	if err != nil {
+		panic(err)
+	}
+	_, rt.table, _ = strings.Cut(string(b), rt.header+"\n")
+	rt.convertLog = `template-ref, cache miss, pulled in [0-9.]+s, ready in`
+	rt.pullSection = "template:podman pull "
+	rt.podmanSuffix, rt.podmanRunDir = ".tpl-podman", template.RunDir
+	return rt
+}()
 
 // runtimes are the mechanisms under test.
 func runtimes(t *testing.T) []runtimeFixture {
 	t.Helper()
-	return []runtimeFixture{charliecloudFixture, apptainerFixture, podmanFixture}
+	return []runtimeFixture{charliecloudFixture, apptainerFixture, podmanFixture, podmanTemplateFixture}
 }
 
 // forEachRuntimeAndUser runs f for every mechanism (that passes the
@@ -167,16 +214,20 @@ func containerRunnerIn(t *testing.T, rt runtimeFixture, u testenv.User, general,
 	require.NoError(t, os.Mkdir(storage, 0o755))
 	require.NoError(t, os.Chown(storage, u.UID, u.GID))
 	data := filepath.Join(dir, "data")
-	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\nkill_timeout = \"5s\"\n%s\n[general.%s]\nimage_storage_dir = %q\n%s\n%s\n",
-		data+"/$USER", rt.name, general, rt.name, storage, rt.table, table)
-	if rt.name == "podman" {
+	cfg := fmt.Sprintf("[general]\ndata_dir = %q\nrun_mechanism = %q\nkill_timeout = \"5s\"\n%s\n%s\nimage_storage_dir = %q\n%s\n%s\n",
+		data+"/$USER", rt.mechanism(), general, rt.tableHeader(), storage, rt.table, table)
+	if rt.podmanSuffix != "" {
 		// Podman's run root for this storage lives in /tmp (see
 		// podman.RunDir). A test that SIGKILLs ci-exec leaves the rootless
 		// pause process (in a session of its own) behind; the next job of
 		// the same storage would reuse it, but this storage has none.
 		t.Cleanup(func() {
-			run := podman.RunDir(filepath.Join(storage, u.Name+".podman"), u.UID)
-			if b, err := os.ReadFile(filepath.Join(run, "xdg", "libpod", "tmp", "pause.pid")); err == nil {
+			run := rt.podmanRunDir(filepath.Join(storage, u.Name+rt.podmanSuffix), u.UID)
+			pid := filepath.Join(run, "xdg", "libpod", "tmp", "pause.pid")
+			if rt.header != "" {
+				pid = filepath.Join(run, "libpod", "tmp", "pause.pid") // the template's XDG_RUNTIME_DIR is the run dir
+			}
+			if b, err := os.ReadFile(pid); err == nil {
 				pid, err := strconv.Atoi(strings.TrimSpace(string(b)))
 				comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid))
 				if err == nil && pid > 1 && strings.TrimSpace(string(comm)) == "catatonit" {
@@ -755,10 +806,10 @@ func TestContainerCancelAndTimeout(t *testing.T) {
 // command line or environment.
 func noPodmanLeft(t *testing.T, e ctEnv, rt runtimeFixture, u testenv.User) {
 	t.Helper()
-	if rt.name != "podman" {
+	if rt.podmanSuffix == "" {
 		return
 	}
-	storage := filepath.Join(e.storage, u.Name+".podman")
+	storage := filepath.Join(e.storage, u.Name+rt.podmanSuffix)
 	noProcessWith(t, storage)
 	b, err := os.ReadFile(filepath.Join(storage, "root", "overlay-containers", "containers.json"))
 	if err == nil {
@@ -786,7 +837,7 @@ func TestContainerPrepScript(t *testing.T) {
 		assert.Contains(t, res.Log, "prep-script-says-hi")
 		b, err := os.ReadFile(out)
 		require.NoError(t, err)
-		assert.Equal(t, fmt.Sprintf("uid=%d image=%s mech=%s\n", u.UID, image, rt.name), string(b), "prep_script runs on the host as the job user")
+		assert.Equal(t, fmt.Sprintf("uid=%d image=%s mech=%s\n", u.UID, image, rt.mechanism()), string(b), "prep_script runs on the host as the job user")
 
 		e = containerRunner(t, rt, u, "", fmt.Sprintf("prep_script = %q", bad))
 		res = runJob(t, e.runner, j)

@@ -54,9 +54,19 @@ type containerSetup struct {
 	Services  config.Services
 	keep      func(pid int)
 	loadState func() (*State, error)
+	// Table names the runtime's table in messages (config.MechanismTable).
+	Table string
 }
 
-func (s containerSetup) key(k string) string { return "general." + s.Runtime.Name() + "." + k }
+func (s containerSetup) key(k string) string { return s.table() + "." + k }
+
+// table is "general.<runtime>", or "runtimes.NAME" for a template.
+func (s containerSetup) table() string {
+	if s.Table != "" {
+		return s.Table
+	}
+	return "general." + s.Runtime.Name()
+}
 
 // Placement returns the stage placement policy for state.
 func (s containerSetup) Placement(st *State) policy.PlacementPolicy {
@@ -267,7 +277,7 @@ func (s containerSetup) jobKey() string {
 }
 
 func (s containerSetup) volumePolicy() policy.VolumePolicy {
-	return policy.VolumePolicy{Table: "general." + s.Runtime.Name(), Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
+	return policy.VolumePolicy{Table: s.table(), Variable: s.Cfg.UserVolumeVariable, Prefixes: s.Cfg.VolumePrefixes, ReadOnlySupported: true}
 }
 
 func (s containerSetup) userArgsPolicy() policy.UserArgsPolicy {

@@ -74,8 +74,8 @@ func authRunnerKeys(t *testing.T, rt *runtimeFixture, general, auth string, with
 			require.NoError(t, os.Mkdir(p, 0o700))
 			require.NoError(t, os.Chown(p, u.UID, u.GID))
 		}
-		general += fmt.Sprintf("\nrun_mechanism = %q\n", rt.name)
-		mech = fmt.Sprintf("[general.%s]\nimage_storage_dir = %q\n%s\n", rt.name, storage+"/$USER", rt.table)
+		general += fmt.Sprintf("\nrun_mechanism = %q\n", rt.mechanism())
+		mech = fmt.Sprintf("%s\nimage_storage_dir = %q\n%s\n", rt.tableHeader(), storage+"/$USER", rt.table)
 	}
 	keys := fmt.Sprintf("jwks_file = %q\n", jwks)
 	if !withFile {
@@ -579,7 +579,7 @@ func TestDownscopedPrepareRetry(t *testing.T) {
 	cfgPath := e.runner.ConfigArgs[1]
 	b, err := os.ReadFile(cfgPath)
 	require.NoError(t, err)
-	doc := strings.Replace(string(b), "[general."+rt.name+"]\n", "[general."+rt.name+"]\nprep_script = "+strconv.Quote(script)+"\n", 1)
+	doc := strings.Replace(string(b), rt.tableHeader()+"\n", rt.tableHeader()+"\nprep_script = "+strconv.Quote(script)+"\n", 1)
 	require.NoError(t, os.WriteFile(cfgPath, []byte(doc), 0o600))
 
 	j := e.job(t, u.Name, nil)

@@ -146,7 +146,7 @@ func TestJacamarPrepScriptWithoutImage(t *testing.T) {
 		assert.Contains(t, res.Log, "ID=debian", "the job runs on the host")
 		b, err := os.ReadFile(out)
 		require.NoError(t, err, "prep_script must run for a job without an image")
-		assert.Equal(t, fmt.Sprintf("uid=%d image=[] mech=%s\n", u.UID, rt.name), string(b))
+		assert.Equal(t, fmt.Sprintf("uid=%d image=[] mech=%s\n", u.UID, rt.mechanism()), string(b))
 	})
 }
 
@@ -165,7 +165,7 @@ func TestJacamarForceWithoutDefaultImage(t *testing.T) {
 
 		res = runJob(t, e.runner, runnerdouble.Job{Script: []string{`echo ran-on-the-host`}})
 		assertRefusedBeforePull(t, res, "the job names no image",
-			fmt.Sprintf("(general.force_mechanism) with no general.%s.default_image", rt.name),
+			fmt.Sprintf("(general.force_mechanism) with no %s.default_image", strings.Trim(rt.tableHeader(), "[]")),
 			"add an image: to the job, or ask the admin to set default_image")
 		assert.NotContains(t, res.Log, "ran-on-the-host")
 	})

@@ -15,6 +15,7 @@ import (
 	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
 	"github.com/ci-exec/ci-exec/internal/proc"
 	"github.com/ci-exec/ci-exec/internal/services"
+	"github.com/ci-exec/ci-exec/internal/mechanism/template"
 )
 
 // newRuntime returns the configured container runtime, or nil when jobs run
@@ -41,6 +42,9 @@ func newRuntime(st *Stage) (mechanism.Runtime, error) {
 		return apptainer.New(mc, st.User, st.Job.Host, grace), nil
 	case config.MechanismPodman:
 		return podman.New(mc, st.User, st.Job.Host, grace, os.Getuid()), nil
+	}
+	if t := st.Cfg.Template(); t != nil {
+		return template.New(st.Cfg.General.TemplateName(), t, mc, st.User, st.Job.Host, grace, os.Getuid()), nil
 	}
 	return nil, failure.Systemf("general.run_mechanism %q is not supported by this build of ci-exec", st.Cfg.General.RunMechanism)
 }
@@ -83,6 +87,7 @@ func setup(st *Stage) (*containerSetup, error) {
 		Grace:     st.Cfg.General.KillTimeout.Duration,
 		saveState: st.saveState,
 		loadState: st.loadState,
+		Table:     st.Cfg.MechanismTable(),
 	}, nil
 }
 

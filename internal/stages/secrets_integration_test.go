@@ -168,7 +168,7 @@ func TestSecretsContainerHelperTokenNotOnArgv(t *testing.T) {
 			switch rt.name {
 			case "apptainer":
 				pathOpt = "--env=PREPEND_PATH=/mnt"
-			case "podman":
+			case "podman", "podman-template":
 				bindOpt, pathOpt = "--volume="+helper+":/mnt", "--env=PATH=/mnt:/usr/local/bin:/usr/bin:/bin"
 			}
 			e := containerRunner(t, rt, u, "retain_logs = true", fmt.Sprintf("runner_image = %q\nrunner_options = [%q, %q]",
