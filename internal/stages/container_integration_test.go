@@ -31,6 +31,8 @@ import (
 
 // runtimeFixture is what differs between mechanisms in these tests.
 type runtimeFixture struct {
+	// services: the runtime runs a job's services: (Podman does not yet).
+	services bool
 	// name is the run_mechanism value and the config table name.
 	name string
 	// program must be installed for the mechanism to work.
@@ -97,6 +99,7 @@ var charliecloudFixture = runtimeFixture{
 	convertLog:    `squashfs, cache miss, pulled in [0-9.]+s, converted in [0-9.]+s`,
 	pullSection:   "ch-image pull ",
 	buildLine:     "input:   dir",
+	services:      true,
 }
 
 var apptainerFixture = runtimeFixture{
@@ -115,6 +118,7 @@ var apptainerFixture = runtimeFixture{
 	plainHTTP:     true,
 	pullSection:   "apptainer pull ",
 	buildLine:     "INFO:    Starting build...",
+	services:      true,
 }
 
 var podmanFixture = runtimeFixture{
@@ -178,8 +182,11 @@ func forEachRuntimeAndUser(t *testing.T, f func(t *testing.T, rt runtimeFixture,
 
 // forEachRuntime runs f for every mechanism as the unprivileged test user
 // (for policy checks that do not depend on the user).
-func forEachRuntime(t *testing.T, f func(t *testing.T, rt runtimeFixture, u testenv.User)) {
+func forEachRuntime(t *testing.T, f func(t *testing.T, rt runtimeFixture, u testenv.User), only ...func(runtimeFixture) bool) {
 	for _, rt := range runtimes(t) {
+		if len(only) > 0 && !only[0](rt) {
+			continue
+		}
 		t.Run(rt.name, func(t *testing.T) {
 			testenv.RequireBinary(t, rt.program)
 			f(t, rt, testenv.Unprivileged(t))

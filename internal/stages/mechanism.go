@@ -13,9 +13,9 @@ import (
 	"github.com/ci-exec/ci-exec/internal/mechanism/apptainer"
 	"github.com/ci-exec/ci-exec/internal/mechanism/charliecloud"
 	"github.com/ci-exec/ci-exec/internal/mechanism/podman"
+	"github.com/ci-exec/ci-exec/internal/mechanism/template"
 	"github.com/ci-exec/ci-exec/internal/proc"
 	"github.com/ci-exec/ci-exec/internal/services"
-	"github.com/ci-exec/ci-exec/internal/mechanism/template"
 )
 
 // newRuntime returns the configured container runtime, or nil when jobs run

@@ -93,7 +93,7 @@ func TestServices(t *testing.T) {
 			assert.Equal(t, runnerdouble.ReasonJobExecutionTimeout, res.FailureReason)
 			noProcessWith(t, marker)
 		})
-	})
+	}, runsServices)
 }
 
 // TestServiceFailures: a port another process holds (as another job's
@@ -181,7 +181,7 @@ func TestServiceFailures(t *testing.T) {
 			assert.Empty(t, res.RunStages())
 			noProcessWith(t, marker)
 		})
-	})
+	}, runsServices)
 }
 
 // TestServicesDownscoped: under a root runner that runs every stage as the
@@ -190,6 +190,9 @@ func TestServiceFailures(t *testing.T) {
 // services the stage names) and is stopped by cleanup.
 func TestServicesDownscoped(t *testing.T) {
 	for _, rt := range runtimes(t) {
+		if !runsServices(rt) {
+			continue
+		}
 		t.Run(rt.name, func(t *testing.T) {
 			testenv.RequireBinary(t, rt.program)
 			e := authRunner(t, &rt, "", "")
@@ -248,5 +251,24 @@ func TestServicesOfAKilledAttempt(t *testing.T) {
 		assert.Contains(t, res.Log, "Stopping the services of an earlier attempt of this prepare.")
 		noProcessWith(t, oldMarker)
 		noProcessWith(t, marker)
-	})
+	}, runsServices)
+}
+
+// runsServices selects the runtimes that run a job's services.
+func runsServices(rt runtimeFixture) bool { return rt.services }
+
+// TestServicesRefusedWhereUnsupported: a runtime that cannot run services
+// (Podman, for now) refuses a job with services: as the user's build
+// failure, before it pulls anything or runs a stage; it never drops them.
+func TestServicesRefusedWhereUnsupported(t *testing.T) {
+	forEachRuntime(t, func(t *testing.T, rt runtimeFixture, u testenv.User) {
+		e := containerRunner(t, rt, u, "", "")
+		j := tokenJob(t, testenv.Fact(t, "CI_EXEC_TEST_IMAGE"))
+		j.Services = []runnerdouble.Service{webService(t, freePort(t), "CI_EXEC_UNUSED")}
+		j.Script = []string{"echo ran-anyway-$((1+1))"}
+		res := runJob(t, e.runner, j)
+		assertUserFailure(t, res, "cannot run services in ci-exec yet; remove services: from the job")
+		assert.Empty(t, res.RunStages())
+		assert.NotContains(t, res.Log, "ran-anyway-2")
+	}, func(rt runtimeFixture) bool { return !rt.services })
 }
