@@ -80,7 +80,7 @@ func TestBatchSiteOptions(t *testing.T) {
 	// The user's parameters between them are masked in the log (a
 	// variable's value), hence two checks.
 	assert.Contains(t, res.Log, fmt.Sprintf("sbatch --no-requeue --export=ALL --partition=%s ", part))
-	assert.Contains(t, res.Log, " --cpus-per-task=1 --mem=64M --job-name=")
+	assert.Contains(t, res.Log, " --cpus-per-task=1 --mem=64M --comment=")
 	assert.Contains(t, res.Log, fmt.Sprintf("slurm partition=%s mem=64 cpus=1", part), "sbatch kept the limit, not the user's --mem")
 	assertNoSlurmJob(t, j)
 }
