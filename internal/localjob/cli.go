@@ -310,11 +310,8 @@ func baseEnv() []string {
 }
 
 func volumeVariable(cfg *config.Config) string {
-	switch cfg.General.RunMechanism {
-	case config.MechanismCharliecloud:
-		return cfg.General.Charliecloud.UserVolumeVariable
-	case config.MechanismApptainer:
-		return cfg.General.Apptainer.UserVolumeVariable
+	if m := cfg.Mechanism(); m != nil {
+		return m.UserVolumeVariable
 	}
 	return ""
 }
