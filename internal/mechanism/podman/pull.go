@@ -2,8 +2,6 @@ package podman
 
 import (
 	"context"
-	"encoding/base64"
-	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -254,39 +252,10 @@ func authFileName(dir, jobKey string) string {
 	return filepath.Join(dir, "podman-auth-"+jobKey+".json")
 }
 
-// writeAuthFile writes the pull's credential as a containers-auth.json
-// file, 0600, in the job's state dir ("" when the pull is anonymous).
+// writeAuthFile writes the pull's credential for --authfile, 0600, in the
+// job's state dir ("" when the pull is anonymous).
 func (r *Runtime) writeAuthFile(req mechanism.PullRequest) (string, error) {
-	cred := req.Credential
-	if cred.Anonymous() {
-		return "", nil
-	}
-	host := cred.Registry
-	if host == "" {
-		host = req.Ref.Registry
-	}
-	b, err := json.Marshal(map[string]any{"auths": map[string]any{
-		host: map[string]string{"auth": base64.StdEncoding.EncodeToString([]byte(cred.Username + ":" + cred.Password()))},
-	}})
-	if err != nil {
-		return "", err
-	}
-	p := authFileName(req.Dir, req.JobKey)
-	_ = os.Remove(p) // a killed prepare's
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return "", err
-	}
-	if _, err := f.Write(b); err != nil {
-		f.Close()
-		os.Remove(p)
-		return "", err
-	}
-	if err := f.Close(); err != nil {
-		os.Remove(p)
-		return "", err
-	}
-	return p, nil
+	return kit.WriteAuthFile(authFileName(req.Dir, req.JobKey), req)
 }
 
 // classifyPull reads a failed podman pull's output; the class and the
