@@ -207,7 +207,10 @@ func GoPullFailure(prog, last, tail string) (PullFailure, string) {
 	case strings.Contains(last, "no space left on device"):
 		return PullStorage, last
 	}
-	return PullOther, prog + " pull failed: " + last
+	if prog != "" {
+		prog += " "
+	}
+	return PullOther, prog + "pull failed: " + last
 }
 
 var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`dial tcp (\S+): connect: connection refused`) })

@@ -316,33 +316,9 @@ func classifyPull(ref string, cred auth.Credential, names auth.VariableNames, ta
 	if last == "" {
 		last = kit.LastLine(tail)
 	}
-	kind := kit.PullOther
-	switch {
-	case strings.Contains(last, "authentication required") || strings.Contains(last, "unauthorized") ||
-		strings.Contains(last, "requested access to the resource is denied"):
-		kind = kit.PullAuthRefused
-	case strings.Contains(last, "manifest unknown") || strings.Contains(last, "name unknown") || strings.Contains(last, "not found"):
-		kind = kit.PullNotFound
-	case strings.Contains(last, "server gave HTTP response to HTTPS client"):
-		kind = kit.PullPlainHTTP
-	case strings.Contains(last, "x509:") || strings.Contains(last, "certificate"):
-		kind = kit.PullTLS
-	case strings.Contains(last, "connect: connection refused"):
-		kind, last = kit.PullRefused, ""
-		if m := dialAddr().FindStringSubmatch(tail); m != nil {
-			last = m[1]
-		}
-	case strings.Contains(last, "no such host") || strings.Contains(last, "i/o timeout") || strings.Contains(last, "dial tcp"):
-		kind = kit.PullUnreachable
-	case strings.Contains(last, "no space left on device"):
-		kind = kit.PullStorage
-	default:
-		last = "pull failed: " + last
-	}
+	kind, last := kit.GoPullFailure("", last, tail)
 	return kit.PullError(kind, ref, cred, names, storage, last)
 }
-
-var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(`dial tcp (\S+): connect: connection refused`) })
 
 // action runs setup or teardown for img.
 func (r *Runtime) action(ctx context.Context, info mechanism.Info, name string, tmpl []string, img mechanism.Image, dir string, out io.WriteCloser) error {
@@ -529,19 +505,15 @@ func (r *Runtime) records(dir string) map[string]string {
 	return out
 }
 
-// shellProbe prints the shell stage scripts should run with. It is a fixed
-// script: no user data is ever part of it.
-const shellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`
-
 // findShell runs find_shell once per digest: {probe} is /bin/sh running
-// shellProbe; the last line of its output that is a known shell wins.
+// kit.ShellProbe; the last line of its output that is a known shell wins.
 func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, img mechanism.Image, req mechanism.PullRequest) (string, error) {
 	key, err := jobKeyOf(img.Lease)
 	if err != nil {
 		return "", failure.Systemf("%s: %v", r.Name(), err)
 	}
 	argv, err := r.argv(info, r.t.FindShell, values{scalars: r.scalars(img, key), lists: map[string][]string{
-		"probe": {"/bin/sh", "-c", shellProbe}, "rootless": r.rootless()}})
+		"probe": {"/bin/sh", "-c", kit.ShellProbe}, "rootless": r.rootless()}})
 	if err != nil {
 		return "", failure.Systemf("%s: find_shell: %v", r.Name(), err)
 	}
