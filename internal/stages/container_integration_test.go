@@ -885,7 +885,7 @@ func TestContainerPrepScriptPinned(t *testing.T) {
 		got := sha256.Sum256(changed)
 		res = runJob(t, e.runner, j)
 		assert.Equal(t, runnerdouble.ReasonRunnerSystemFailure, res.FailureReason, "a script that is not the pinned one is the admin's fault")
-		assert.Contains(t, res.Log, "has SHA-256 "+hex.EncodeToString(got[:])+", not the pinned general."+rt.name+".prep_script_sha256 "+pin)
+		assert.Contains(t, res.Log, "has SHA-256 "+hex.EncodeToString(got[:])+", not the pinned "+strings.Trim(rt.tableHeader(), "[]")+".prep_script_sha256 "+pin)
 		assert.NoFileExists(t, ran, "a script whose hash differs is never run")
 		assert.NotContains(t, res.Log, "Pulling ")
 	})
