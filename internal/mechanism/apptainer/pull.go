@@ -155,8 +155,8 @@ func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, sif string
 		}
 	}
 	fatal := kit.LastLine(res.Tail, "FATAL:")
-	if strings.Contains(fatal, "/bin/sh") && (strings.Contains(fatal, "no such file") || strings.Contains(fatal, "not found")) {
-		return "", failure.Userf("image %s has no /bin/sh; use an image with a POSIX shell", req.Ref.Full)
+	if err := kit.MissingSh(req.Ref.Full, fatal); err != nil {
+		return "", err
 	}
 	if fatal == "" {
 		fatal = kit.LastLine(res.Tail)

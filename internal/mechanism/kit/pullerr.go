@@ -219,3 +219,12 @@ var dialAddr = sync.OnceValue(func() *regexp.Regexp { return regexp.MustCompile(
 // image has one, else sh (the runner's scripts work in both). It is a fixed
 // script: no user data is ever part of it.
 const ShellProbe = `for s in /bin/bash /usr/bin/bash; do if [ -x "$s" ]; then echo "$s"; exit 0; fi; done; echo /bin/sh`
+
+// MissingSh is the user's failure when a runtime's error line about the
+// shell probe says the image has no /bin/sh, else nil.
+func MissingSh(ref, line string) error {
+	if strings.Contains(line, "/bin/sh") && (strings.Contains(line, "no such file") || strings.Contains(line, "not found")) {
+		return failure.Userf("image %s has no /bin/sh; use an image with a POSIX shell", ref)
+	}
+	return nil
+}

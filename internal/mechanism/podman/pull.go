@@ -285,8 +285,8 @@ func (r *Runtime) findShell(ctx context.Context, info mechanism.Info, id string,
 		}
 	}
 	line := kit.LastLine(res.Tail, "Error:")
-	if strings.Contains(line, "/bin/sh") && (strings.Contains(line, "no such file") || strings.Contains(line, "not found")) {
-		return "", failure.Userf("image %s has no /bin/sh; use an image with a POSIX shell", req.Ref.Full)
+	if err := kit.MissingSh(req.Ref.Full, line); err != nil {
+		return "", err
 	}
 	if line == "" {
 		line = kit.LastLine(res.Tail)
